@@ -1,0 +1,110 @@
+"""Defect-free products: a brushed metal plate (full-frame texture) and a bottle seen from above.
+
+Each renderer returns a :class:`Surface`: the image plus what the defect renderers need to know about it
+(where a defect may sit, the object's own mask, and the substrate that shows where material is missing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from .shapes import pixel_grid, smooth_noise, smoothstep
+
+BOTTLE_PALETTE = np.array([[150, 95, 40], [60, 125, 70], [150, 160, 168], [95, 70, 55]], dtype=np.float32)
+
+
+@dataclass
+class Surface:
+    """A rendered normal product.
+
+    ``image`` is float32 H×W×C (C = 1 or 3) in 0..255; ``allowed`` marks pixels a defect may be centred on;
+    ``object_mask`` is the product's own silhouette (``None`` for full-frame textures); ``edge`` marks the band
+    along the silhouette where chipped edges start (``None`` without an object); ``substrate`` is what shows
+    through where material is missing.
+    """
+
+    image: np.ndarray
+    allowed: np.ndarray
+    substrate: np.ndarray
+    object_mask: np.ndarray | None = None
+    edge: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return self.image.shape[0]
+
+
+def _illumination(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A linear light gradient plus one broad highlight, as under an uneven ring light."""
+    rows, cols = pixel_grid(size)
+    angle = rng.uniform(0.0, 2 * np.pi)
+    gradient = rng.uniform(5.0, 20.0) * ((cols - size / 2) * np.cos(angle) + (rows - size / 2) * np.sin(angle)) / size
+    centre = rng.uniform(0.0, size, 2)
+    spread = 2 * (rng.uniform(0.3, 0.7) * size) ** 2
+    highlight = rng.uniform(0.0, 25.0) * np.exp(-((cols - centre[0]) ** 2 + (rows - centre[1]) ** 2) / spread)
+    return (gradient + highlight).astype(np.float32)
+
+
+def metal_plate(rng: np.random.Generator, size: int) -> Surface:
+    """Brushed metal: streaks along a random direction, fine grain and uneven light, grayscale."""
+    streak = int(rng.uniform(0.06, 0.2) * size) | 1
+    streaks = cv2.blur(rng.standard_normal((size, size), dtype=np.float32), (streak, 1))
+    rotation = cv2.getRotationMatrix2D((size / 2, size / 2), rng.uniform(-90.0, 90.0), 1.0)
+    streaks = cv2.warpAffine(streaks, rotation, (size, size), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REFLECT)
+    streaks /= max(float(streaks.std()), 1e-6)
+    grain = smooth_noise(rng, size, 0.6)
+    image = (rng.uniform(95.0, 170.0) + rng.uniform(4.0, 10.0) * streaks + rng.uniform(1.5, 4.0) * grain
+             + _illumination(rng, size))
+    under = rng.uniform(25.0, 75.0) if rng.random() < 0.5 else rng.uniform(185.0, 235.0)
+    substrate = under + rng.uniform(2.0, 5.0) * smooth_noise(rng, size, 1.5)
+    margin = max(2, size // 32)
+    allowed = np.zeros((size, size), dtype=bool)
+    allowed[margin:-margin, margin:-margin] = True
+    return Surface(image=image[..., None], allowed=allowed, substrate=substrate[..., None])
+
+
+def bottle(rng: np.random.Generator, size: int) -> Surface:
+    """A round bottle seen from above (dark opening, bright rim, shaded shoulder) on a dull background, RGB."""
+    rows, cols = pixel_grid(size)
+    centre = size / 2 + rng.uniform(-0.04, 0.04, 2) * size
+    radius = rng.uniform(0.36, 0.44) * size
+    r = np.hypot(cols - centre[0], rows - centre[1]) / radius
+
+    tint = 1.0 + rng.uniform(-0.08, 0.08, 3).astype(np.float32)
+    background = (rng.uniform(25.0, 75.0) + rng.uniform(2.0, 5.0) * smooth_noise(rng, size, 3.0)
+                  + rng.uniform(1.0, 3.0) * smooth_noise(rng, size, 0.7))[..., None] * tint
+
+    rim_in = rng.uniform(0.26, 0.34)
+    rim_out = rim_in + rng.uniform(0.08, 0.14)
+    knots = [0.0, rim_in - 0.02, rim_in + 0.02, rim_out - 0.02, rim_out + 0.03, 0.7, 0.93, 1.0]
+    levels = [0.35, 0.22, 1.25, 1.15, 0.75, rng.uniform(0.85, 1.1), 0.8, 0.55]
+    shading = np.interp(r, knots, levels).astype(np.float32)
+    colour = BOTTLE_PALETTE[rng.integers(len(BOTTLE_PALETTE))] * rng.uniform(0.85, 1.15, 3).astype(np.float32)
+    glint_angle = rng.uniform(0.0, 2 * np.pi)
+    glint = centre + 0.6 * radius * np.array([np.cos(glint_angle), np.sin(glint_angle)])
+    glint_map = rng.uniform(15.0, 45.0) * np.exp(
+        -((cols - glint[0]) ** 2 + (rows - glint[1]) ** 2) / (2 * (0.12 * radius) ** 2))
+    body = (shading[..., None] * colour + glint_map[..., None]
+            + rng.uniform(1.5, 3.5) * smooth_noise(rng, size, 0.6)[..., None])
+
+    coverage = (1.0 - smoothstep(r, 1.0 - 1.0 / radius, 1.0 + 1.0 / radius))[..., None]
+    image = background * (1.0 - coverage) + body * coverage
+    margin = max(3.0, size / 40) / radius
+    return Surface(
+        image=image.astype(np.float32),
+        allowed=r <= 1.0 - margin,
+        substrate=background.astype(np.float32),
+        object_mask=r <= 1.0,
+        edge=(r > 0.9) & (r <= 1.0),
+    )
+
+
+PRODUCT_RENDERERS: dict[str, Callable[[np.random.Generator, int], Surface]] = {
+    "metal_plate": metal_plate,
+    "bottle": bottle,
+}
