@@ -1,2 +1,186 @@
-def main():
-    raise SystemExit(0)
+"""``adisc``: the command line of anomaly-discovery. Heavy imports happen inside each verb."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+
+NOT_BUILT = {
+    "train": "distributed discovery training with Ray Train lands with the scale-out issue (#5)",
+    "tune": "hyper-parameter tuning with Ray Tune lands with the scale-out issue (#5)",
+    "retrain": "cluster-scale retraining from reviewed classes lands with the scale-out issue (#5)",
+    "serve": "the Ray Serve prediction and review API lands with the active-discovery service issue (#6)",
+    "ui": "the Streamlit review dashboard lands with the review-dashboard issue (#7)",
+}
+
+
+class NotBuiltError(RuntimeError):
+    """A verb whose capability has not landed yet."""
+
+
+def _not_built(verb: str) -> Callable[[argparse.Namespace], int]:
+    def handler(_: argparse.Namespace) -> int:
+        raise NotBuiltError(f"adisc {verb}: not built yet: {NOT_BUILT[verb]}")
+    return handler
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .data.synthetic import generate_dataset
+
+    result = generate_dataset(args.out, n_images=args.n, seed=args.seed, image_size=args.size,
+                              workers=args.workers, progress=not args.quiet)
+    print(result.summary())
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from .platform.detect import DetectConfig, run_detect
+
+    config = DetectConfig(data=args.data, format=args.format, detector=args.detector, out=args.out,
+                          backbone=args.backbone, weights=args.weights, maps=args.maps,
+                          object_prior=args.object_prior, image_size=args.image_size, device=args.device,
+                          skip_bad=args.skip_bad, split_file=args.split_file, masks=args.masks,
+                          prior_prompt=args.prompt, sam_checkpoint=args.sam_checkpoint,
+                          grounding_config=args.grounding_config, grounding_checkpoint=args.grounding_checkpoint,
+                          text_encoder=args.text_encoder, seed=args.seed, progress=not args.quiet)
+    summary = run_detect(config)
+    print(summary.describe())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .platform.evaluate import evaluate_output
+
+    report = evaluate_output(args.output, data=args.data, format=args.format, split_file=args.split_file)
+    print(report.describe())
+    return 0
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from .platform.discover import run_discover_cli
+
+    return run_discover_cli(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .platform.demo import run_demo
+
+    return run_demo(out=args.out, n_images=args.n, seed=args.seed, quick=args.quick)
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, type=Path, help="dataset folder")
+    parser.add_argument("--format", default="auto", choices=["auto", "mvtec", "mtd", "folder", "neu"],
+                        help="dataset layout (default: detect it)")
+    parser.add_argument("--split-file", type=Path, default=None,
+                        help="MTD split file (default: <data>/../mtd_split.json)")
+    parser.add_argument("--masks", type=Path, default=None, help="folder-per-class layout: parallel masks folder")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip unreadable images and mismatched masks (and report their count) instead of stopping")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adisc", description=(
+        "anomaly-discovery: detect anomalies, localise defect regions, discover and name defect classes, "
+        "serve and review them."))
+    parser.add_argument("--version", action="version", version=f"adisc {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    p = verbs.add_parser("generate", help="write a synthetic industrial defect dataset (MVTec AD layout)",
+                         description="Write a deterministic synthetic dataset: two products, six defect types, "
+                                     "pixel masks, metadata.json, in the MVTec AD layout.")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--n", type=int, default=400, help="number of images in all (default 400)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_generate)
+
+    p = verbs.add_parser("demo", help="run every stage built so far on freshly generated data",
+                         description="Generate synthetic data, then run each stage of the loop that exists "
+                                     "and print what it did.")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder (default demo_out/)")
+    p.add_argument("--n", type=int, default=240, help="images to generate (default 240)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smallest settings (for tests)")
+    p.set_defaults(handler=cmd_demo)
+
+    p = verbs.add_parser("detect", help="anomaly maps, MEBin regions, object masks and crops for a dataset",
+                         description="Run an anomaly detector on a dataset and write, per image, the anomaly "
+                                     "map, MEBin mask, object mask, crops and a JSON summary.")
+    _add_data_args(p)
+    p.add_argument("--detector", default="patchcore", choices=["patchcore", "zero-shot", "prn", "maps"])
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--backbone", default="mobilenet_v2",
+                   help="mobilenet_v2 | efficientnet_lite0/1/2 | tiny | timm:<name> | torchvision:<name>")
+    p.add_argument("--weights", type=Path, default=None, help="backbone checkpoint file (timm/torchvision models)")
+    p.add_argument("--maps", type=Path, default=None, help="--detector maps: folder of maps another tool wrote")
+    p.add_argument("--object-prior", default="auto", choices=["grounded-sam", "auto", "fallback", "none"])
+    p.add_argument("--prompt", default="product", help="Grounded SAM text prompt, e.g. 'magnetic tile'")
+    p.add_argument("--sam-checkpoint", type=Path, default=None)
+    p.add_argument("--grounding-config", type=Path, default=None)
+    p.add_argument("--grounding-checkpoint", type=Path, default=None)
+    p.add_argument("--text-encoder", type=Path, default=None, help="local BERT folder for GroundingDINO")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_detect)
+
+    p = verbs.add_parser("discover", help="discover novel defect classes in detected regions",
+                         description="Train the AMGA discovery model on the regions of a dataset and write "
+                                     "assignments (image, regions, class, confidence, outlier score).")
+    _add_data_args(p)
+    p.add_argument("--detector", default="patchcore", choices=["patchcore", "zero-shot", "prn", "maps"])
+    p.add_argument("--detections", type=Path, default=None, help="reuse an `adisc detect` output folder")
+    p.add_argument("--k", default="auto", help="number of novel classes, or auto to estimate it")
+    p.add_argument("--base", default="none", help="labelled known classes: neu:PATH | synthetic:PATH | none")
+    p.add_argument("--config", type=Path, default=None, help="discovery settings file (e.g. Ray Tune's best)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=cmd_discover)
+
+    p = verbs.add_parser("evaluate", help="score an output folder against dataset labels",
+                         description="Score an `adisc detect` output (image/pixel AUROC, AUPRO) or an `adisc "
+                                     "discover` output (NMI, ARI, F1) against the dataset's labels and masks.")
+    p.add_argument("--output", required=True, type=Path, help="an `adisc detect` or `adisc discover` output")
+    p.add_argument("--data", type=Path, default=None, help="dataset folder (default: the one the output names)")
+    p.add_argument("--format", default=None, help="dataset layout (default: the one the output names)")
+    p.add_argument("--split-file", type=Path, default=None)
+    p.set_defaults(handler=cmd_evaluate)
+
+    for verb, help_text in (("train", "distributed discovery training on a Ray cluster"),
+                            ("tune", "tune discovery hyper-parameters with Ray Tune"),
+                            ("retrain", "retrain on reviewed classes on the cluster"),
+                            ("serve", "start the prediction and review API (Ray Serve)"),
+                            ("ui", "start the review dashboard (Streamlit)")):
+        p = verbs.add_parser(verb, help=f"{help_text} [not built yet]",
+                             description=f"{help_text}. Not built yet: {NOT_BUILT[verb]}.")
+        p.set_defaults(handler=_not_built(verb))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data.errors import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except NotBuiltError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except (DataError, ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"adisc {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -58,9 +58,10 @@ def metal_plate(rng: np.random.Generator, size: int) -> Surface:
                              borderMode=cv2.BORDER_REFLECT)
     streaks /= max(float(streaks.std()), 1e-6)
     grain = smooth_noise(rng, size, 0.6)
-    image = (rng.uniform(95.0, 170.0) + rng.uniform(4.0, 10.0) * streaks + rng.uniform(1.5, 4.0) * grain
-             + _illumination(rng, size))
-    under = rng.uniform(25.0, 75.0) if rng.random() < 0.5 else rng.uniform(185.0, 235.0)
+    level = rng.uniform(95.0, 170.0)
+    image = level + rng.uniform(4.0, 10.0) * streaks + rng.uniform(1.5, 4.0) * grain + _illumination(rng, size)
+    under = level + (1.0 if rng.random() < 0.5 else -1.0) * rng.uniform(50.0, 90.0)
+    under = under if 15.0 <= under <= 245.0 else 2 * level - under
     substrate = under + rng.uniform(2.0, 5.0) * smooth_noise(rng, size, 1.5)
     margin = max(2, size // 32)
     allowed = np.zeros((size, size), dtype=bool)
@@ -84,7 +85,7 @@ def bottle(rng: np.random.Generator, size: int) -> Surface:
     knots = [0.0, rim_in - 0.02, rim_in + 0.02, rim_out - 0.02, rim_out + 0.03, 0.7, 0.93, 1.0]
     levels = [0.35, 0.22, 1.25, 1.15, 0.75, rng.uniform(0.85, 1.1), 0.8, 0.55]
     shading = np.interp(r, knots, levels).astype(np.float32)
-    colour = BOTTLE_PALETTE[rng.integers(len(BOTTLE_PALETTE))] * rng.uniform(0.85, 1.15, 3).astype(np.float32)
+    colour = BOTTLE_PALETTE[rng.integers(len(BOTTLE_PALETTE))] * rng.uniform(0.9, 1.1, 3).astype(np.float32)
     glint_angle = rng.uniform(0.0, 2 * np.pi)
     glint = centre + 0.6 * radius * np.array([np.cos(glint_angle), np.sin(glint_angle)])
     glint_map = rng.uniform(15.0, 45.0) * np.exp(
