@@ -83,7 +83,7 @@ class NamedNodeFeatureExtractor(FeatureExtractor):
         return [out[node] for node in self.nodes] if self.nodes else list(out)
 
 
-def _read_state_dict(path: Path, architecture: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, architecture: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path} (expected {architecture} weights)")
     try:
@@ -105,7 +105,7 @@ def _read_state_dict(path: Path, architecture: str) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: Path, architecture: str) -> None:
     """Load ``path`` into ``model`` strictly; any missing, extra or mis-shaped key is a WeightsError."""
-    state = _read_state_dict(Path(path), architecture)
+    state = read_state_dict(Path(path), architecture)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -2,10 +2,11 @@
 
 With L = max(H, W) of the image and, per external contour of the mask, its bounding box (x, y, w, h):
 
-- centre (x + ⌊w/2⌋, y + ⌊h/2⌋); half-side r = min(max(⌊(1 + padding)/2 · max(w, h)⌋, ⌊min_size·L⌋), ⌊L/2⌋).
-  With the paper's "padding 0.1, min crop size 0.1" this is r = min(max(⌊0.55·max(w,h)⌋, ⌊0.1·L⌋), ⌊0.5·L⌋):
+- centre (x + ⌊w/2⌋, y + ⌊h/2⌋); half-side
+  r = min(max(⌊(1 + padding)/2 · max(w, h)⌋, ⌊min_size·L⌋), ⌊L/2⌋). With the paper's "padding 0.1, min crop
+  size 0.1" this is r = min(max(⌊0.55·max(w,h)⌋, ⌊0.1·L⌋), ⌊0.5·L⌋):
   ``padding`` is the fraction added to the region's longer side (half on each side), ``min_size`` is the
-  smallest half-side as a fraction of L (so the smallest crop side is 2·min_size·L);
+  smallest half-side as a fraction of L (so the smallest crop side is 2·min_size·L); r ≥ 1 on tiny images;
 - the square is shifted to lie inside the image (on a non-square image a square longer than the short side
   is clipped to it: the only case where a crop is not square);
 - boxes whose gap is < ⌊merge_distance·L⌋ are merged (the paper's "merge distance 0.01"); overlapping boxes

@@ -57,21 +57,21 @@ def read_map(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise MapReadError(path, "anomaly map file not found")
-    suffix = path.suffix.lower()
+    readers = {".npy": _read_npy, ".tiff": tifffile.imread, ".tif": tifffile.imread, ".png": _read_png}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise MapReadError(path, f"unsupported map format {path.suffix!r}; expected one of {', '.join(MAP_SUFFIXES)}")
     try:
-        if suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-        elif suffix in (".tif", ".tiff"):
-            array = tifffile.imread(path)
-        elif suffix == ".png":
-            array = _read_png(path)
-        else:
-            raise MapReadError(path, f"unsupported map format {suffix!r}; expected one of {', '.join(MAP_SUFFIXES)}")
+        array = reader(path)
+    except MapReadError:
+        raise
     except (OSError, ValueError, UnidentifiedImageError, tifffile.TiffFileError) as exc:
-        if isinstance(exc, MapReadError):
-            raise
         raise MapReadError(path, f"not a readable anomaly map ({exc})") from exc
     return _checked_map(np.asarray(array), path)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    return np.load(path, allow_pickle=False)
 
 
 def _read_png(path: Path) -> np.ndarray:
@@ -157,13 +157,13 @@ class ExternalMapDetector:
         image_path = Path(image_path)
         if self.layout == "flat":
             return [image_path.stem]
-        folders = image_path.parent.parts[-MIRROR_DEPTH:] if image_path.parent.parts else ()
-        keys = []
-        for depth in range(len(folders), -1, -1):
+        folders = tuple(part for part in image_path.parent.parts if part != image_path.anchor)[-MIRROR_DEPTH:]
+        keys: list[str] = []
+        for depth in range(len(folders), 0, -1):
             tail = folders[len(folders) - depth:]
-            for kept in (tail, tuple(f for f in tail if f.lower() not in SPLIT_FOLDERS)):
+            for kept in (tail, tuple(folder for folder in tail if folder.lower() not in SPLIT_FOLDERS)):
                 key = "/".join((*kept, image_path.stem))
-                if key not in keys:
+                if kept and key not in keys:
                     keys.append(key)
         return keys
 
@@ -177,7 +177,9 @@ class ExternalMapDetector:
                     if candidate.is_file():
                         return candidate
         tried = ", ".join(f"{key}[_anomaly_map]{{{','.join(MAP_SUFFIXES)}}}" for key in keys)
-        raise MapReadError(image_path, f"no anomaly map for this image in {self.maps_dir} ({self.layout} layout; looked for {tried})")
+        raise MapReadError(
+            image_path, f"no anomaly map for this image in {self.maps_dir} ({self.layout} layout; looked for {tried})"
+        )
 
     def predict_paths(self, image_paths: Sequence[str | Path], progress: bool = False) -> list[Detection]:
         """One :class:`Detection` per image: its map (checked against the image's size) and its score."""

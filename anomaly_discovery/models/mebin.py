@@ -56,8 +56,8 @@ class MEBinConfig:
         lowest = MAX_LEVEL - self.sample_rate * (self.n_thresholds - 1)
         if lowest < 0:
             raise ValueError(
-                f"MEBinConfig sweeps below 0: sample_rate={self.sample_rate} × (n_thresholds={self.n_thresholds} − 1)"
-                f" exceeds {MAX_LEVEL}"
+                f"MEBinConfig sweeps below 0: sample_rate={self.sample_rate} × "
+                f"(n_thresholds={self.n_thresholds} − 1) exceeds {MAX_LEVEL}"
             )
 
     @property
@@ -105,7 +105,7 @@ def search_range(maps: Sequence[np.ndarray]) -> tuple[int, int]:
 
 
 def normalise_to_range(anomaly_map: np.ndarray, s_min: int, s_max: int) -> np.ndarray:
-    """Ã = ⌈255·(A − s_min)/(s_max − s_min)⌉ where A ≥ s_min, else 0, as uint8 (all zeros if s_max = s_min)."""
+    """Ã = ⌈255·(A − s_min)/(s_max − s_min)⌉ where A ≥ s_min, else 0, as uint8; all zeros if s_max = s_min."""
     span = s_max - s_min
     if span <= 0:
         return np.zeros(anomaly_map.shape, dtype=np.uint8)
@@ -137,7 +137,7 @@ def sweep_component_counts(eroded_map: np.ndarray, thresholds: np.ndarray) -> np
 
 
 def select_stable_run(counts: Sequence[int], min_interval_len: int) -> tuple[int, int] | None:
-    """(b*, δ̄): the last index of the chosen stable run and its count, or None when there is no stable run."""
+    """(b*, δ̄): the chosen stable run's last index and its count; None when there is no stable run."""
     longest: dict[int, tuple[int, int]] = {}
     start, n_counts = 0, len(counts)
     while start < n_counts:
@@ -159,14 +159,11 @@ def raw_threshold(normalised_threshold: int, s_min: int, s_max: int) -> int:
     return int(normalised_threshold * (s_max - s_min) / MAX_LEVEL + s_min)
 
 
-def mebin(maps_uint8: Sequence[np.ndarray], config: MEBinConfig = MEBinConfig(), progress: bool = False) -> list[MEBinResult]:
+def mebin(
+    maps_uint8: Sequence[np.ndarray], config: MEBinConfig = MEBinConfig(), progress: bool = False
+) -> list[MEBinResult]:
     """Step 1 on a jointly normalised set of uint8 maps (one category); returns one result per map."""
-    if len(maps_uint8) == 0:
-        raise ValueError("mebin needs at least one map, got an empty sequence")
-    for index, anomaly_map in enumerate(maps_uint8):
-        if not isinstance(anomaly_map, np.ndarray) or anomaly_map.dtype != np.uint8 or anomaly_map.ndim != 2:
-            described = f"{anomaly_map.dtype} array of shape {anomaly_map.shape}" if isinstance(anomaly_map, np.ndarray) else type(anomaly_map).__name__
-            raise ValueError(f"map {index}: mebin expects a 2-D uint8 array (see normalise_jointly), got {described}")
+    _check_uint8_maps(maps_uint8)
     s_min, s_max = search_range(maps_uint8)
     thresholds = config.thresholds
     kernel = erosion_kernel(config.erosion_size)
@@ -183,6 +180,19 @@ def mebin(maps_uint8: Sequence[np.ndarray], config: MEBinConfig = MEBinConfig(),
         mask = cv2.erode((anomaly_map > threshold).view(np.uint8), kernel).astype(bool)
         results.append(MEBinResult(mask, threshold, n_regions, normalised, counts))
     return results
+
+
+def _check_uint8_maps(maps: Sequence[np.ndarray]) -> None:
+    if len(maps) == 0:
+        raise ValueError("mebin needs at least one map, got an empty sequence")
+    for index, anomaly_map in enumerate(maps):
+        if not isinstance(anomaly_map, np.ndarray):
+            raise ValueError(f"map {index}: mebin expects a 2-D uint8 array, got {type(anomaly_map).__name__}")
+        if anomaly_map.dtype != np.uint8 or anomaly_map.ndim != 2:
+            raise ValueError(
+                f"map {index}: mebin expects a 2-D uint8 array (see normalise_jointly), "
+                f"got {anomaly_map.dtype} of shape {anomaly_map.shape}"
+            )
 
 
 def _checked_map(anomaly_map: np.ndarray, index: int) -> np.ndarray:

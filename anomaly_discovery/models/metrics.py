@@ -141,7 +141,7 @@ def _binary_labels_and_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"labels has {labels.size} entries but scores has {scores.size}")
     if not np.isin(labels, (0, 1)).all():
         bad = labels[~np.isin(labels, (0, 1))][0]
-        raise ValueError(f"labels must be 0/1 or bool (1 = positive), got {bad!r}")
+        raise ValueError(f"labels must be 0/1 or bool (1 = positive), got {bad.item()!r}")
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN or infinite values")
     labels = labels.astype(bool)

@@ -6,6 +6,7 @@ the kinds differ by shape and edge structure rather than by mean intensity.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import cv2
@@ -27,8 +28,10 @@ def _scale(surface: Surface) -> float:
 
 
 def _tint(rng: np.random.Generator, channels: int) -> np.ndarray:
-    """A per-channel factor near 1, so colour products get slightly coloured defects."""
-    return (1.0 + rng.uniform(-0.25, 0.25, channels)).astype(np.float32) if channels == 3 else np.ones(1, np.float32)
+    """A per-channel factor near 1 (shape C×1×1), so colour products get slightly coloured defects."""
+    if channels == 1:
+        return np.ones((1, 1, 1), dtype=np.float32)
+    return (1.0 + rng.uniform(-0.25, 0.25, (channels, 1, 1))).astype(np.float32)
 
 
 def scratch(rng: np.random.Generator, surface: Surface) -> Defect:
@@ -37,8 +40,8 @@ def scratch(rng: np.random.Generator, surface: Surface) -> Defect:
     points = bent_curve(rng, random_point(rng, surface.allowed), rng.uniform(0.15, 0.5) * surface.size,
                         bend=rng.uniform(0.0, 0.12))
     coverage = draw_polyline(surface.size, points, thickness=int(rng.integers(1, 4) * s))
-    delta = _polarity(rng, 0.5) * rng.uniform(25.0, 80.0) * _tint(rng, surface.image.shape[2])
-    return surface.image + coverage[..., None] * delta, coverage > 0.3
+    delta = _polarity(rng, 0.5) * rng.uniform(25.0, 80.0) * _tint(rng, surface.channels)
+    return surface.image + coverage[None] * delta, coverage > 0.3
 
 
 def _random_walk(rng: np.random.Generator, origin: np.ndarray, heading: float, length: float,
@@ -67,7 +70,7 @@ def crack(rng: np.random.Generator, surface: Surface) -> Defect:
         coverage = np.maximum(coverage, line)
     strength = _polarity(rng, 0.75) * rng.uniform(40.0, 100.0)
     shadow = 0.3 * blur(coverage, 1.5 * s)
-    return surface.image + (np.maximum(coverage, shadow) * strength)[..., None], coverage > 0.5
+    return surface.image + (np.maximum(coverage, shadow) * strength)[None], coverage > 0.5
 
 
 def hole(rng: np.random.Generator, surface: Surface) -> Defect:
@@ -77,18 +80,19 @@ def hole(rng: np.random.Generator, surface: Surface) -> Defect:
     major = rng.uniform(3.0, 14.0) * s
     axes = (max(2, int(major)), max(2, int(major * rng.uniform(0.6, 1.0))))
     angle = rng.uniform(0.0, 180.0)
+    middle = (int(centre[0]), int(centre[1]))
     canvas = np.zeros((surface.size, surface.size), dtype=np.uint8)
-    cv2.ellipse(canvas, (int(centre[0]), int(centre[1])), axes, angle, 0, 360, 255, -1, cv2.LINE_AA)
+    cv2.ellipse(canvas, middle, axes, angle, 0, 360, 255, -1, cv2.LINE_AA)
     interior = canvas.astype(np.float32) / 255.0
     rim_width = max(1, int(rng.integers(1, 4) * s))
     rim = np.zeros_like(canvas)
-    cv2.ellipse(rim, (int(centre[0]), int(centre[1])), (axes[0] + rim_width, axes[1] + rim_width), angle, 0, 360,
-                255, rim_width + 1, cv2.LINE_AA)
+    rim_axes = (axes[0] + rim_width, axes[1] + rim_width)
+    cv2.ellipse(rim, middle, rim_axes, angle, 0, 360, 255, rim_width + 1, cv2.LINE_AA)
     rim_cover = blur(rim.astype(np.float32) / 255.0, 0.6 * s) * (1.0 - interior)
     dark = rng.random() < 0.75
     fill = rng.uniform(5.0, 45.0) if dark else rng.uniform(200.0, 250.0)
     burr = (1.0 if dark else -1.0) * rng.uniform(15.0, 45.0)
-    image = surface.image * (1.0 - interior[..., None]) + fill * interior[..., None] + (rim_cover * burr)[..., None]
+    image = surface.image * (1.0 - interior[None]) + fill * interior[None] + (rim_cover * burr)[None]
     return image, (interior > 0.5) | (rim_cover > 0.3)
 
 
@@ -105,11 +109,11 @@ def stain(rng: np.random.Generator, surface: Surface) -> Defect:
     field = blur(canvas, rng.uniform(0.15, 0.35) * radius)
     alpha = smoothstep(field, 0.15, rng.uniform(0.4, 0.8))
     opacity = rng.uniform(0.25, 0.65)
-    level = float(surface.image[int(centre[1]), int(centre[0])].mean())
-    colour = np.clip(level + _polarity(rng, 0.6) * rng.uniform(50.0, 120.0), 5.0, 250.0) \
-        * _tint(rng, surface.image.shape[2])
+    level = float(surface.image[:, int(centre[1]), int(centre[0])].mean())
+    colour = float(np.clip(level + _polarity(rng, 0.6) * rng.uniform(50.0, 120.0), 5.0, 250.0)) \
+        * _tint(rng, surface.channels)
     ring = 4.0 * alpha * (1.0 - alpha) * rng.uniform(0.0, 0.5)
-    weight = np.clip(alpha * opacity + ring * opacity, 0.0, 1.0)[..., None]
+    weight = np.clip(alpha * opacity + ring * opacity, 0.0, 1.0)[None]
     return surface.image * (1.0 - weight) + colour * weight, alpha > 0.3
 
 
@@ -123,8 +127,8 @@ def missing_material(rng: np.random.Generator, surface: Surface) -> Defect:
     edge = np.zeros((surface.size, surface.size), dtype=np.uint8)
     cv2.polylines(edge, [np.round(vertices).astype(np.int32)], True, 255, max(1, int(s)), cv2.LINE_AA)
     edge_shade = (edge.astype(np.float32) / 255.0) * rng.uniform(0.0, 40.0)
-    image = surface.image * (1.0 - coverage[..., None]) + surface.substrate * coverage[..., None]
-    return image - edge_shade[..., None], chip
+    image = surface.image * (1.0 - coverage[None]) + surface.substrate * coverage[None]
+    return image - edge_shade[None], chip
 
 
 def fold(rng: np.random.Generator, surface: Surface) -> Defect:
@@ -135,12 +139,12 @@ def fold(rng: np.random.Generator, surface: Surface) -> Defect:
                         bend=rng.uniform(0.0, 0.3))
     height = blur(draw_polyline(surface.size, points, thickness=max(1, int(width / 2))), width)
     height /= max(float(height.max()), 1e-6)
-    light = rng.uniform(0.0, 2 * np.pi)
-    slope = (np.cos(light) * cv2.Sobel(height, cv2.CV_32F, 1, 0, ksize=3)
-             + np.sin(light) * cv2.Sobel(height, cv2.CV_32F, 0, 1, ksize=3))
+    light = rng.uniform(0.0, 2 * math.pi)
+    slope = (math.cos(light) * cv2.Sobel(height, cv2.CV_32F, 1, 0, ksize=3)
+             + math.sin(light) * cv2.Sobel(height, cv2.CV_32F, 0, 1, ksize=3))
     slope /= max(float(np.abs(slope).max()), 1e-6)
     shading = rng.uniform(30.0, 80.0) * slope - rng.uniform(0.0, 20.0) * height
-    return surface.image + shading[..., None], height > 0.3
+    return surface.image + shading[None], height > 0.3
 
 
 DEFECT_RENDERERS: dict[str, Callable[[np.random.Generator, Surface], Defect]] = {

@@ -35,8 +35,9 @@ class RenderedImage:
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """C×H×W float32 to H×W (one channel) or H×W×3 uint8."""
     out = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    return out[..., 0] if out.shape[2] == 1 else out
+    return out[0] if out.shape[0] == 1 else np.ascontiguousarray(out.transpose(1, 2, 0))
 
 
 def render_image(product: str, label: str, image_size: int, seed_key: tuple[int, ...]) -> RenderedImage:
@@ -57,7 +58,7 @@ def render_image(product: str, label: str, image_size: int, seed_key: tuple[int,
         image, mask = DEFECT_RENDERERS[label](rng, surface)
         if surface.object_mask is not None:
             mask = mask & surface.object_mask
-            image = np.where(surface.object_mask[..., None], image, surface.image)
+            image = np.where(surface.object_mask[None], image, surface.image)
         if np.count_nonzero(mask) >= MIN_DEFECT_PIXELS:
             return RenderedImage(_to_uint8(image), mask, surface.object_mask)
     raise RuntimeError(f"could not place a {label} on {product} (seed key {seed_key}) "

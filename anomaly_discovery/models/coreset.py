@@ -1,0 +1,95 @@
+"""Greedy (k-center) coreset subsampling, the step PatchCore uses to shrink its memory bank.
+
+PatchCore (Roth et al., CVPR 2022, Alg. 1): start from one point, then repeatedly add the point farthest from
+everything chosen so far, m* = argmax_{m ∈ M \\ C} min_{n ∈ C} ‖ψ(m) − ψ(n)‖₂, where ψ is a fixed random linear
+projection (Johnson–Lindenstrauss) that makes the distances cheap to compute.
+
+The selection here is exactly that greedy, made fast by the triangle inequality: every point remembers its
+nearest chosen centre a and the distance d(x, a), and each centre an upper bound R_a on the distances of its
+points. A new centre c can only move a point of cluster a when d(c, a) < 2·R_a, so all other clusters are
+skipped. Late in the selection most clusters are small and far, and an iteration touches few points.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DENSE_FRACTION = 0.25  # above this share of candidate points one pass over all points is cheaper
+PRUNING_SLACK = 1e-4  # relative to the largest point norm: covers float error in the centre gaps
+
+
+def random_projection(features: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
+    """Project N×D features to N×dim with a fixed seeded Gaussian matrix scaled by 1/√dim (JL lemma).
+
+    Features that already have at most ``dim`` channels are returned unchanged.
+    """
+    if features.shape[1] <= dim:
+        return features
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(features.shape[1], dim, generator=generator) / math.sqrt(dim)
+    return features @ matrix.to(device=features.device, dtype=features.dtype)
+
+
+def coreset_size(n_points: int, ratio: float) -> int:
+    """How many points a coreset of ``ratio`` keeps: at least one, at most all."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"coreset_ratio must be in (0, 1], got {ratio}")
+    return min(n_points, max(1, round(ratio * n_points)))
+
+
+def greedy_coreset_indices(features: torch.Tensor, size: int, projection_dim: int | None = 128,
+                           seed: int = 0) -> torch.Tensor:
+    """Indices (in selection order) of ``size`` points of N×D ``features`` picked by greedy k-center.
+
+    The first point is drawn with ``seed``; every later one is the point farthest (in the projected space)
+    from the points already picked.
+    """
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise ValueError(f"expected a non-empty N×D feature matrix, got shape {tuple(features.shape)}")
+    n_points = features.shape[0]
+    if not 1 <= size <= n_points:
+        raise ValueError(f"coreset size must be in [1, {n_points}], got {size}")
+    points = features.float()
+    if projection_dim is not None:
+        points = random_projection(points, projection_dim, seed)
+    device = points.device
+    point_sq = points.pow(2).sum(1)
+    slack = PRUNING_SLACK * float(point_sq.max().sqrt()) + 1e-12
+    first = int(torch.randint(n_points, (1,), generator=torch.Generator().manual_seed(seed)))
+
+    chosen = torch.empty(size, dtype=torch.long, device=device)
+    centres = torch.empty(size, points.shape[1], dtype=points.dtype, device=device)
+    radius = torch.zeros(size, dtype=points.dtype, device=device)
+    cluster = torch.zeros(n_points, dtype=torch.long, device=device)
+    min_dist = torch.full((n_points,), float("inf"), dtype=points.dtype, device=device)
+    reachable = torch.ones(1, dtype=torch.bool, device=device)
+    new = first
+    for step in range(size):
+        centre = points[new]
+        chosen[step], centres[step] = new, centre
+        if step > 0:
+            gap_sq = point_sq[chosen[:step]] + point_sq[new] - 2.0 * torch.mv(centres[:step], centre)
+            reachable = gap_sq.clamp_(min=0.0).sqrt_() < 2.0 * radius[:step] + slack
+        candidates = torch.nonzero(reachable[cluster]).squeeze(1)
+        if candidates.numel() > DENSE_FRACTION * n_points:
+            candidates = torch.arange(n_points, device=device)
+            dist = _distances(points, point_sq, centre, point_sq[new])
+        else:
+            dist = _distances(points[candidates], point_sq[candidates], centre, point_sq[new])
+        dist[candidates == new] = 0.0
+        moved = dist < min_dist[candidates]
+        min_dist[candidates[moved]] = dist[moved]
+        cluster[candidates[moved]] = step
+        # Exact radii for the clusters that may have changed: all their points are among the candidates.
+        radius[:step][reachable[:step]] = 0.0
+        radius.scatter_reduce_(0, cluster[candidates], min_dist[candidates], reduce="amax")
+        new = int(torch.argmax(min_dist))
+    return chosen
+
+
+def _distances(points: torch.Tensor, point_sq: torch.Tensor, centre: torch.Tensor,
+               centre_sq: torch.Tensor) -> torch.Tensor:
+    """‖x − c‖₂ for every row x, as √(‖x‖² + ‖c‖² − 2x·c): one pass over the points."""
+    return (point_sq + centre_sq - 2.0 * torch.mv(points, centre)).clamp_(min=0.0).sqrt_()

@@ -1,0 +1,127 @@
+"""Unseen-outlier scores: how far a crop lies from every known class (issue 4 item 6; methods §2 OOD scores).
+
+Every score is oriented **higher = more anomalous / more likely unseen**. Logit-based scores take the
+head's cosine logits (``PrototypeHead``) and the same temperature as training (0.1):
+
+* ``knn_distance_score``: cosine distance 1 − cos to the k-th nearest reference embedding (brute force;
+  the FAISS index comes with the service).
+* ``max_softmax_score``: 1 − max_c softmax(l/τ)_c (MSP).
+* ``energy_score``: E = −τ · logsumexp_c(l_c/τ) (free energy; low for confident known crops).
+* ``max_logit_score``: −max_c l_c.
+
+``OutlierThreshold`` accepts ``accept_rate`` (95%) of known-class validation crops; ``evaluate_outlier_scores``
+treats unseen crops as positives.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score, roc_curve
+
+AGGREGATES = ("max", "mean")
+
+
+def _as_logits(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
+    tensor = torch.as_tensor(logits).detach().to(torch.float64)
+    if tensor.ndim != 2 or tensor.shape[1] == 0:
+        raise ValueError(f"logits must have shape (N, K) with K >= 1, got {tuple(tensor.shape)}")
+    return tensor
+
+
+def knn_distance_score(
+    embeddings: torch.Tensor | np.ndarray,
+    reference_embeddings: torch.Tensor | np.ndarray,
+    k: int = 1,
+    batch_size: int = 4096,
+) -> np.ndarray:
+    """(N,) cosine distance of each embedding to its k-th nearest reference (known-class embeddings or
+    prototypes). A query that is itself in the reference set finds itself at distance 0."""
+    queries = F.normalize(torch.as_tensor(embeddings).detach().to(torch.float32), dim=-1)
+    references = F.normalize(torch.as_tensor(reference_embeddings).detach().to(torch.float32), dim=-1)
+    if queries.ndim != 2 or references.ndim != 2 or queries.shape[1] != references.shape[1]:
+        raise ValueError(f"embeddings {tuple(queries.shape)} and reference_embeddings {tuple(references.shape)} "
+                         "must be (N, D) and (M, D)")
+    if not 1 <= k <= references.shape[0]:
+        raise ValueError(f"k must be in [1, {references.shape[0]}] (the number of references), got {k}")
+    distances = [1.0 - (chunk @ references.T).topk(k, dim=1).values[:, -1]
+                 for chunk in queries.split(batch_size)]
+    return torch.cat(distances).numpy() if distances else np.zeros(0, dtype=np.float32)
+
+
+def max_softmax_score(logits: torch.Tensor | np.ndarray, temperature: float = 0.1) -> np.ndarray:
+    """(N,) 1 − max softmax(logits/τ): 0 for a certain known crop, up to 1 − 1/K for a uniform one."""
+    return (1.0 - torch.softmax(_as_logits(logits) / temperature, dim=1).max(dim=1).values).numpy()
+
+
+def energy_score(logits: torch.Tensor | np.ndarray, temperature: float = 0.1) -> np.ndarray:
+    """(N,) free energy −τ · logsumexp(logits/τ)."""
+    return (-temperature * torch.logsumexp(_as_logits(logits) / temperature, dim=1)).numpy()
+
+
+def max_logit_score(logits: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(N,) −max logit (the negated best cosine similarity for prototype logits)."""
+    return (-_as_logits(logits).max(dim=1).values).numpy()
+
+
+class OutlierThreshold:
+    """Threshold that accepts ``accept_rate`` of known-class validation scores; higher scores are outliers."""
+
+    def __init__(self, accept_rate: float = 0.95):
+        if not 0.0 < accept_rate <= 1.0:
+            raise ValueError(f"accept_rate must be in (0, 1], got {accept_rate}")
+        self.accept_rate = accept_rate
+
+    def fit(self, known_val_scores: Sequence[float] | np.ndarray) -> "OutlierThreshold":
+        """Set ``threshold_`` to the ``accept_rate`` quantile (rounded up to an observed score) so that at
+        least ``accept_rate`` of the known scores are ≤ it."""
+        scores = np.asarray(known_val_scores, dtype=np.float64).ravel()
+        if scores.size == 0 or not np.isfinite(scores).all():
+            raise ValueError(f"known_val_scores must be a non-empty array of finite numbers, got {scores.size} values")
+        self.threshold_ = float(np.quantile(scores, self.accept_rate, method="higher"))
+        return self
+
+    def is_outlier(self, scores: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Boolean array: True where a score is above ``threshold_``."""
+        if not hasattr(self, "threshold_"):
+            raise RuntimeError("OutlierThreshold is not fitted: call fit(known_val_scores) first")
+        return np.asarray(scores, dtype=np.float64) > self.threshold_
+
+
+def image_outlier_score(
+    image_ids: Sequence[Hashable], region_scores: Sequence[float] | np.ndarray, aggregate: str = "max"
+) -> dict[Hashable, float]:
+    """Per-image outlier score from its regions' scores (parallel to ``image_ids``): their max or mean."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    scores = np.asarray(region_scores, dtype=np.float64).ravel()
+    if len(image_ids) != scores.size:
+        raise ValueError(f"need one image id per region score; got {len(image_ids)} ids and {scores.size} scores")
+    by_image: dict[Hashable, list[float]] = {}
+    for image_id, score in zip(image_ids, scores):
+        by_image.setdefault(image_id, []).append(float(score))
+    reduce = max if aggregate == "max" else (lambda values: sum(values) / len(values))
+    return {image_id: float(reduce(values)) for image_id, values in by_image.items()}
+
+
+def evaluate_outlier_scores(
+    scores_known: Sequence[float] | np.ndarray, scores_unseen: Sequence[float] | np.ndarray
+) -> dict[str, float]:
+    """AUROC and FPR95 with unseen crops as positives.
+
+    ``auroc``: ``roc_auc_score`` (1 when every unseen score exceeds every known score). ``fpr95``: the
+    fraction of known crops flagged at the strictest threshold that still flags ≥ 95% of unseen crops
+    (FPR of known at 95% TPR of unseen; lower is better).
+    """
+    known = np.asarray(scores_known, dtype=np.float64).ravel()
+    unseen = np.asarray(scores_unseen, dtype=np.float64).ravel()
+    if known.size == 0 or unseen.size == 0:
+        raise ValueError(f"need known and unseen scores, got {known.size} known and {unseen.size} unseen")
+    truth = np.concatenate([np.zeros(known.size), np.ones(unseen.size)])
+    scores = np.concatenate([known, unseen])
+    fpr, tpr, _ = roc_curve(truth, scores, drop_intermediate=False)
+    return {"auroc": float(roc_auc_score(truth, scores)),
+            "fpr95": float(fpr[np.searchsorted(tpr, 0.95, side="left")])}
