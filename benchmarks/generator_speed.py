@@ -3,8 +3,10 @@
 Usage: OMP_NUM_THREADS=1 python benchmarks/generator_speed.py [--images 1000] [--image-size 256] [--keep DIR]
 Runs single-threaded (one worker, OpenCV on one thread) and times ``generate_dataset`` (render + PNG
 writing) and, for the same images, rendering alone. Wall time depends on what else the machine runs; CPU
-seconds do not. Prints a table and writes benchmarks/results/generator_speed.json.
-Target: under 30 s for 1,000 images of 256 px."""
+seconds do not, so both are recorded and checked against the target (under 30 s for 1,000 images of
+256 px), with the load average before the run. Prints a table and writes
+benchmarks/results/generator_speed.json.
+"""
 
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     use_one_thread()
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory() as scratch:
         out_dir = args.keep or Path(scratch) / "generated"
         cpu_start = time.process_time()
@@ -83,7 +85,8 @@ def main() -> None:
         "writing_cpu_seconds": round(cpu_seconds - render_cpu_seconds, 3),
         "megabytes_written": round(disk_bytes / 1e6, 1),
         "target_seconds": TARGET_SECONDS,
-        "meets_target": dataset.seconds < TARGET_SECONDS,
+        "meets_target_wall": dataset.seconds < TARGET_SECONDS,
+        "meets_target_cpu": cpu_seconds < TARGET_SECONDS,
         "machine": {
             "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
@@ -98,7 +101,10 @@ def main() -> None:
             ("images/s", result["images_per_s"]), ("cpu seconds", result["cpu_seconds"]),
             ("render only (s / cpu s)", f"{render_seconds:.2f} / {render_cpu_seconds:.2f}"),
             ("PNG writing (cpu s)", result["writing_cpu_seconds"]),
-            ("MB written", result["megabytes_written"]), (f"under {TARGET_SECONDS:.0f} s", result["meets_target"])]
+            ("MB written", result["megabytes_written"]),
+            (f"under {TARGET_SECONDS:.0f} s (wall / cpu)",
+             f"{result['meets_target_wall']} / {result['meets_target_cpu']}"),
+            ("load average before", load_before)]
     print(f"generator speed, {args.image_size} px, 1 worker, 1 thread")
     for name, value in rows:
         print(f"  {name:<26}{value}")

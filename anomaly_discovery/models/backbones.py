@@ -212,8 +212,8 @@ def _torchvision(model_name: str, weights: Path, nodes: Sequence[str]) -> Featur
 
     model = get_model(model_name, weights=None)
     load_weights(model, weights, f"torchvision {model_name}")
-    extractor = create_feature_extractor(model, return_nodes={node: node for node in nodes})
-    with torch.no_grad():
+    extractor = create_feature_extractor(model.eval(), return_nodes={node: node for node in nodes}).eval()
+    with torch.no_grad():  # in eval mode, so that the probe leaves the batch-norm statistics alone
         probe = extractor(torch.zeros(1, 3, 224, 224))
     channels = [probe[n].shape[1] for n in nodes]
     strides = [224 // probe[n].shape[-1] for n in nodes]
@@ -242,6 +242,20 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = No
         raise ValueError(f"unknown backbone {name!r}: use one of {', '.join(OFFLINE_BACKBONES)}, "
                          "timm:<model> or torchvision:<model> (with --weights)")
     return extractor.eval()
+
+
+def check_images(images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Refuse anything but non-empty uint8 H×W, H×W×1 or H×W×3 arrays, naming the image and its shape."""
+    checked = []
+    for index, image in enumerate(images):
+        if not isinstance(image, np.ndarray):
+            raise ValueError(f"image {index} is a {type(image).__name__}, expected a numpy array")
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3)) or 0 in image.shape:
+            raise ValueError(f"image {index} has shape {image.shape}: expected H×W or H×W×3")
+        if image.dtype != np.uint8:
+            raise ValueError(f"image {index} has dtype {image.dtype}: expected uint8")
+        checked.append(image)
+    return checked
 
 
 def images_to_tensor(images: Sequence[np.ndarray], size: int | tuple[int, int]) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 DENSE_FRACTION = 0.25  # above this share of candidate points one pass over all points is cheaper
 PRUNING_SLACK = 1e-4  # relative to the largest point norm: covers float error in the centre gaps
@@ -40,7 +41,7 @@ def coreset_size(n_points: int, ratio: float) -> int:
 
 
 def greedy_coreset_indices(features: torch.Tensor, size: int, projection_dim: int | None = 128,
-                           seed: int = 0) -> torch.Tensor:
+                           seed: int = 0, progress: bool = False) -> torch.Tensor:
     """Indices (in selection order) of ``size`` points of N×D ``features`` picked by greedy k-center.
 
     The first point is drawn with ``seed``; every later one is the point farthest (in the projected space)
@@ -66,7 +67,7 @@ def greedy_coreset_indices(features: torch.Tensor, size: int, projection_dim: in
     min_dist = torch.full((n_points,), float("inf"), dtype=points.dtype, device=device)
     reachable = torch.ones(1, dtype=torch.bool, device=device)
     new = first
-    for step in range(size):
+    for step in tqdm(range(size), desc="coreset", unit="pt", disable=not progress, leave=False, mininterval=0.5):
         centre = points[new]
         chosen[step], centres[step] = new, centre
         if step > 0:

@@ -137,9 +137,9 @@ class MultiSizeSelfAttention(nn.Module):
 class PRNHead(nn.Module):
     """MSF (shared by F and R) → [F‖R] → ``n_msa`` MSA blocks per scale → MSF → U-Net decoder → logit.
 
-    The decoder (step 6) starts from the coarse stage: at each scale, upsample ×2 + conv-BN-ReLU,
-    concatenate the fused features, two conv-BN-ReLU; finally upsample by the finest stride and a 3×3
-    conv gives a 1-channel logit at input resolution.
+    The decoder (step 6) starts from the coarse stage: at each scale, 1×1 conv-BN-ReLU then ×2 bilinear
+    upsampling, concatenate the fused features, two 3×3 conv-BN-ReLU; finally a 3×3 conv gives a 1-channel
+    logit at the finest stride, upsampled bilinearly to input resolution (the paper upsamples first).
     """
 
     def __init__(self, channels: Sequence[int], strides: Sequence[int], coarse_channels: int,
@@ -176,7 +176,11 @@ class PRNConfig:
     """PRN settings. ``layers``: four encoder taps (three prototype scales, then the decoder-only coarse
     stage), each stride twice the previous; None picks the default of a known encoder. An epoch is one
     pass over the normal images (``steps_per_epoch`` overrides); each batch is half normal, half anomalous.
-    ``source_weights`` weighs the (real, extended, simulated) anomalies."""
+    ``source_weights`` weighs the (real, extended, simulated) anomalies.
+
+    Budget defaults: the paper trains 700 epochs at lr 1e-4; here 2 epochs (≈ 380 steps of 8 on 761
+    images, about 10 minutes on a 2-core CPU) at lr 1e-3, which reached a clearly lower loss than 1e-4 in
+    the same number of steps (measured on held-out normal images with simulated anomalies only)."""
 
     encoder: str = "mobilenet_v2"
     weights: str | None = None
@@ -186,7 +190,7 @@ class PRNConfig:
     steps_per_epoch: int | None = None
     batch_size: int = 8
     predict_batch_size: int = 16
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 1e-2
     n_msa: int = 1
     decoder_channels: tuple[int, int, int] = (32, 64, 128)
@@ -214,8 +218,8 @@ class PRNConfig:
         if len(self.decoder_channels) != 3 or len(self.source_weights) != 3:
             raise ValueError(f"decoder_channels {self.decoder_channels} and source_weights {self.source_weights} "
                              "need 3 values each")
-        for name in ("image_size", "epochs", "batch_size", "predict_batch_size", "n_msa", "top_k"):
-            if getattr(self, name) < 1:
+        for name in ("image_size", "epochs", "batch_size", "predict_batch_size", "n_msa", "top_k", "steps_per_epoch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be ≥ 2 (half normal, half anomalous), got {self.batch_size}")
@@ -242,10 +246,11 @@ class PRNDetector:
         strides = encoder.strides
         if any(b != 2 * a for a, b in zip(strides, strides[1:])):
             raise ValueError(f"PRN needs encoder strides doubling at each tap, got {strides} for layers {cfg.layers}")
-        if cfg.image_size % (8 * strides[2]) or cfg.image_size % strides[3]:
-            raise ValueError(f"image_size {cfg.image_size} must be a multiple of {8 * strides[2]} for encoder "
-                             f"strides {strides} (self-attention cuts the maps into 1/8-size patches)")
-        with torch.random.fork_rng():
+        sides = [cfg.image_size // s for s in strides[:3]]
+        if cfg.image_size % strides[3] or any(h % p for h in sides for p in MultiSizeSelfAttention.patch_sizes(h)):
+            raise ValueError(f"image_size {cfg.image_size} does not fit encoder strides {strides}: the maps "
+                             f"({sides}) must split into h, h/2, h/4, h/8 patches (e.g. 128, 192 or 256)")
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             head = PRNHead(encoder.channels[:3], strides[:3], encoder.channels[3], cfg.decoder_channels, cfg.n_msa)
         self.device_, self.encoder_, self.head_ = device, encoder, head.to(device).eval()

@@ -130,8 +130,8 @@ def train_head(head: torch.nn.Module, normal_maps: Sequence[torch.Tensor], proto
     size = sampler.normal_images.shape[1]
     history = []
     head.train()
-    bar = tqdm(range(epochs), desc="PRN training", unit="epoch", disable=not progress)
-    for _ in bar:
+    bar = tqdm(total=epochs * steps, desc="PRN training", unit="step", disable=not progress)
+    for epoch in range(epochs):
         rounds = math.ceil(steps * n_normal / n_images)
         order = np.concatenate([rng.permutation(n_images) for _ in range(rounds)])
         total = 0.0
@@ -150,8 +150,10 @@ def train_head(head: torch.nn.Module, normal_maps: Sequence[torch.Tensor], proto
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
+            bar.update()
         history.append(total / steps)
-        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4f}")
+    bar.close()
     head.eval()
     return history
 

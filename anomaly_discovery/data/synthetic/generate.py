@@ -192,6 +192,8 @@ def _validate(n_images: int, seed: int, image_size: int, products: tuple[str, ..
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse a non-empty folder, unless ``overwrite`` and it holds an earlier dataset of this generator."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(out_dir, "output path is a file, not a folder")
     if not out_dir.exists() or not any(out_dir.iterdir()):
         out_dir.mkdir(parents=True, exist_ok=True)
         return
@@ -219,8 +221,9 @@ def generate_dataset(out_dir: str | Path, n_images: int, seed: int = 0, image_si
     Per product, ``normal_fraction`` (default 0.45) of the images are normal: about 7/9 of them in
     train/good, 2/9 in test/good (so 35% and 10% of the product by default). The remaining defect
     images (55% by default) are spread evenly over the six defect types in test/<defect>, each with its
-    mask in ground_truth/<defect>. Every image has one defect at most. The same arguments give
-    byte-identical files, whatever ``workers`` is.
+    mask in ground_truth/<defect>. Every image has one defect at most; on the bottle it lies inside the
+    bottle's silhouette, written to object_masks/. Each image has its own seed key, so the same arguments
+    give byte-identical files whatever ``workers`` is, and an image does not change with ``n_images``.
     """
     products = tuple(products)
     _validate(n_images, seed, image_size, products, normal_fraction, workers)

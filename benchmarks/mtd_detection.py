@@ -1,0 +1,305 @@
+"""Detection quality and speed on MTD: image AUROC, pixel AUROC, AUPRO and images/s for each detector.
+
+Usage: python benchmarks/mtd_detection.py [--data ../shared/datasets/mtd] [--detectors patchcore zero-shot prn]
+       [--threads 1] [--neu ../shared/datasets/neu-det] [--anomalib-python /tmp/anomalib-venv/bin/python]
+       [--out benchmarks/results/mtd_detection.json]
+
+Protocol (../shared/datasets/README.md): fit on the normal training images of the split file (761), test on
+the 392 defect images + the 191 normal test images; normal test images get all-zero masks. Every detector
+runs with the defaults its module chose on synthetic data (nothing is tuned on MTD labels).
+- ``patchcore``: fit on the normal training images, then predict the test images.
+- ``zero-shot``: no fit; ONE predict call over all test images (each is scored against the others).
+- ``prn``: fit on the normal training images and 10 real anomalies picked by ``select_real_anomalies``; those
+  10 are left out of PRN's evaluation. Every detector is also scored on PRN's evaluation set
+  (``on_prn_eval_set``) so the three can be compared on the same images.
+images/s times predict alone (images already decoded); fit seconds are reported apart. With
+``--anomalib-python`` anomalib's PatchCore runs on the same images in its own virtualenv
+(``anomalib_patchcore.py``) and its maps are scored with the same metric functions.
+
+NEU-DET (zero-shot only, ``--neu``): every image carries a defect, so image AUROC is undefined there.
+Reported instead: pixel AUROC with the annotated boxes as coarse masks (pixels inside any box = defect), and
+the share of images whose map peak falls inside a box. Prints a table and writes the JSON named by --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import cv2
+import faiss
+import numpy as np
+import torch
+
+from anomaly_discovery.data import Sample, load_image, load_mask, read_dataset
+from anomaly_discovery.models.backbones import find_mobilenet_v2_weights
+from anomaly_discovery.models.metrics import aupro, image_auroc, pixel_auroc
+from anomaly_discovery.models.mutual_scoring import MutualScoringDetector
+from anomaly_discovery.models.patchcore import PatchCoreDetector
+from anomaly_discovery.models.prn import PRNConfig, PRNDetector
+from anomaly_discovery.models.prn_training import select_real_anomalies
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = REPO.parent / "shared" / "datasets"
+RESULTS = Path(__file__).resolve().parent / "results" / "mtd_detection.json"
+DETECTORS = ("patchcore", "zero-shot", "prn")
+N_REAL_ANOMALIES = 10
+
+
+def machine(threads: int) -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "torch_threads": threads, "faiss": faiss.__version__, "cuda": torch.cuda.is_available(),
+            "gpu": "none in this run (CPU only)" if not torch.cuda.is_available() else torch.cuda.get_device_name()}
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def evenly(items: list, limit: int | None) -> list:
+    """``limit`` items spread over the list (all of them when ``limit`` is None) — for quick runs."""
+    if limit is None or len(items) <= limit:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
+def read_mtd_protocol(root: Path, split_file: Path | None, limit: int | None) -> tuple[list[Sample], list[Sample]]:
+    samples = read_dataset(root, "mtd", check=False, split_file=split_file).samples
+    train = [s for s in samples if s.is_normal and s.split == "train"]
+    defects = [s for s in samples if not s.is_normal]
+    normals = [s for s in samples if s.is_normal and s.split == "test"]
+    return evenly(train, limit), evenly(defects, limit) + evenly(normals, limit)
+
+
+def ground_truth(samples: list[Sample], images: list[np.ndarray]) -> list[np.ndarray]:
+    return [load_mask(s.mask_path, im.shape[:2]) if s.mask_path else np.zeros(im.shape[:2], bool)
+            for s, im in zip(samples, images)]
+
+
+def detection_metrics(labels: np.ndarray, scores: np.ndarray, masks: list, maps: list) -> dict:
+    return {"image_auroc": round(image_auroc(labels, scores), 4), "pixel_auroc": round(pixel_auroc(masks, maps), 4),
+            "aupro": round(aupro(masks, maps), 4), "n_images": len(labels), "n_anomalous": int(labels.sum())}
+
+
+def score_detector(scores, maps, labels, masks, prn_eval: np.ndarray) -> dict:
+    """Metrics on all test images and on PRN's evaluation set (the test images minus PRN's real anomalies)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    result = detection_metrics(labels, scores, masks, maps)
+    keep = np.flatnonzero(prn_eval)
+    result["on_prn_eval_set"] = detection_metrics(labels[keep], scores[keep], [masks[i] for i in keep],
+                                                  [maps[i] for i in keep])
+    return result
+
+
+def headline(entry: dict) -> str:
+    if "image_auroc" not in entry:
+        return json.dumps(entry)[:2000]
+    return json.dumps({k: entry.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "images_per_s", "fit_seconds")})
+
+
+def timed(function):
+    start = time.perf_counter()
+    value = function()
+    return value, time.perf_counter() - start
+
+
+def run_detector(name: str, train_images, test_images, real_anomalies, threads: int) -> tuple[dict, list]:
+    """Fit (timed) and predict (timed) one detector with its default settings."""
+    if name == "patchcore":
+        detector = PatchCoreDetector()
+        settings = {"backbone": detector.backbone, "layers": list(getattr(detector.extractor, "taps", detector.layers or [])),
+                    "image_size": detector.image_size, "coreset_ratio": detector.coreset_ratio,
+                    "k": detector.k, "feature_dim": detector.feature_dim, "batch_size": detector.batch_size}
+        _, fit_s = timed(lambda: detector.fit(train_images))
+        settings["memory_bank"] = list(detector.memory_bank_.shape)
+        note = "fit on the normal training images"
+    elif name == "zero-shot":
+        detector = MutualScoringDetector()
+        settings = {"backbone": detector.backbone, "image_size": detector.image_size,
+                    "neighbourhoods": list(detector.neighbourhoods), "lowest_fraction": detector.lowest_fraction,
+                    "top_fraction": detector.top_fraction, "max_references": detector.max_references,
+                    "batch_size": detector.batch_size}
+        _, fit_s = timed(lambda: detector.fit(None))
+        note = ("no normal images used; one predict call over all test images, each scored against the others "
+                f"(in random groups of ≤ {detector.max_references + 1})")
+    else:
+        config = PRNConfig()
+        detector = PRNDetector(config)
+        settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+        _, fit_s = timed(lambda: detector.fit(train_images, real_anomalies=real_anomalies))
+        settings["anomaly_sources"] = list(detector.sources_)
+        note = (f"trained with the normal training images and {len(real_anomalies)} real anomalies chosen by "
+                "select_real_anomalies(seed=0); those are EXCLUDED from its evaluation (its main numbers are on "
+                "the other test images)")
+    load_before = load_average()
+    detections, predict_s = timed(lambda: detector.predict(test_images))
+    entry = {"fit_seconds": round(fit_s, 1), "predict_seconds": round(predict_s, 1),
+             "images_per_s": round(len(test_images) / predict_s, 3), "threads": threads,
+             "load_average_before_predict": load_before, "load_average_after_predict": load_average(),
+             "settings": settings, "notes": note}
+    return entry, detections
+
+
+def run_anomalib(python: str, train: list[Sample], test: list[Sample], threads: int, labels, masks,
+                 prn_eval, test_images) -> dict:
+    """anomalib's PatchCore in its own interpreter; its maps scored with our metric functions."""
+    with tempfile.TemporaryDirectory(prefix="adisc-anomalib-") as folder:
+        manifest = Path(folder) / "manifest.json"
+        manifest.write_text(json.dumps({"train": [str(s.image_path) for s in train],
+                                        "test": [str(s.image_path) for s in test]}))
+        command = [python, "-W", "ignore", str(Path(__file__).with_name("anomalib_patchcore.py")),
+                   "--manifest", str(manifest), "--maps-dir", str(Path(folder) / "maps"),
+                   "--weights", str(find_mobilenet_v2_weights()), "--threads", str(threads)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        load_before = load_average()
+        process = subprocess.run(command, capture_output=True, text=True, env=env)
+        if process.returncode != 0:
+            return {"ran": False, "reason": f"anomalib_patchcore.py exited {process.returncode}: "
+                                            f"{process.stderr.strip()[-2000:]}"}
+        report = json.loads(process.stdout.strip().splitlines()[-1])
+        maps = [np.load(Path(folder) / "maps" / f"{i}.npy") for i in range(len(test))]
+    bad = [i for i, (m, im) in enumerate(zip(maps, test_images)) if m.shape != im.shape[:2]]
+    if bad:
+        return {"ran": False, "reason": f"anomalib maps of the wrong size for test images {bad[:5]}"}
+    scores = report.pop("scores")
+    report.update(score_detector(scores, maps, labels, masks, prn_eval))
+    report["load_average_before"], report["load_average_after"] = load_before, load_average()
+    report["ran"] = True
+    return report
+
+
+def neu_zero_shot(root: Path, limit: int | None) -> dict:
+    """Zero-shot on NEU-DET: box-level pixel AUROC and peak-in-box share (image AUROC is undefined)."""
+    samples = evenly(read_dataset(root, "neu", check=False).samples, limit)
+    images = [load_image(s.image_path) for s in samples]
+    masks = []
+    for sample, image in zip(samples, images):
+        mask = np.zeros(image.shape[:2], bool)
+        for box in sample.boxes:
+            mask[box.y0:box.y1, box.x0:box.x1] = True
+        masks.append(mask)
+    detector = MutualScoringDetector()
+    detections, predict_s = timed(lambda: detector.predict(images))
+    maps = [d.anomaly_map for d in detections]
+    peak_in_box = np.array([m.flat[int(np.argmax(a))] for m, a in zip(masks, maps)])
+    classes = sorted({s.label for s in samples})
+    labels = np.array([s.label for s in samples])
+    return {
+        "n_images": len(samples), "box_pixel_auroc": round(pixel_auroc(masks, maps), 4),
+        "peak_in_box_rate": round(float(peak_in_box.mean()), 4),
+        "peak_in_box_rate_per_class": {c: round(float(peak_in_box[labels == c].mean()), 4) for c in classes},
+        "box_area_fraction": round(float(np.mean([m.mean() for m in masks])), 4),
+        "predict_seconds": round(predict_s, 1), "images_per_s": round(len(samples) / predict_s, 3),
+        "notes": "every NEU-DET image has a defect, so image AUROC is undefined (no normal images); boxes used "
+                 "as coarse masks, so pixel AUROC counts the normal pixels inside a box as defect; AUPRO not "
+                 "reported (a box is not a region outline). One predict call over all images (all classes).",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATASETS / "mtd")
+    parser.add_argument("--split-file", type=Path, default=None, help="default: <data>/../mtd_split.json")
+    parser.add_argument("--detectors", nargs="+", choices=DETECTORS, default=list(DETECTORS))
+    parser.add_argument("--neu", type=Path, default=DATASETS / "neu-det", help="NEU-DET root for zero-shot")
+    parser.add_argument("--skip-neu", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--anomalib-python", default=None, help="python of a virtualenv with anomalib")
+    parser.add_argument("--limit", type=int, default=None, help="at most N images per group (quick runs only)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+
+    train, test = read_mtd_protocol(args.data, args.split_file, args.limit)
+    log(f"MTD: {len(train)} normal training images, {len(test)} test images; loading")
+    train_images = [load_image(s.image_path) for s in train]
+    test_images = [load_image(s.image_path) for s in test]
+    labels = np.array([0 if s.is_normal else 1 for s in test])
+    masks = ground_truth(test, test_images)
+    chosen, _ = select_real_anomalies(test, N_REAL_ANOMALIES, seed=0)
+    chosen_ids = {id(s) for s in chosen}
+    prn_eval = np.array([id(s) not in chosen_ids for s in test])
+    real_anomalies = [(test_images[i], masks[i]) for i in np.flatnonzero(~prn_eval)]
+
+    protocol = {"data": str(args.data), "n_train_normal": len(train), "n_test_defect": int(labels.sum()),
+                "n_test_normal": int((labels == 0).sum()), "limit": args.limit,
+                "prn_real_anomalies": [f"{s.label}/{s.image_path.name}" for s in chosen],
+                "metrics": "anomaly_discovery.models.metrics (aupro to FPR 0.3)"}
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results = previous if previous.get("protocol") == protocol else {}
+    results.update({"benchmark": "mtd_detection", "machine": machine(args.threads), "protocol": protocol,
+                    "load_average_at_start": load_average()})
+    results.setdefault("detectors", {})
+    for name in args.detectors:
+        log(f"{name}: fit + predict")
+        entry, detections = run_detector(name, train_images, test_images, real_anomalies, args.threads)
+        metrics = score_detector([d.score for d in detections], [d.anomaly_map for d in detections], labels, masks,
+                                 prn_eval)
+        if name == "prn":
+            main_metrics = metrics.pop("on_prn_eval_set")
+            main_metrics["evaluated_on"] = "test images minus PRN's 10 real training anomalies"
+            main_metrics["on_all_test_images_incl_its_training_anomalies"] = metrics
+            metrics = main_metrics
+        results["detectors"][name] = {**metrics, **entry}
+        log(f"{name}: {headline(results['detectors'][name])}")
+        del detections
+        if name == "patchcore" and args.anomalib_python:
+            log("anomalib PatchCore: fit + predict in its own virtualenv")
+            results["anomalib"] = run_anomalib(args.anomalib_python, train, test, args.threads, labels, masks,
+                                               prn_eval, test_images)
+            results["anomalib"]["comparison"] = compare(results["detectors"]["patchcore"], results["anomalib"])
+            log(f"anomalib: {headline(results['anomalib'])}")
+        save(results, args.out)
+    if not args.anomalib_python and "anomalib" not in results:
+        results["anomalib"] = {"ran": False, "reason": "not requested (pass --anomalib-python)"}
+    if "zero-shot" in args.detectors and not args.skip_neu:
+        log("zero-shot on NEU-DET")
+        results["neu_det_zero_shot"] = neu_zero_shot(args.neu, args.limit)
+        log(f"NEU-DET: {json.dumps(results['neu_det_zero_shot'])}")
+    results["load_average_at_end"] = load_average()
+    save(results, args.out)
+    print_table(results)
+    print(f"results written to {args.out}")
+
+
+def compare(ours: dict, theirs: dict) -> dict:
+    """Our PatchCore against anomalib's on the same images: speed ratio and metric differences."""
+    if not theirs.get("ran"):
+        return {}
+    return {"images_per_s_ratio_ours_over_anomalib": round(ours["images_per_s"] / theirs["images_per_s"], 3),
+            **{f"{k}_ours_minus_anomalib": round(ours[k] - theirs[k], 4) for k in ("image_auroc", "pixel_auroc", "aupro")}}
+
+
+def save(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def print_table(results: dict) -> None:
+    rows = [(name, r) for name, r in results.get("detectors", {}).items()]
+    if results.get("anomalib", {}).get("ran"):
+        rows.append(("anomalib patchcore", results["anomalib"]))
+    print(f"{'detector':<20}{'images':>7}{'img AUROC':>11}{'px AUROC':>10}{'AUPRO':>8}{'img/s':>8}{'fit s':>8}")
+    for name, r in rows:
+        print(f"{name:<20}{r['n_images']:>7}{r['image_auroc']:>11.4f}{r['pixel_auroc']:>10.4f}{r['aupro']:>8.4f}"
+              f"{r['images_per_s']:>8.2f}{r['fit_seconds']:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
