@@ -32,7 +32,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .data.synthetic import generate_dataset
 
     result = generate_dataset(args.out, n_images=args.n, seed=args.seed, image_size=args.size,
-                              workers=args.workers, progress=not args.quiet)
+                              workers=args.workers, progress=not args.quiet, overwrite=args.overwrite)
     print(result.summary())
     return 0
 
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier dataset of this generator in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_generate)
 

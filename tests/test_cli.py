@@ -27,3 +27,23 @@ def test_unbuilt_verb_exits_2_with_one_line_naming_what_is_missing(verb, capsys)
 def test_console_script_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "anomaly_discovery.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("adisc ")
+
+
+def test_generate_writes_a_dataset_the_mvtec_reader_loads(tmp_path):
+    from collections import Counter
+
+    from anomaly_discovery.data import read_dataset
+
+    assert main(["generate", "--out", str(tmp_path / "g"), "--n", "60", "--seed", "3", "--quiet"]) == 0
+    samples = read_dataset(tmp_path / "g", "mvtec").samples
+    assert len(samples) == 60
+    labels = Counter(s.label for s in samples)
+    assert labels["good"] > 0 and len(labels) == 7
+    assert all(s.mask_path is not None and s.mask_path.is_file() for s in samples if not s.is_normal)
+
+
+def test_generate_refuses_a_non_empty_folder_with_a_clear_error(tmp_path, capsys):
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "notes.txt").write_text("mine")
+    assert main(["generate", "--out", str(tmp_path / "g"), "--n", "30", "--quiet"]) == 1
+    assert "not empty" in capsys.readouterr().err

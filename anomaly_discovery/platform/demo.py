@@ -20,7 +20,7 @@ def run_demo(out: Path, n_images: int = 240, seed: int = 0, quick: bool = False)
     started = time.perf_counter()
 
     t = _stage(f"generate: {n_images} synthetic images (seed {seed})")
-    data = generate_dataset(out / "data", n_images=n_images, seed=seed, progress=not quick)
+    data = generate_dataset(out / "data", n_images=n_images, seed=seed, progress=not quick, overwrite=True)
     print(data.summary())
     print(f"({time.perf_counter() - t:.1f}s)")
 

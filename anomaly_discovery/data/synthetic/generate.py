@@ -118,6 +118,13 @@ class GeneratedDataset:
     def samples(self) -> list[Sample]:
         return [image.to_sample(self.out_dir) for image in self.images]
 
+    def summary(self) -> str:
+        """One line per product: where the images went and how many of each kind."""
+        lines = [f"{self.n_images} images of {self.image_size} px in {self.out_dir} ({self.seconds:.1f}s, seed {self.seed})"]
+        for product, folders in self.counts.items():
+            lines.append(f"  {product}: " + ", ".join(f"{folder} {n}" for folder, n in sorted(folders.items())))
+        return "\n".join(lines)
+
 
 def split_counts(n_product: int, normal_fraction: float) -> dict[str, int]:
     """Images per folder for one product: ``normal_fraction`` of them normal, of which ``TEST_GOOD_SHARE``

@@ -1,0 +1,169 @@
+"""The model interface the review loop and the service call (issue 6 items 3–4), and the predictors behind it.
+
+``RegionPredictor.predict(images) -> list[PredictedImage]``: per image an anomaly score, a float anomaly map and
+a boolean defect mask at the image's size, and its defect regions, each with a box, an L2-normalised float32
+embedding, and what the model itself says (known-class index and confidence, its own outlier score; ``None``
+where it says nothing). ``model_version`` names the weights; ``embedding_dim`` fixes the index's dimension.
+
+``build_predictor(model_dir)`` reads ``model_dir/predictor.json`` (``{"kind": ..., ...}``):
+
+* ``"pixel-stats"``: :class:`PixelStatsPredictor`, a training-free baseline (colour-deviation map, connected
+  components, a fixed random projection of each region's colour/shape/gradient statistics). Used by the tests
+  and the load benchmark; ``write_pixel_stats_model`` writes its folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import cv2
+import numpy as np
+
+from anomaly_discovery.models.detector import as_rgb
+
+MANIFEST = "predictor.json"
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class PredictedRegion:
+    """One defect region: ``box`` (x0, y0, x1, y1; x1/y1 exclusive), unit ``embedding``, the region's anomaly
+    score, and the model's own known-class index / confidence / outlier score (``None`` when it has none)."""
+
+    box: Box
+    embedding: np.ndarray
+    anomaly_score: float
+    class_index: int | None = None
+    confidence: float | None = None
+    outlier_score: float | None = None
+
+
+@dataclass
+class PredictedImage:
+    """Image-level anomaly ``score``, float32 ``anomaly_map`` and bool ``mask`` of the image's (H, W)."""
+
+    score: float
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    regions: list[PredictedRegion] = field(default_factory=list)
+
+
+@runtime_checkable
+class RegionPredictor(Protocol):
+    model_version: str
+    embedding_dim: int
+    class_names: list[str]
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[PredictedImage]: ...
+
+
+@dataclass(frozen=True)
+class PixelStatsConfig:
+    """``dim``: embedding size; ``z_scale``: colour deviation (in robust σ) mapped to anomaly 1.0; pixels with
+    map ≥ ``mask_level`` are defect; components smaller than ``min_area`` px are dropped, at most
+    ``max_regions`` (largest) kept per image; ``seed`` fixes the projection."""
+
+    dim: int = 64
+    z_scale: float = 8.0
+    mask_level: float = 0.5
+    min_area: int = 16
+    max_regions: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dim < 2 or self.z_scale <= 0 or not 0 < self.mask_level < 1 or self.min_area < 1 \
+                or self.max_regions < 1:
+            raise ValueError(f"invalid PixelStatsConfig {self}")
+
+
+N_STATISTICS = 21
+
+
+def region_statistics(image: np.ndarray, component: np.ndarray, box: Box) -> np.ndarray:
+    """21 numbers describing a region: mean and std RGB of its pixels, mean RGB of its box, fill ratio, log
+    aspect ratio, log area, and an 8-bin gradient-orientation histogram of the box (all roughly in [-1, 1])."""
+    x0, y0, x1, y1 = box
+    pixels = image[component].astype(np.float32) / 255.0
+    crop = image[y0:y1, x0:x1].astype(np.float32) / 255.0
+    grey = crop.mean(axis=2)
+    gx, gy = cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1)
+    magnitude, angle = np.hypot(gx, gy), np.mod(np.arctan2(gy, gx), np.pi)
+    histogram = np.bincount(np.minimum((angle / np.pi * 8).astype(int), 7).ravel(), magnitude.ravel(), 8)
+    histogram = histogram / (histogram.sum() + 1e-6)
+    width, height = x1 - x0, y1 - y0
+    shape = [component[y0:y1, x0:x1].mean(), np.log(width / height), np.log(component.sum()) / 10.0]
+    return np.concatenate([pixels.mean(0) - 0.5, pixels.std(0), crop.reshape(-1, 3).mean(0) - 0.5, shape,
+                           histogram - 0.125]).astype(np.float32)
+
+
+class PixelStatsPredictor:
+    """Training-free baseline :class:`RegionPredictor` (see the module docstring); deterministic."""
+
+    class_names: list[str] = []
+
+    def __init__(self, config: PixelStatsConfig = PixelStatsConfig(), name: str | None = None):
+        self.config = config
+        self.embedding_dim = config.dim
+        self.model_version = name or f"pixel-stats-d{config.dim}-s{config.seed}"
+        self.projection_ = np.random.default_rng(config.seed).standard_normal((N_STATISTICS, config.dim)).astype(
+            np.float32) / np.sqrt(config.dim)
+
+    def anomaly_map(self, image: np.ndarray) -> np.ndarray:
+        """|colour − median colour| in robust σ (1.4826 · median absolute deviation), / ``z_scale``, in [0, 1]."""
+        pixels = image.reshape(-1, 3).astype(np.float32)
+        distance = np.linalg.norm(pixels - np.median(pixels, axis=0), axis=1)
+        sigma = 1.4826 * np.median(distance) + 1.0
+        return np.clip(distance / (sigma * self.config.z_scale), 0.0, 1.0).reshape(image.shape[:2]).astype(np.float32)
+
+    def embed(self, statistics: np.ndarray) -> np.ndarray:
+        vector = statistics @ self.projection_
+        return (vector / max(float(np.linalg.norm(vector)), 1e-12)).astype(np.float32)
+
+    def _predict_one(self, image: np.ndarray) -> PredictedImage:
+        image = as_rgb(np.asarray(image))
+        if image.dtype != np.uint8:
+            raise ValueError(f"images must be uint8, got {image.dtype}")
+        anomaly_map = self.anomaly_map(image)
+        mask = anomaly_map >= self.config.mask_level
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+        order = [c for c in np.argsort(-stats[1:, cv2.CC_STAT_AREA]) + 1
+                 if stats[c, cv2.CC_STAT_AREA] >= self.config.min_area][:self.config.max_regions]
+        regions = []
+        for c in order:
+            x, y, w, h = (int(v) for v in stats[c, :4])
+            box, component = (x, y, x + w, y + h), labels == c
+            regions.append(PredictedRegion(box, self.embed(region_statistics(image, component, box)),
+                                           float(anomaly_map[component].max())))
+        return PredictedImage(float(anomaly_map.max()), anomaly_map, mask, regions)
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[PredictedImage]:
+        return [self._predict_one(image) for image in images]
+
+
+def write_pixel_stats_model(folder: str | Path, config: PixelStatsConfig = PixelStatsConfig(),
+                            name: str | None = None) -> Path:
+    """Write ``folder/predictor.json`` describing a :class:`PixelStatsPredictor`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"kind": "pixel-stats", "name": name, "config": config.__dict__}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return folder
+
+
+def build_predictor(model_dir: str | Path) -> RegionPredictor:
+    """The predictor saved in ``model_dir`` (its ``predictor.json`` names the kind)."""
+    folder = Path(model_dir)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{folder} holds no {MANIFEST}: not a saved predictor folder")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    kind = manifest.get("kind")
+    if kind == "pixel-stats":
+        return PixelStatsPredictor(PixelStatsConfig(**manifest.get("config", {})), manifest.get("name"))
+    raise ValueError(f"{manifest_path} names an unknown predictor kind {kind!r} (known: 'pixel-stats')")
