@@ -13,7 +13,6 @@ NOT_BUILT = {
     "train": "distributed discovery training with Ray Train lands with the scale-out issue (#5)",
     "tune": "hyper-parameter tuning with Ray Tune lands with the scale-out issue (#5)",
     "retrain": "cluster-scale retraining from reviewed classes lands with the scale-out issue (#5)",
-    "serve": "the Ray Serve prediction and review API lands with the active-discovery service issue (#6)",
     "ui": "the Streamlit review dashboard lands with the review-dashboard issue (#7)",
 }
 
@@ -64,6 +63,12 @@ def cmd_discover(args: argparse.Namespace) -> int:
     from .platform.discover import run_discover_cli
 
     return run_discover_cli(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .platform.serve import run_serve
+
+    return run_serve(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -157,10 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file", type=Path, default=None)
     p.set_defaults(handler=cmd_evaluate)
 
+    p = verbs.add_parser("serve", help="start the prediction and review API (Ray Serve)",
+                         description="Start the Ray Serve application: /v1/predict, /v1/classes, /v1/proposals, "
+                                     "decisions, ingest, /healthz and OpenAPI docs at /docs. Write endpoints need "
+                                     "a bearer token read from the environment variable named by --token-env.")
+    p.add_argument("--store", default=None, help="SQLAlchemy URL of the store (default: sqlite in --workdir)")
+    p.add_argument("--index", type=Path, default=None, help="FAISS index folder")
+    p.add_argument("--model", type=Path, default=None, help="serving model folder written by discover/demo")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-env", default="ADISC_API_TOKEN", help="environment variable holding the API token")
+    p.add_argument("--replicas", type=int, default=1)
+    p.set_defaults(handler=cmd_serve)
+
     for verb, help_text in (("train", "distributed discovery training on a Ray cluster"),
                             ("tune", "tune discovery hyper-parameters with Ray Tune"),
                             ("retrain", "retrain on reviewed classes on the cluster"),
-                            ("serve", "start the prediction and review API (Ray Serve)"),
                             ("ui", "start the review dashboard (Streamlit)")):
         p = verbs.add_parser(verb, help=f"{help_text} [not built yet]",
                              description=f"{help_text}. Not built yet: {NOT_BUILT[verb]}.")

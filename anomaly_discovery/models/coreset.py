@@ -58,39 +58,45 @@ def greedy_coreset_indices(features: torch.Tensor, size: int, projection_dim: in
     device = points.device
     point_sq = points.pow(2).sum(1)
     slack = PRUNING_SLACK * float(point_sq.max().sqrt()) + 1e-12
-    first = int(torch.randint(n_points, (1,), generator=torch.Generator().manual_seed(seed)))
+    new = int(torch.randint(n_points, (1,), generator=torch.Generator().manual_seed(seed)))
 
     chosen = torch.empty(size, dtype=torch.long, device=device)
     centres = torch.empty(size, points.shape[1], dtype=points.dtype, device=device)
-    radius = torch.zeros(size, dtype=points.dtype, device=device)
-    cluster = torch.zeros(n_points, dtype=torch.long, device=device)
-    min_dist = torch.full((n_points,), float("inf"), dtype=points.dtype, device=device)
-    reachable = torch.ones(1, dtype=torch.bool, device=device)
-    new = first
+    radius_sq = torch.zeros(size, dtype=points.dtype, device=device)  # per cluster: max squared distance
+    counts = torch.zeros(size, dtype=torch.long, device=device)  # per cluster: number of points
+    cluster = torch.zeros(n_points, dtype=torch.long, device=device)  # each point's nearest chosen centre
+    min_sq = torch.full((n_points,), float("inf"), dtype=points.dtype, device=device)
     for step in tqdm(range(size), desc="coreset", unit="pt", disable=not progress, leave=False, mininterval=0.5):
         centre = points[new]
         chosen[step], centres[step] = new, centre
+        reachable = torch.ones(step, dtype=torch.bool, device=device)
         if step > 0:
-            gap_sq = point_sq[chosen[:step]] + point_sq[new] - 2.0 * torch.mv(centres[:step], centre)
-            reachable = gap_sq.clamp_(min=0.0).sqrt_() < 2.0 * radius[:step] + slack
-        candidates = torch.nonzero(reachable[cluster]).squeeze(1)
-        if candidates.numel() > DENSE_FRACTION * n_points:
-            candidates = torch.arange(n_points, device=device)
-            dist = _distances(points, point_sq, centre, point_sq[new])
+            gap_sq = point_sq.index_select(0, chosen[:step]) + point_sq[new] - 2.0 * torch.mv(centres[:step], centre)
+            reachable = gap_sq.clamp_(min=0.0).sqrt_() < 2.0 * radius_sq[:step].sqrt() + slack
+        dense = step == 0 or int(counts[:step][reachable].sum()) > DENSE_FRACTION * n_points
+        candidates = None if dense else torch.nonzero(reachable.index_select(0, cluster)).squeeze(1)
+        dist_sq = _squared_distances(points if dense else points.index_select(0, candidates),
+                                     point_sq if dense else point_sq.index_select(0, candidates), centre,
+                                     point_sq[new])
+        closer = dist_sq < (min_sq if dense else min_sq.index_select(0, candidates))
+        moved = torch.nonzero(closer).squeeze(1) if dense else candidates[closer]
+        counts.index_add_(0, cluster.index_select(0, moved), torch.full_like(moved, -1))
+        counts[step] += moved.numel()
+        cluster[moved] = step
+        min_sq[moved] = dist_sq[closer]
+        min_sq[new] = 0.0
+        # Exact radii for every cluster that may have changed (all their points are candidates when sparse).
+        if dense:
+            radius_sq.zero_().scatter_reduce_(0, cluster, min_sq, reduce="amax")
         else:
-            dist = _distances(points[candidates], point_sq[candidates], centre, point_sq[new])
-        dist[candidates == new] = 0.0
-        moved = dist < min_dist[candidates]
-        min_dist[candidates[moved]] = dist[moved]
-        cluster[candidates[moved]] = step
-        # Exact radii for the clusters that may have changed: all their points are among the candidates.
-        radius[:step][reachable[:step]] = 0.0
-        radius.scatter_reduce_(0, cluster[candidates], min_dist[candidates], reduce="amax")
-        new = int(torch.argmax(min_dist))
+            radius_sq[:step][reachable] = 0.0
+            radius_sq.scatter_reduce_(0, cluster.index_select(0, candidates), min_sq.index_select(0, candidates),
+                                      reduce="amax")
+        new = int(torch.argmax(min_sq))
     return chosen
 
 
-def _distances(points: torch.Tensor, point_sq: torch.Tensor, centre: torch.Tensor,
-               centre_sq: torch.Tensor) -> torch.Tensor:
-    """‖x − c‖₂ for every row x, as √(‖x‖² + ‖c‖² − 2x·c): one pass over the points."""
-    return (point_sq + centre_sq - 2.0 * torch.mv(points, centre)).clamp_(min=0.0).sqrt_()
+def _squared_distances(points: torch.Tensor, point_sq: torch.Tensor, centre: torch.Tensor,
+                       centre_sq: torch.Tensor) -> torch.Tensor:
+    """‖x − c‖² for every row x, as ‖x‖² + ‖c‖² − 2x·c: one pass over the points."""
+    return (point_sq + centre_sq - 2.0 * torch.mv(points, centre)).clamp_(min=0.0)

@@ -132,8 +132,9 @@ class PatchCoreDetector:
 
     def __init__(self, backbone: str = "mobilenet_v2", weights: str | Path | None = None,
                  layers: Sequence[int] | Sequence[str] | None = None, image_size: int = 256,
-                 coreset_ratio: float = 0.1, k: int = 1, feature_dim: int | None = None, batch_size: int = 16,
-                 device: str | None = "auto", seed: int = 0, progress: bool = True):
+                 coreset_ratio: float = 0.1, k: int = 1, feature_dim: int | None = None,
+                 coreset_projection_dim: int | None = 128, batch_size: int = 16, device: str | None = "auto",
+                 seed: int = 0, progress: bool = True):
         if image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {image_size}")
         if k < 1:
@@ -143,6 +144,7 @@ class PatchCoreDetector:
         coreset_size(1, coreset_ratio)
         self.backbone, self.weights, self.layers = backbone, weights, list(layers) if layers else None
         self.image_size, self.coreset_ratio, self.k, self.feature_dim = image_size, coreset_ratio, k, feature_dim
+        self.coreset_projection_dim = coreset_projection_dim
         self.batch_size, self.seed, self.progress = batch_size, seed, progress
         self.device = resolve_device(device)
         self.extractor = build_backbone(backbone, weights, self.layers).to(self.device)
@@ -170,7 +172,8 @@ class PatchCoreDetector:
         bank = torch.cat([f.reshape(-1, f.shape[-1]) for f in self._features(images, "patchcore fit")])
         size = coreset_size(bank.shape[0], self.coreset_ratio)
         if size < bank.shape[0]:
-            bank = bank[greedy_coreset_indices(bank, size, seed=self.seed, progress=self.progress)]
+            picks = greedy_coreset_indices(bank, size, self.coreset_projection_dim, self.seed, self.progress)
+            bank = bank[picks]
         self._set_bank(bank)
         return self
 
@@ -213,7 +216,8 @@ class PatchCoreDetector:
             raise RuntimeError("PatchCoreDetector is not fitted: nothing to save")
         settings = {"backbone": self.backbone, "weights": str(self.weights) if self.weights else None,
                     "layers": self.layers, "image_size": self.image_size, "coreset_ratio": self.coreset_ratio,
-                    "k": self.k, "feature_dim": self.feature_dim, "seed": self.seed}
+                    "k": self.k, "feature_dim": self.feature_dim,
+                    "coreset_projection_dim": self.coreset_projection_dim, "seed": self.seed}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"memory_bank": self.memory_bank_}, str(path),
@@ -240,7 +244,7 @@ class PatchCoreDetector:
         settings = json.loads(metadata["settings"])
         detector = cls(settings["backbone"], weights or settings["weights"], settings["layers"],
                        settings["image_size"], settings["coreset_ratio"], settings["k"], settings["feature_dim"],
-                       batch_size, device, settings["seed"], progress)
+                       settings["coreset_projection_dim"], batch_size, device, settings["seed"], progress)
         if bank.ndim != 2 or bank.shape[1] != detector.feature_size:
             raise ValueError(f"{path} holds features of shape {tuple(bank.shape)} but backbone "
                              f"{settings['backbone']!r} gives {detector.feature_size}-d ones")

@@ -262,7 +262,8 @@ class PRNDetector:
         with autocast_for(self.device_):
             return [m.float() for m in self.encoder_(batch)]
 
-    def fit(self, normal_images: Sequence[np.ndarray], real_anomalies: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    def fit(self, normal_images: Sequence[np.ndarray],
+            real_anomalies: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
             foreground_masks: Sequence[np.ndarray] | None = None) -> "PRNDetector":
         """Train on normal images, ≤ ``max_real_anomalies`` (image, mask) pairs and generated anomalies.
 

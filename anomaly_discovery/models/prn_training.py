@@ -40,7 +40,9 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def fit_prototypes(features: torch.Tensor, fraction: float = 0.1, seed: int = 0, n_iter: int = 20) -> torch.Tensor:
-    """Step 2: K = max(1, ⌊fraction·N⌋) k-means centroids of the N whole flattened maps (N×C×H×W → K×C×H×W)."""
+    """Step 2: K = max(1, ⌊fraction·N⌋) seeded k-means centroids of the N whole flattened maps.
+
+    N×C×H×W → K×C×H×W (faiss k-means; with K = N the maps themselves)."""
     n = features.shape[0]
     k = max(1, int(fraction * n))
     flat = np.ascontiguousarray(features.reshape(n, -1).float().cpu().numpy())

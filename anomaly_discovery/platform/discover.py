@@ -35,12 +35,16 @@ BASE_KINDS = ("neu", "synthetic")
 @dataclass
 class DiscoverJobConfig:
     """One ``adisc discover`` run. ``k`` is an integer or "auto"; ``base`` is ``neu:PATH``, ``synthetic:PATH``
-    or ``none``; ``base_per_class`` caps the base images per class (chosen at random with ``seed``)."""
+    or ``none``; ``base_per_class`` caps the base images per class (chosen at random with ``seed``). Without
+    ``detections`` the detector runs first with ``detect_backbone``, ``detect_image_size`` and ``object_prior``."""
 
     data: Path
     out: Path
     format: str = "auto"
     detector: str = "patchcore"
+    detect_backbone: str = "mobilenet_v2"
+    detect_image_size: int = 256
+    object_prior: str = "auto"
     detections: Path | None = None
     k: int | str = "auto"
     base: str = "none"
@@ -121,7 +125,9 @@ def regions_from_detect_output(folder: Path, progress: bool = True) -> tuple[lis
 def regions_from_detection(config: DiscoverJobConfig) -> tuple[list[Region], dict[str, str], dict]:
     """Run ``adisc detect`` into ``<out>/detect`` and turn its crops into novel regions."""
     detect_config = DetectConfig(data=config.data, out=Path(config.out) / "detect", format=config.format,
-                                 detector=config.detector, device=config.device, seed=config.seed,
+                                 detector=config.detector, backbone=config.detect_backbone,
+                                 image_size=config.detect_image_size, object_prior=config.object_prior,
+                                 device=config.device, seed=config.seed,
                                  split_file=config.split_file, masks=config.masks, skip_bad=config.skip_bad,
                                  progress=config.progress)
     summary = run_detect(detect_config)

@@ -7,7 +7,7 @@ from sklearn.metrics import roc_auc_score
 
 from anomaly_discovery.data.images import save_image
 from anomaly_discovery.data.sample import Sample
-from anomaly_discovery.models.detector import Detection
+from anomaly_discovery.models.detector import Detection, Detector
 from anomaly_discovery.models.prn import (CheckpointError, MultiScaleFusion, MultiSizeSelfAttention, PRNConfig,
                                           PRNDetector, PRNHead)
 from anomaly_discovery.models.prn_training import (fit_prototypes, focal_loss, prn_loss, prototype_residuals,
@@ -92,6 +92,7 @@ def test_focal_loss_matches_its_formula_at_one_point():
 def test_predict_gives_a_map_at_each_image_own_size(trained):
     images = [np.zeros((50, 70), np.uint8), np.full((80, 64, 3), 90, np.uint8)]
     detections = trained.predict(images)
+    assert isinstance(trained, Detector)
     assert all(isinstance(d, Detection) for d in detections)
     assert [d.anomaly_map.shape for d in detections] == [(50, 70), (80, 64)]
     assert all(0.0 <= d.score <= 1.0 and d.anomaly_map.dtype == np.float32 for d in detections)

@@ -1,0 +1,591 @@
+"""The prediction and review API (issue 6 items 4–5): a FastAPI app served by Ray Serve.
+
+``create_app(core, predict)`` builds the FastAPI app around a :class:`ServiceCore` (store + review loop +
+predictor); ``DiscoveryService`` is the Serve deployment (``@serve.ingress``) whose model call is batched with
+``@serve.batch``; ``build_app(args)`` is the application builder named in ``deploy/serve_config.yaml``;
+``run_serve(args)`` starts it locally (``adisc serve``).
+
+Endpoints (OpenAPI at ``/docs``; every error is ``{"detail": "<message>"}`` with a 4xx status):
+
+=================================  =====  ===============================================================
+``GET  /healthz``                         liveness, model version, counts
+``POST /v1/predict``                      multipart ``images`` (1..max_images files): score, mask, labelled regions
+``GET  /v1/classes``                      live classes (``?all=true``: every class) with sizes and versions
+``GET  /v1/proposals``                    proposals (``?status=open`` by default)
+``POST /v1/proposals/{id}/decision``  W  confirm / reject / merge a proposal (``expected_version`` required)
+``POST /v1/classes/{id}/decision``    W  rename / merge / split a class
+``POST /v1/regions/move``             W  move single regions to a class (or unassigned)
+``POST /v1/undo``                     W  undo the newest reviewer action
+``POST /v1/images``                   W  ingest new arrivals (stored, labelled, proposals updated)
+``POST /v1/models``                   W  register + activate a new model folder; replicas swap to it
+``GET  /v1/models/active``                the model this replica serves
+=================================  =====  ===============================================================
+
+W = needs ``Authorization: Bearer <token>``; the token is read from the environment variable named by
+``token_env`` (default ``ADISC_API_TOKEN``) when a replica starts; without it every write answers 503.
+
+Bad input never reaches the store: the request body is capped (``max_body_mb``, 413), files are decoded
+fully before anything is written (not an image → 415, truncated/corrupt → 400, over ``max_pixels`` → 413,
+decompression bombs included since the size is read from the header first), a JSON body on a multipart route
+→ 415, stale versions → 409, unknown ids → 404. Model swap without downtime: each replica polls the store's
+active model version every ``model_poll_s`` seconds (and at once after ``POST /v1/models``), loads the new
+predictor beside the old one, and swaps the reference atomically; requests in flight finish on the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import hashlib
+import hmac
+import io
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import cv2
+import numpy as np
+from fastapi import Depends, FastAPI, File, Header, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image as PILImage
+import ray
+from ray import serve
+from ray.serve import Application
+
+from anomaly_discovery.platform.loop import (ArrivedImage, DiscoveryLoop, InvalidActionError, LoopConfig,
+                                             NotFoundError, RegionLabel)
+from anomaly_discovery.platform.predictor import MANIFEST, PredictedImage, RegionPredictor, build_predictor
+from anomaly_discovery.platform.review import LIVE
+from anomaly_discovery.platform.serve_schemas import (ClassDecision, ClassOut, DecisionOut, ErrorOut, Health,
+                                                      ImagePredictionOut, IngestedImageOut, IngestedRegionOut,
+                                                      IngestResponse, Mask, ModelOut, ModelRegistration, MoveRequest,
+                                                      PredictResponse, ProposalDecision, ProposalOut, RegionOut)
+from anomaly_discovery.platform.store import ConflictError, Store, active_model_version, add_model_version
+from anomaly_discovery.platform.store_models import ModelVersion, ProposalStatus
+
+logger = logging.getLogger(__name__)
+IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
+MULTIPART_ROUTES = ("/v1/predict", "/v1/images")
+ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 422, 503)}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Application arguments (``args`` in deploy/serve_config.yaml). ``store``: SQLAlchemy URL; ``index``: the
+    index file (embeddings beside it); ``model``: predictor folder used until the store names an active model
+    folder; ``image_dir``: where ingested images are kept (default ``<index folder>/images``)."""
+
+    store: str
+    index: str
+    model: str
+    token_env: str = "ADISC_API_TOKEN"
+    image_dir: Optional[str] = None
+    product: str = "default"
+    max_body_mb: float = 32.0
+    max_pixels: int = 40_000_000
+    max_images: int = 16
+    batch_size: int = 8
+    batch_wait_s: float = 0.01
+    model_poll_s: float = 10.0
+    sync_interval_s: float = 1.0
+    gpu_fraction: float = 0.0
+    replica_cpus: float = 1.0
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any]) -> ServeSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown serve argument(s) {unknown}; known: {sorted(known)}")
+        missing = [name for name in ("store", "index", "model") if not args.get(name)]
+        if missing:
+            raise ValueError(f"serve needs the argument(s) {missing} (store URL, index file, model folder)")
+        settings = cls(**{k: v for k, v in args.items() if v is not None})
+        if settings.max_body_mb <= 0 or settings.max_pixels < 1 or settings.max_images < 1 or settings.batch_size < 1:
+            raise ValueError(f"max_body_mb, max_pixels, max_images and batch_size must be positive, got {settings}")
+        if not 0 <= settings.gpu_fraction <= 1:
+            raise ValueError(f"gpu_fraction must lie in [0, 1], got {settings.gpu_fraction}")
+        return settings
+
+
+def bad_request(status: int, detail: str) -> HTTPException:
+    return HTTPException(status_code=status, detail=detail)
+
+
+def decode_image(data: bytes, filename: str, max_pixels: int) -> tuple[np.ndarray, str]:
+    """RGB uint8 array and file extension of an uploaded image; the pixel count is checked from the header
+    before any pixel is decoded. Raises ``HTTPException`` 400 / 413 / 415 naming the file."""
+    if not data:
+        raise bad_request(400, f"{filename}: the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            with PILImage.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise bad_request(413, f"{filename}: {width}×{height} = {width * height} pixels is over the "
+                                           f"limit of {max_pixels}")
+                if image.format not in IMAGE_FORMATS:
+                    raise bad_request(415, f"{filename}: {image.format} images are not accepted "
+                                           f"(accepted: {', '.join(IMAGE_FORMATS)})")
+                image.load()
+                array = np.asarray(image.convert("RGB"))
+                return array, IMAGE_FORMATS[image.format]
+    except PILImage.UnidentifiedImageError:
+        raise bad_request(415, f"{filename}: not an image (accepted: {', '.join(IMAGE_FORMATS)})") from None
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
+        raise bad_request(413, f"{filename}: refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise bad_request(400, f"{filename}: truncated or corrupt image ({exc})") from None
+
+
+def encode_mask(mask: np.ndarray, mask_format: str) -> Mask:
+    """The mask as PNG base64 or row-major run lengths (see ``serve_schemas``)."""
+    mask = np.asarray(mask, bool)
+    size = (int(mask.shape[0]), int(mask.shape[1]))
+    if mask_format == "png":
+        ok, png = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+        return Mask(format="png", size=size, png_base64=base64.b64encode(png.tobytes()).decode())
+    flat = mask.ravel()
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    return Mask(format="rle", size=size, counts=([0] + counts) if flat.size and flat[0] else counts)
+
+
+def decode_rle(counts: list[int], size: tuple[int, int]) -> np.ndarray:
+    """Inverse of the ``rle`` encoding (for clients and tests)."""
+    values = np.zeros(len(counts), bool)
+    values[1::2] = True
+    return np.repeat(values, counts).reshape(size)
+
+
+class ServiceCore:
+    """Store, review loop and the current predictor of one replica; no HTTP here. After start-up every object is
+    moved out of the garbage collector's reach (``gc.freeze``): a full collection over the ~10⁵ objects of
+    torch, sklearn and SQLAlchemy would otherwise stall a request for about half a second now and then."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.store = Store(settings.store)
+        self.model_lock = threading.Lock()
+        self.loaded_path: str | None = None
+        self.predictor = self._initial_predictor()
+        self.loop = DiscoveryLoop(self.store, settings.index, self.predictor.embedding_dim,
+                                  LoopConfig(product=settings.product))
+        self.token = os.environ.get(settings.token_env) or None
+        self.image_dir = Path(settings.image_dir) if settings.image_dir else Path(settings.index).parent / "images"
+        self._last_sync = time.monotonic()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        gc.freeze()
+
+    def active_model_folder(self) -> tuple[str | None, str | None]:
+        with self.store.session() as session:
+            active = active_model_version(session)
+            if active is None:
+                return None, None
+            return active.name, active.artifact_path
+
+    def _initial_predictor(self) -> RegionPredictor:
+        _, path = self.active_model_folder()
+        chosen = path if path and (Path(path) / MANIFEST).is_file() else self.settings.model
+        predictor = build_predictor(chosen)
+        self.loaded_path = chosen
+        return predictor
+
+    def predict(self, images: list[np.ndarray]) -> list[PredictedImage]:
+        predictor = self.predictor
+        return predictor.predict(images)
+
+    def load_model(self, path: str) -> RegionPredictor:
+        """Load the predictor in ``path`` beside the serving one and swap them; refuses another dimension."""
+        predictor = build_predictor(path)
+        if predictor.embedding_dim != self.loop.dim:
+            raise InvalidActionError(f"model {path} gives {predictor.embedding_dim}-d embeddings but the index holds "
+                                     f"{self.loop.dim}-d ones: re-ingest the discovery run for a new embedding space")
+        with self.model_lock:
+            self.predictor, self.loaded_path = predictor, path
+        logger.info("now serving model %s from %s", predictor.model_version, path)
+        return predictor
+
+    def check_model(self) -> None:
+        """Swap to the store's active model folder when it changed (and holds a predictor)."""
+        _, path = self.active_model_folder()
+        if path and path != self.loaded_path and (Path(path) / MANIFEST).is_file():
+            try:
+                self.load_model(path)
+            except (OSError, ValueError) as exc:
+                logger.error("active model %s cannot be served: %s", path, exc)
+                self.loaded_path = path
+
+    def maybe_sync(self) -> None:
+        if time.monotonic() - self._last_sync >= self.settings.sync_interval_s:
+            self.loop.sync()
+            self._last_sync = time.monotonic()
+
+    def start_polling(self) -> None:
+        if self.settings.model_poll_s > 0 and self._poller is None:
+            self._poller = threading.Thread(target=self._poll, name="adisc-model-poll", daemon=True)
+            self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.settings.model_poll_s):
+            try:
+                self.check_model()
+            except Exception:
+                logger.exception("model poll failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        self.loop.close()
+        self.store.dispose()
+
+    def store_image(self, data: bytes, extension: str) -> tuple[str, str]:
+        """Keep the uploaded bytes content-addressed under ``image_dir``; returns (path, sha256)."""
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.image_dir / f"{digest}.{extension}"
+        if not path.exists():
+            self.image_dir.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            temporary.write_bytes(data)
+            os.replace(temporary, path)
+        return str(path), digest
+
+
+PredictFn = Callable[[list[np.ndarray]], Awaitable[list[PredictedImage]]]
+
+
+def region_out(loop: DiscoveryLoop, region, label: RegionLabel) -> dict:
+    proposal_id = loop.open_proposals.get(label.class_id) if label.kind == "new" else None
+    return {"box": region.box, "anomaly_score": region.anomaly_score, "label": label.name, "kind": label.kind,
+            "class_id": label.class_id, "proposal_id": proposal_id, "outlier_score": label.outlier_score,
+            "similarity": label.similarity, "model_outlier_score": region.outlier_score,
+            "model_confidence": region.confidence}
+
+
+async def read_images(files: list[UploadFile], settings: ServeSettings
+                      ) -> list[tuple[str, bytes, np.ndarray, str]]:
+    if not files:
+        raise bad_request(422, "send at least one file in the multipart field 'images'")
+    if len(files) > settings.max_images:
+        raise bad_request(413, f"{len(files)} images in one request; the limit is {settings.max_images}")
+    decoded = []
+    for position, upload in enumerate(files):
+        name = upload.filename or f"image {position}"
+        data = await upload.read()
+        array, extension = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
+        decoded.append((name, data, array, extension))
+    return decoded
+
+
+def create_app(core: ServiceCore, predict: PredictFn | None = None) -> FastAPI:
+    """The FastAPI app of one replica; ``predict`` (default: the predictor in a worker thread) is how the
+    model is called — the Serve deployment passes its ``@serve.batch`` method."""
+    settings = core.settings
+    predict = predict or (lambda images: run_in_threadpool(core.predict, images))
+    app = FastAPI(title="anomaly-discovery", version="1", description=__doc__.split("\n\n")[0],
+                  responses=ERRORS)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 1024 * 1024))
+
+    @app.exception_handler(ConflictError)
+    async def conflict(_: Request, exc: ConflictError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(NotFoundError)
+    async def not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.args[0]) if exc.args else str(exc)}, status_code=404)
+
+    @app.exception_handler(InvalidActionError)
+    async def invalid(_: Request, exc: InvalidActionError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if request.url.path in MULTIPART_ROUTES and not content_type.startswith("multipart/form-data"):
+            return JSONResponse({"detail": f"{request.url.path} takes multipart/form-data with one or more 'images' "
+                                           f"file parts, got content type {content_type or 'none'!r}"},
+                                status_code=415)
+        problems = "; ".join(f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors())
+        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
+
+    def require_token(authorization: Optional[str] = Header(None)) -> None:
+        if core.token is None:
+            raise bad_request(503, f"writes are disabled: the server's environment variable {settings.token_env} "
+                                   "holds no token")
+        scheme, _, presented = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise HTTPException(401, "this endpoint needs an 'Authorization: Bearer <token>' header",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(presented.strip().encode(), core.token.encode()):
+            raise HTTPException(403, "the bearer token is not valid", headers={"WWW-Authenticate": "Bearer"})
+
+    write = [Depends(require_token)]
+
+    @app.get("/healthz", response_model=Health)
+    def healthz() -> Health:
+        loop = core.loop
+        return Health(status="ok", model_version=core.predictor.model_version, regions=loop.mirror.count(),
+                      classes=sum(c.status in LIVE for c in loop.classes.values()),
+                      open_proposals=len(loop.open_proposals), index=loop.recovery, writes_enabled=core.token is not None)
+
+    @app.post("/v1/predict", response_model=PredictResponse)
+    async def predict_images(images: list[UploadFile] = File(..., description="image files"),
+                             mask_format: Literal["png", "rle"] = "png") -> PredictResponse:
+        decoded = await read_images(images, settings)
+        predictions = await predict([array for _, _, array, _ in decoded])
+        await run_in_threadpool(core.maybe_sync)
+        out = []
+        for (name, _, array, _), prediction in zip(decoded, predictions):
+            vectors = np.stack([r.embedding for r in prediction.regions]) if prediction.regions else np.zeros((0, 1))
+            labels = await run_in_threadpool(core.loop.label_embeddings, vectors) if prediction.regions else []
+            out.append(ImagePredictionOut(
+                filename=name, width=array.shape[1], height=array.shape[0], anomaly_score=prediction.score,
+                mask=encode_mask(prediction.mask, mask_format),
+                regions=[RegionOut(**region_out(core.loop, r, lab)) for r, lab in zip(prediction.regions, labels)]))
+        return PredictResponse(model_version=core.predictor.model_version, images=out)
+
+    @app.post("/v1/images", response_model=IngestResponse, dependencies=write)
+    async def ingest(images: list[UploadFile] = File(..., description="image files")
+                     ) -> IngestResponse:
+        decoded = await read_images(images, settings)
+        predictions = await predict([array for _, _, array, _ in decoded])
+        arrived = []
+        for _, data, _, extension in decoded:
+            path, digest = await run_in_threadpool(core.store_image, data, extension)
+            arrived.append(ArrivedImage(path, digest))
+        results = await run_in_threadpool(core.loop.ingest_predictions, arrived, predictions)
+        out = []
+        for (name, *_), prediction, result in zip(decoded, predictions, results):
+            regions = [IngestedRegionOut(region_id=rid, **region_out(core.loop, r, lab))
+                       for rid, r, lab in zip(result.region_ids, prediction.regions, result.labels)]
+            out.append(IngestedImageOut(filename=name, image_id=result.image_id, duplicate=result.duplicate,
+                                        anomaly_score=prediction.score, regions=regions))
+        return IngestResponse(model_version=core.predictor.model_version, images=out)
+
+    @app.get("/v1/classes", response_model=list[ClassOut])
+    def list_classes(all: bool = False) -> list[ClassOut]:
+        core.maybe_sync()
+        sizes = core.loop.class_sizes()
+        return [ClassOut(id=c.id, name=c.name, status=c.status.value, version=c.version, size=sizes.get(c.id, 0),
+                         parent_id=c.parent_id, merged_into_id=c.merged_into_id)
+                for c in sorted(core.loop.classes.values(), key=lambda c: c.id) if all or c.status in LIVE]
+
+    @app.get("/v1/proposals", response_model=list[ProposalOut])
+    def list_proposals(status: Literal["open", "confirmed", "rejected", "superseded", "all"] = "open"
+                       ) -> list[ProposalOut]:
+        core.maybe_sync()
+        statuses = list(ProposalStatus) if status == "all" else [ProposalStatus(status)]
+        classes = core.loop.classes
+        return [ProposalOut(id=p.id, class_id=p.class_id, name=classes[p.class_id].name if p.class_id in classes
+                            else "", status=p.status.value, version=p.version, size=p.size, cohesion=p.cohesion,
+                            representative_region_ids=p.representative_region_ids)
+                for p in core.loop.list_proposals(statuses)]
+
+    def decided(result) -> DecisionOut:
+        return DecisionOut(decision_id=result.decision_id, action=result.action, class_ids=result.class_ids,
+                           n_regions=result.n_regions, seconds=result.seconds)
+
+    def needs(value, what: str, action: str):
+        if value is None:
+            raise bad_request(422, f"action {action!r} needs {what}")
+        return value
+
+    @app.post("/v1/proposals/{proposal_id}/decision", response_model=DecisionOut, dependencies=write)
+    def decide_proposal(proposal_id: int, body: ProposalDecision) -> DecisionOut:
+        loop = core.loop
+        if body.action == "confirm":
+            return decided(loop.confirm(proposal_id, needs(body.name, "a 'name'", body.action),
+                                        expected_version=body.expected_version, reviewer=body.reviewer))
+        if body.action == "reject":
+            return decided(loop.reject(proposal_id, expected_version=body.expected_version, reviewer=body.reviewer))
+        return decided(loop.merge_proposal(proposal_id, needs(body.target_class_id, "a 'target_class_id'", body.action),
+                                           expected_version=body.expected_version, target_version=body.target_version,
+                                           reviewer=body.reviewer))
+
+    @app.post("/v1/classes/{class_id}/decision", response_model=DecisionOut, dependencies=write)
+    def decide_class(class_id: int, body: ClassDecision) -> DecisionOut:
+        loop, version = core.loop, body.expected_version
+        if body.action == "rename":
+            return decided(loop.rename(class_id, needs(body.name, "a 'name'", body.action), expected_version=version,
+                                       reviewer=body.reviewer))
+        if body.action == "split":
+            return decided(loop.split(class_id, needs(body.k, "'k' (parts, >= 2)", body.action),
+                                      expected_version=version, reviewer=body.reviewer))
+        return decided(loop.merge(class_id, needs(body.target_class_id, "a 'target_class_id'", body.action),
+                                  expected_version=version, target_version=body.target_version,
+                                  reviewer=body.reviewer))
+
+    @app.post("/v1/regions/move", response_model=DecisionOut, dependencies=write)
+    def move_regions(body: MoveRequest) -> DecisionOut:
+        return decided(core.loop.move(body.region_ids, body.class_id, expected_version=body.expected_version,
+                                      reviewer=body.reviewer))
+
+    @app.post("/v1/undo", response_model=DecisionOut, dependencies=write)
+    def undo(reviewer: str = "api") -> DecisionOut:
+        return decided(core.loop.undo(reviewer=reviewer))
+
+    @app.get("/v1/models/active", response_model=ModelOut)
+    def active_model() -> ModelOut:
+        name, _ = core.active_model_folder()
+        return ModelOut(model_version=core.predictor.model_version, embedding_dim=core.predictor.embedding_dim,
+                        store_active_version=name)
+
+    @app.post("/v1/models", response_model=ModelOut, dependencies=write)
+    def register_model(body: ModelRegistration) -> ModelOut:
+        if not (Path(body.artifact_path) / MANIFEST).is_file():
+            raise bad_request(422, f"{body.artifact_path} holds no {MANIFEST}: not a predictor folder")
+        try:
+            predictor = core.load_model(body.artifact_path)
+        except (OSError, ValueError) as exc:
+            raise bad_request(422, f"model {body.artifact_path} cannot be loaded: {exc}") from exc
+        with core.store.session() as session:
+            if session.query(ModelVersion.id).filter(ModelVersion.name == body.name).first() is not None:
+                raise bad_request(409, f"a model version named {body.name!r} already exists")
+            add_model_version(session, body.name, body.artifact_path)
+        return ModelOut(model_version=predictor.model_version, embedding_dim=predictor.embedding_dim,
+                        store_active_version=body.name)
+
+    return app
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413: at once from ``Content-Length``, otherwise while
+    streaming (chunked uploads), before the endpoint sees a byte too many."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _refuse(self, send) -> None:
+        body = f'{{"detail": "request body over the limit of {self.max_bytes} bytes"}}'.encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await self._refuse(send)
+            return
+        received, exceeded, answered = 0, False, False
+
+        async def limited_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            """Once the limit is hit, whatever the app answers (its body parser turns our exception into a
+            400) is replaced by the 413."""
+            nonlocal answered
+            if exceeded:
+                if not answered:
+                    answered = True
+                    await self._refuse(send)
+                return
+            answered = answered or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except BodyTooLarge:
+            pass
+        if exceeded and not answered:
+            await self._refuse(send)
+
+
+@serve.deployment(name="DiscoveryService", max_ongoing_requests=32, health_check_period_s=10)
+@serve.ingress()
+class DiscoveryService:
+    """One replica: a :class:`ServiceCore`, the FastAPI app around it, and the batched model call."""
+
+    def __init__(self, args: dict):
+        self.core = ServiceCore(ServeSettings.from_args(args))
+        self.predict_batch.set_max_batch_size(self.core.settings.batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(self.core.settings.batch_wait_s)
+        self.core.start_polling()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.core, self.predict_many)
+
+    async def predict_many(self, images: list[np.ndarray]) -> list[PredictedImage]:
+        return list(await asyncio.gather(*(self.predict_batch(image) for image in images)))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, images: list[np.ndarray]) -> list[PredictedImage]:
+        """The model call, batched across concurrent requests, off the replica's event loop."""
+        return await asyncio.to_thread(self.core.predict, images)
+
+    def check_health(self) -> None:
+        self.core.loop.sync()
+
+    def __del__(self) -> None:
+        self.core.close()
+
+
+def bound_service(settings: ServeSettings, num_replicas: int | None = None) -> Application:
+    """The deployment bound to its arguments: ``replica_cpus`` CPUs per replica and, when the cluster has GPUs,
+    ``gpu_fraction`` of one; ``num_replicas`` fixed when given (else the config's replicas / autoscaling)."""
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    actor_options: dict[str, float] = {"num_cpus": settings.replica_cpus}
+    if settings.gpu_fraction > 0 and gpus > 0:
+        actor_options["num_gpus"] = settings.gpu_fraction
+    options: dict[str, Any] = {"ray_actor_options": actor_options}
+    if num_replicas is not None:
+        options["num_replicas"] = num_replicas
+    return DiscoveryService.options(**options).bind(asdict(settings))
+
+
+def build_app(args: dict) -> Application:
+    """Application builder for ``serve run`` / ``serve deploy`` (``import_path: anomaly_discovery.platform.serve:
+    build_app``): validates the arguments and binds the deployment (see ``bound_service``)."""
+    return bound_service(ServeSettings.from_args(args))
+
+
+def run_serve(args: Mapping[str, Any] | Any) -> int:
+    """``adisc serve``: start Ray (if needed) and the application on ``host:port``, block until interrupted.
+
+    Arguments (a mapping or an argparse namespace): ``store`` (--store URL), ``index`` (--index PATH),
+    ``model`` (--model DIR), ``host`` (--host, default 127.0.0.1), ``port`` (--port, default 8000),
+    ``token_env`` (--token-env, default ADISC_API_TOKEN), optionally ``replicas`` (--replicas, default 1) and
+    any other :class:`ServeSettings` field."""
+    values = dict(args if isinstance(args, Mapping) else vars(args))
+    host, port = values.pop("host", None) or "127.0.0.1", int(values.pop("port", None) or 8000)
+    replicas = int(values.pop("replicas", None) or 1)
+    names = {f.name for f in fields(ServeSettings)}
+    settings = ServeSettings.from_args({k: v for k, v in values.items() if k in names and v is not None})
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(bound_service(settings, replicas), name="adisc", route_prefix="/", blocking=False)
+    token_state = "set" if os.environ.get(settings.token_env) else f"NOT set: writes answer 503 until {settings.token_env} is"
+    print(f"adisc serve: http://{host}:{port} (docs at /docs); token variable {settings.token_env} {token_state}; "
+          "Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0

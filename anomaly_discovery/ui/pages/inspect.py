@@ -1,0 +1,55 @@
+"""Inspect: upload an image and see the model's prediction — overlay, each region's class or new / unknown,
+outlier score. Nothing is stored."""
+
+from __future__ import annotations
+
+import hashlib
+
+import cv2
+import pandas as pd
+import streamlit as st
+
+from anomaly_discovery.ui import widgets
+from anomaly_discovery.ui.service import MAX_UPLOAD_PIXELS, UploadError
+from anomaly_discovery.ui.thumbnails import BOX_COLOUR, overlay
+
+svc = widgets.service()
+st.title("Inspect")
+upload = st.file_uploader(f"an image (PNG, JPEG, BMP, TIFF or WEBP; at most {MAX_UPLOAD_PIXELS:,} pixels)",
+                          key="inspect-upload")
+if upload is None:
+    st.caption("The prediction uses the active model and the current classes and proposals.")
+    st.stop()
+
+data = upload.getvalue()
+digest = hashlib.sha256(data).hexdigest()
+cached = st.session_state.get("inspection")
+if cached is None or cached[0] != digest:
+    try:
+        with st.spinner("predicting"):
+            st.session_state["inspection"] = (digest, svc.inspect(data, upload.name))
+    except UploadError as exc:
+        st.error(f"Cannot read this upload: {exc}")
+        st.stop()
+    except (OSError, ValueError) as exc:
+        st.error(f"The model cannot run: {exc}")
+        st.stop()
+inspection = st.session_state["inspection"][1]
+prediction = inspection.prediction
+
+shown = overlay(inspection.image, prediction.anomaly_map, prediction.mask)
+for region, label in zip(prediction.regions, inspection.labels):
+    x0, y0, x1, y1 = region.box
+    cv2.rectangle(shown, (x0, y0), (x1 - 1, y1 - 1), BOX_COLOUR, 1)
+    cv2.putText(shown, label.name, (x0, max(10, y0 - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.35, BOX_COLOUR, 1)
+left, right = st.columns(2)
+left.image(inspection.image, caption=upload.name, width="stretch")
+right.image(shown, caption="anomaly map, defect mask (green) and regions", width="stretch")
+verdict = sorted({label.name for label in inspection.labels}) or ["no defect region"]
+st.metric("image anomaly score", f"{prediction.score:.3f}")
+st.write(f"Model **{inspection.model_version}** · regions: **{', '.join(verdict)}**")
+if prediction.regions:
+    st.dataframe(pd.DataFrame([{
+        "box": str(region.box), "label": label.name, "kind": label.kind, "outlier score": label.outlier_score,
+        "similarity": label.similarity, "anomaly score": region.anomaly_score}
+        for region, label in zip(prediction.regions, inspection.labels)]), hide_index=True)

@@ -1,0 +1,118 @@
+"""Streamlit pieces every page shares: the cached service, the reviewer's name, running an action, the gallery.
+
+Actions run in button callbacks (before the script reruns), so the page that follows already shows their effect;
+their outcome — or the loop's refusal, e.g. a stale version — is kept in ``st.session_state["flash"]`` and shown
+at the top of the next run.
+"""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Callable
+
+import streamlit as st
+
+from anomaly_discovery.platform.loop import LoopError
+from anomaly_discovery.platform.store import ConflictError
+from anomaly_discovery.ui.service import ClassRow, RegionRow, ReviewService, UISettings
+from anomaly_discovery.ui.thumbnails import OVERLAYS, region_thumbnail
+
+PAGE_SIZES = (24, 48, 100, 200)
+GALLERY_COLUMNS = 8
+
+
+@st.cache_resource(show_spinner="opening the store and index")
+def _service(settings: UISettings) -> ReviewService:
+    return ReviewService(settings)
+
+
+def service() -> ReviewService:
+    """The process's service for the settings ``adisc ui`` passed (environment variables ``ADISC_UI_*``)."""
+    return _service(UISettings.from_environment())
+
+
+thumbnail = st.cache_data(max_entries=20_000, show_spinner=False)(region_thumbnail)
+
+
+def reviewer() -> str:
+    if "reviewer" not in st.session_state:
+        st.session_state["reviewer"] = getpass.getuser() or "inspector"
+    return st.session_state["reviewer"]
+
+
+def act(description: str, action: Callable, *args, clear: tuple[str, ...] = (), **kwargs) -> None:
+    """Run one loop action as the current reviewer and remember its outcome for the next run; ``clear`` names
+    session-state keys (selections) to forget after a success."""
+    try:
+        result = action(*args, reviewer=reviewer(), **kwargs)
+    except (LoopError, ConflictError) as exc:
+        st.session_state["flash"] = ("error", f"{description} failed: {exc}")
+        return
+    for key in clear:
+        st.session_state.pop(key, None)
+    st.session_state["flash"] = ("success", f"{description}: done (decision #{result.decision_id}, "
+                                            f"{result.n_regions} regions changed, {result.seconds:.2f} s)")
+
+
+def show_flash() -> None:
+    kind, message = st.session_state.pop("flash", (None, None))
+    if kind == "error":
+        st.error(message)
+    elif kind == "success":
+        st.success(message)
+
+
+def selection_keys(key: str, regions: list[RegionRow]) -> list[str]:
+    return [f"{key}-pick-{region.id}" for region in regions]
+
+
+def selected(key: str, regions: list[RegionRow]) -> list[int]:
+    return [region.id for region, name in zip(regions, selection_keys(key, regions)) if st.session_state.get(name)]
+
+
+def gallery(key: str, region_ids: list[int], svc: ReviewService) -> list[RegionRow]:
+    """A paged grid of region crops with a tick box under each; returns the regions shown (read the ticked ones
+    with :func:`selected`)."""
+    controls = st.columns([2, 2, 3])
+    overlay = controls[0].selectbox("overlay", OVERLAYS, key=f"{key}-overlay")
+    page_size = controls[1].selectbox("crops per page", PAGE_SIZES, index=1, key=f"{key}-page-size")
+    pages = max(1, -(-len(region_ids) // page_size))
+    page = controls[2].number_input(f"page (of {pages})", 1, pages, 1, key=f"{key}-page") if pages > 1 else 1
+    regions = svc.regions(region_ids[(page - 1) * page_size:page * page_size])
+    for start in range(0, len(regions), GALLERY_COLUMNS):
+        for column, region in zip(st.columns(GALLERY_COLUMNS), regions[start:start + GALLERY_COLUMNS]):
+            column.image(thumbnail(region.image_path, region.box, region.mask_path, overlay),
+                         caption=f"#{region.id} · {region.anomaly_score:.2f}", width="stretch")
+            column.checkbox(f"pick #{region.id}", key=f"{key}-pick-{region.id}", label_visibility="collapsed")
+    return regions
+
+
+def page_ticks(key: str, regions: list[RegionRow], value: bool) -> None:
+    """Tick (or clear) every crop shown."""
+    for name in selection_keys(key, regions):
+        st.session_state[name] = value
+
+
+def move_ticked(key: str, regions: list[RegionRow], svc: ReviewService, target: ClassRow | None) -> None:
+    """Move the ticked crops to ``target`` (``None``: unassign them)."""
+    ticked = selected(key, regions)
+    if not ticked:
+        st.session_state["flash"] = ("error", "tick the crops to move first")
+        return
+    act(f"move {len(ticked)} regions to {target.name if target else 'unassigned'}", svc.loop.move, ticked,
+        target.id if target else None, expected_version=target.version if target else None,
+        clear=tuple(selection_keys(key, regions)))
+
+
+def move_controls(key: str, regions: list[RegionRow], svc: ReviewService, targets: dict[int, ClassRow],
+                  drop_label: str) -> None:
+    """Buttons under a gallery: tick all / clear, move the ticked crops to a class, unassign them."""
+    with st.container(horizontal=True, vertical_alignment="bottom"):
+        st.button("Tick all shown", key=f"{key}-tick-all", on_click=page_ticks, args=(key, regions, True))
+        st.button("Clear ticks", key=f"{key}-clear", on_click=page_ticks, args=(key, regions, False))
+        if targets:
+            st.selectbox("move ticked crops to", list(targets), key=f"{key}-move-target",
+                         format_func=lambda i: f"{targets[i].name} ({targets[i].size})")
+            st.button("Move ticked", key=f"{key}-move", on_click=lambda: move_ticked(
+                key, regions, svc, targets[st.session_state[f"{key}-move-target"]]))
+        st.button(drop_label, key=f"{key}-drop", on_click=move_ticked, args=(key, regions, svc, None))
