@@ -66,15 +66,20 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .platform.publish import ServicePaths
     from .platform.serve import run_serve
 
-    return run_serve(args)
+    paths = ServicePaths(args.workdir)
+    return run_serve({"store": args.store or paths.store_url, "index": str(args.index or paths.index),
+                      "model": str(args.model or paths.model), "host": args.host, "port": args.port,
+                      "token_env": args.token_env, "replicas": args.replicas})
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .platform.demo import run_demo
 
-    return run_demo(out=args.out, n_images=args.n, seed=args.seed, quick=args.quick)
+    return run_demo(out=args.out, n_images=args.n, seed=args.seed, quick=args.quick,
+                    serve=not (args.no_serve or args.quick), port=args.port)
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder (default demo_out/)")
     p.add_argument("--n", type=int, default=240, help="images to generate (default 240)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="smallest settings (for tests)")
+    p.add_argument("--quick", action="store_true", help="smallest settings, no service (for tests)")
+    p.add_argument("--no-serve", action="store_true", help="stop after publishing instead of starting the service")
+    p.add_argument("--port", type=int, default=8000, help="service port (default 8000)")
     p.set_defaults(handler=cmd_demo)
 
     p = verbs.add_parser("detect", help="anomaly maps, MEBin regions, object masks and crops for a dataset",
@@ -166,9 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Start the Ray Serve application: /v1/predict, /v1/classes, /v1/proposals, "
                                      "decisions, ingest, /healthz and OpenAPI docs at /docs. Write endpoints need "
                                      "a bearer token read from the environment variable named by --token-env.")
+    p.add_argument("--workdir", type=Path, default=Path("demo_out"),
+                   help="work folder whose service/ state to serve (default demo_out/, what `adisc demo` writes)")
     p.add_argument("--store", default=None, help="SQLAlchemy URL of the store (default: sqlite in --workdir)")
-    p.add_argument("--index", type=Path, default=None, help="FAISS index folder")
-    p.add_argument("--model", type=Path, default=None, help="serving model folder written by discover/demo")
+    p.add_argument("--index", type=Path, default=None, help="FAISS index file (default: in --workdir)")
+    p.add_argument("--model", type=Path, default=None, help="serving model folder (default: in --workdir)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token-env", default="ADISC_API_TOKEN", help="environment variable holding the API token")

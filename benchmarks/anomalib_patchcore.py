@@ -14,9 +14,11 @@ feature extraction + coreset; predict = resize/normalise + ``PatchcoreModel.forw
 its image's size (images are decoded before the clocks start).
 
 Coreset: anomalib's ``KCenterGreedy`` takes one full pass over all N patch features per selected point, so
-on a CPU it is out of reach for MTD (N ≈ 780 k, 78 k points). ``--coreset adisc`` (default) picks the same
-greedy k-center set with the project's pruned implementation and times anomalib's sampler on
-``--probe-iterations`` steps to estimate its full cost; ``--coreset anomalib`` runs anomalib's sampler.
+on a CPU it is out of reach for MTD (N ≈ 780 k, 78 k points); its cost is measured on ``--probe-iterations``
+steps and extrapolated. ``--coreset indices --coreset-indices FILE.npy`` (what ``mtd_detection.py`` uses)
+keeps the patch positions that the project's detector picked on the same images (same grid, same order),
+taken from anomalib's own features; ``--coreset adisc`` runs the project's greedy k-center on anomalib's
+features; ``--coreset anomalib`` runs anomalib's sampler.
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, required=True, help="torchvision MobileNetV2 ImageNet file")
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1],
                         help="project root, for --coreset adisc")
-    parser.add_argument("--coreset", choices=("adisc", "anomalib"), default="adisc")
+    parser.add_argument("--coreset", choices=("indices", "adisc", "anomalib"), default="adisc")
+    parser.add_argument("--coreset-indices", type=Path, default=None, help=".npy of bank positions (--coreset indices)")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--coreset-projection-dim", type=int, default=128, help="for --coreset adisc; 0 = no projection")
     parser.add_argument("--probe-iterations", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
@@ -115,24 +119,33 @@ def main() -> None:
     if args.coreset == "anomalib":
         start = time.perf_counter()
         model.subsample_embedding(args.coreset_ratio)
-        coreset_s = time.perf_counter() - start
-        estimate = None
+        coreset_s, estimate = time.perf_counter() - start, None
     else:
-        sys.path.insert(0, str(args.repo))
-        from anomaly_discovery.models.coreset import coreset_size, greedy_coreset_indices
-
         per_step, anomalib_size, projection_s = anomalib_coreset_seconds_per_step(
             embedding, args.coreset_ratio, args.probe_iterations)
         estimate = projection_s + per_step * anomalib_size
+        notes.append(f"anomalib's KCenterGreedy measured at {per_step:.3f} s/step over {args.probe_iterations} "
+                     f"steps (+{projection_s:.1f} s projection): est. {estimate / 3600:.1f} h for {anomalib_size} "
+                     "points here, so it was not run")
         start = time.perf_counter()
-        chosen = greedy_coreset_indices(embedding, coreset_size(len(embedding), args.coreset_ratio), seed=args.seed)
+        if args.coreset == "indices":
+            if args.coreset_indices is None:
+                parser.error("--coreset indices needs --coreset-indices FILE.npy")
+            chosen = torch.from_numpy(np.load(args.coreset_indices)).long()
+            if chosen.numel() == 0 or int(chosen.min()) < 0 or int(chosen.max()) >= len(embedding):
+                parser.error(f"{args.coreset_indices}: positions must lie in [0, {len(embedding)})")
+            notes.append("memory bank: anomalib's own features at the patch positions the project's PatchCore "
+                         "picked by greedy k-center on the same images (coreset time is in the project's fit)")
+        else:
+            sys.path.insert(0, str(args.repo))
+            from anomaly_discovery.models.coreset import coreset_size, greedy_coreset_indices
+
+            chosen = greedy_coreset_indices(embedding, coreset_size(len(embedding), args.coreset_ratio),
+                                            args.coreset_projection_dim or None, args.seed)
+            notes.append("memory bank: the project's greedy k-center run on anomalib's features")
         model.memory_bank = embedding[chosen].contiguous()
         model.embedding_store.clear()
         coreset_s = time.perf_counter() - start
-        notes.append(f"coreset: anomalib's KCenterGreedy measured at {per_step:.3f} s/step over "
-                     f"{args.probe_iterations} steps (+{projection_s:.1f} s projection) -> est. {estimate / 3600:.1f} h "
-                     f"for {anomalib_size} points on this CPU; the same greedy k-center set was picked with "
-                     "anomaly_discovery.models.coreset instead (fit_seconds counts that)")
 
     model.eval()
     start = time.perf_counter()
@@ -155,7 +168,7 @@ def main() -> None:
         "anomalib_version": anomalib.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "n_train": len(train), "n_test": len(test), "memory_bank": list(model.memory_bank.shape),
         "feature_extraction_seconds": round(extract_s, 2), "coreset_seconds": round(coreset_s, 2),
-        "fit_seconds": round(extract_s + coreset_s, 2),
+        "fit_seconds": None if args.coreset == "indices" else round(extract_s + coreset_s, 2),
         "anomalib_coreset_estimated_seconds": None if estimate is None else round(estimate, 1),
         "predict_seconds": round(predict_s, 2), "images_per_s": round(len(test) / predict_s, 3),
         "scores": scores,

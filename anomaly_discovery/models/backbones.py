@@ -263,7 +263,7 @@ def images_to_tensor(images: Sequence[np.ndarray], size: int | tuple[int, int]) 
     height, width = (size, size) if isinstance(size, int) else size
     batch = []
     for image in images:
-        tensor = torch.from_numpy(np.ascontiguousarray(as_rgb(image))).permute(2, 0, 1).float().div_(255.0)
+        tensor = torch.from_numpy(np.array(as_rgb(image), dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
         if tuple(tensor.shape[1:]) != (height, width):
             tensor = F.interpolate(tensor[None], size=(height, width), mode="bilinear", align_corners=False,
                                    antialias=True)[0]

@@ -6,8 +6,8 @@ are normal and a defect patch is far from the patches of the other images.
 1. Patch features at several neighbourhood sizes r (MuSc's local neighbourhood aggregation with multiple
    degrees): :func:`.patchcore.local_patch_features` with an r×r window, for each r in ``neighbourhoods``.
 2. Mutual scoring: for a patch p of image i and every other image j, d_j(p) = min_{q ∈ j} ‖p − q‖₂. The
-   patch score is the interval average of the lowest ``lowest_fraction`` of {d_j(p)}_{j ≠ i}, so that a
-   defect shared by a few images is still far from the many images without it.
+   patch score is the interval average of the lowest ``lowest_fraction`` (but at least ``MIN_AVERAGED``)
+   of {d_j(p)}_{j ≠ i}, so that a defect shared by a few images is still far from the many without it.
 3. The patch scores of the neighbourhood sizes are averaged; the image score is the mean of the top
    ``top_fraction`` of its patch scores; the map is upsampled, blurred (σ = 4 px) and resized as PatchCore's.
 
@@ -29,6 +29,7 @@ from .backbones import build_backbone, check_images, resolve_device
 from .detector import Detection
 from .patchcore import anomaly_maps, patch_feature_batches
 
+MIN_AVERAGED = 3
 DISTANCE_BLOCK_ELEMENTS = 2 ** 24  # patch-to-patch distances held at once (64 MiB of float32)
 
 
@@ -41,8 +42,9 @@ def reference_groups(n_images: int, max_references: int, seed: int = 0) -> list[
 
 
 def interval_average(distances: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mean of the lowest ⌈fraction·R⌉ (at least one) of each row of an n×R distance matrix."""
-    count = min(distances.shape[1], max(1, math.ceil(fraction * distances.shape[1] - 1e-9)))
+    """Mean of the lowest ⌈fraction·R⌉ of each row of an n×R distance matrix, but of at least
+    ``MIN_AVERAGED`` (or all R when fewer), so that in a small set a defect in two or three images stays high."""
+    count = min(distances.shape[1], max(MIN_AVERAGED, math.ceil(fraction * distances.shape[1] - 1e-9)))
     return torch.topk(distances, count, dim=1, largest=False).values.mean(1)
 
 
@@ -95,7 +97,7 @@ class MutualScoringDetector:
 
     def __init__(self, backbone: str = "mobilenet_v2", weights: str | Path | None = None,
                  layers: Sequence[int] | Sequence[str] | None = None, image_size: int = 256,
-                 neighbourhoods: Sequence[int] = (1, 3), lowest_fraction: float = 0.3,
+                 neighbourhoods: Sequence[int] = (1,), lowest_fraction: float = 0.1,
                  top_fraction: float = 0.01, max_references: int = 64, batch_size: int = 16,
                  device: str | None = "auto", seed: int = 0, progress: bool = True):
         if image_size < 32:

@@ -82,6 +82,7 @@ class DetectSummary:
     prior_used: str
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: int = 0
+    detector: object = None
 
     def describe(self) -> str:
         n_regions = sum(len(r.crops) for r in self.results)
@@ -125,18 +126,19 @@ def build_detector(config: DetectConfig):
         from ..models.patchcore import PatchCoreDetector
 
         return PatchCoreDetector(backbone=config.backbone, weights=config.weights, image_size=config.image_size,
-                                 batch_size=config.batch_size, device=config.device, seed=config.seed)
+                                 batch_size=config.batch_size, device=config.device, seed=config.seed,
+                                 progress=config.progress)
     if config.detector == "zero-shot":
         from ..models.mutual_scoring import MutualScoringDetector
 
         return MutualScoringDetector(backbone=config.backbone, weights=config.weights,
                                      image_size=config.image_size, batch_size=config.batch_size,
-                                     device=config.device)
+                                     device=config.device, seed=config.seed, progress=config.progress)
     if config.detector == "prn":
         from ..models.prn import PRNConfig, PRNDetector
 
         return PRNDetector(PRNConfig(encoder=config.backbone, image_size=config.image_size, device=config.device,
-                                     seed=config.seed))
+                                     seed=config.seed, progress=config.progress))
     from ..models.external_maps import ExternalMapDetector
 
     layout = "anomalib" if any(p.is_dir() for p in Path(config.maps).iterdir()) else "flat"
@@ -162,8 +164,11 @@ def fit_detector(detector, config: DetectConfig, fit_samples: list[Sample], test
 
 
 def predict_all(detector, config: DetectConfig, samples: list[Sample]) -> list[Detection]:
+    """Batched prediction; the zero-shot detector scores each image against the others, so it sees the set."""
     if config.detector == "maps":
         return detector.predict_paths([s.image_path for s in samples], progress=config.progress)
+    if config.detector == "zero-shot":
+        return detector.predict(_load_all(samples, config.progress, "loading images"))
     detections: list[Detection] = []
     batches = range(0, len(samples), config.batch_size)
     for start in tqdm(batches, desc=f"{config.detector} predict", disable=not config.progress):
@@ -252,7 +257,8 @@ def run_detect(config: DetectConfig) -> DetectSummary:
     root = Path(config.data)
     results = [ImageResult(image_id(s, root), s, d, b, o, c)
                for s, d, b, o, c in zip(test_samples, detections, binarised, object_masks, crops)]
-    summary = DetectSummary(config, results, len(fit_samples), held_out, prior_used, seconds, len(report.skipped))
+    summary = DetectSummary(config, results, len(fit_samples), held_out, prior_used, seconds, len(report.skipped),
+                            detector)
     start = time.perf_counter()
     write_outputs(summary, data_format)
     seconds["write"] = time.perf_counter() - start

@@ -1,4 +1,9 @@
-"""The review dashboard (``adisc ui``): Streamlit entry point with one page per file under ``pages/``."""
+"""The review dashboard (``adisc ui``): the Streamlit entry point, one page per file under ``views/``.
+
+The folder is not called ``pages/``: next to the entry script that name switches Streamlit to its legacy
+multipage mode until ``st.navigation`` first runs, so a new server's first deep link (and every page switch under
+``AppTest``) would run a page without this script: no settings check, sidebar, undo or messages.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ try:
 except (ValueError, OSError) as exc:
     st.error(f"The dashboard cannot open its store: {exc}")
     st.stop()
-svc.refresh(); st.session_state["runs"] = st.session_state.get("runs", 0) + 1
+svc.refresh()
 
 with st.sidebar:
     widgets.reviewer()
@@ -24,12 +29,12 @@ with st.sidebar:
               on_click=widgets.act, args=("undo", svc.loop.undo), help="reverts the newest reviewer action")
     st.caption(f"model {svc.loop.model_version} · store {svc.settings.store}")
 
-PAGES = [st.Page("pages/overview.py", title="Overview", icon=":material/bar_chart:", default=True),
-         st.Page("pages/proposals.py", title="Proposals", icon=":material/new_releases:"),
-         st.Page("pages/classes.py", title="Classes", icon=":material/category:"),
-         st.Page("pages/inspect.py", title="Inspect", icon=":material/search:"),
-         st.Page("pages/audit.py", title="Audit", icon=":material/history:"),
-         st.Page("pages/evaluation.py", title="Evaluation", icon=":material/analytics:")]
+PAGES = [st.Page("views/overview.py", title="Overview", icon=":material/bar_chart:", default=True),
+         st.Page("views/proposals.py", title="Proposals", icon=":material/new_releases:"),
+         st.Page("views/classes.py", title="Classes", icon=":material/category:"),
+         st.Page("views/inspect.py", title="Inspect", icon=":material/search:"),
+         st.Page("views/audit.py", title="Audit", icon=":material/history:"),
+         st.Page("views/evaluation.py", title="Evaluation", icon=":material/analytics:")]
 page = st.navigation(PAGES)
-print("FLASH", st.session_state.get("flash")); widgets.show_flash()
+widgets.show_flash()
 page.run()

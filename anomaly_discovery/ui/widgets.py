@@ -17,7 +17,7 @@ from anomaly_discovery.platform.store import ConflictError
 from anomaly_discovery.ui.service import ClassRow, RegionRow, ReviewService, UISettings
 from anomaly_discovery.ui.thumbnails import OVERLAYS, region_thumbnail
 
-PAGE_SIZES = (24, 48, 100, 200)
+PAGE_SIZES = (12, 24, 48, 100, 200)
 GALLERY_COLUMNS = 8
 
 
@@ -62,57 +62,63 @@ def show_flash() -> None:
         st.success(message)
 
 
-def selection_keys(key: str, regions: list[RegionRow]) -> list[str]:
-    return [f"{key}-pick-{region.id}" for region in regions]
+def ticked_key(key: str) -> str:
+    return f"{key}-ticked"
 
 
-def selected(key: str, regions: list[RegionRow]) -> list[int]:
-    return [region.id for region, name in zip(regions, selection_keys(key, regions)) if st.session_state.get(name)]
+def tick(key: str, region_ids: list[int]) -> None:
+    st.session_state[ticked_key(key)] = list(region_ids)
 
 
-def gallery(key: str, region_ids: list[int], svc: ReviewService) -> list[RegionRow]:
-    """A paged grid of region crops with a tick box under each; returns the regions shown (read the ticked ones
-    with :func:`selected`)."""
-    controls = st.columns([2, 2, 3])
-    overlay = controls[0].selectbox("overlay", OVERLAYS, key=f"{key}-overlay")
-    page_size = controls[1].selectbox("crops per page", PAGE_SIZES, index=1, key=f"{key}-page-size")
-    pages = max(1, -(-len(region_ids) // page_size))
-    page = controls[2].number_input(f"page (of {pages})", 1, pages, 1, key=f"{key}-page") if pages > 1 else 1
-    regions = svc.regions(region_ids[(page - 1) * page_size:page * page_size])
-    for start in range(0, len(regions), GALLERY_COLUMNS):
-        for column, region in zip(st.columns(GALLERY_COLUMNS), regions[start:start + GALLERY_COLUMNS]):
-            column.image(thumbnail(region.image_path, region.box, region.mask_path, overlay),
-                         caption=f"#{region.id} · {region.anomaly_score:.2f}", width="stretch")
-            column.checkbox(f"pick #{region.id}", key=f"{key}-pick-{region.id}", label_visibility="collapsed")
-    return regions
-
-
-def page_ticks(key: str, regions: list[RegionRow], value: bool) -> None:
-    """Tick (or clear) every crop shown."""
-    for name in selection_keys(key, regions):
-        st.session_state[name] = value
-
-
-def move_ticked(key: str, regions: list[RegionRow], svc: ReviewService, target: ClassRow | None) -> None:
+def move_ticked(key: str, svc: ReviewService, target: ClassRow | None) -> None:
     """Move the ticked crops to ``target`` (``None``: unassign them)."""
-    ticked = selected(key, regions)
+    ticked = st.session_state.get(ticked_key(key)) or []
     if not ticked:
         st.session_state["flash"] = ("error", "tick the crops to move first")
         return
     act(f"move {len(ticked)} regions to {target.name if target else 'unassigned'}", svc.loop.move, ticked,
         target.id if target else None, expected_version=target.version if target else None,
-        clear=tuple(selection_keys(key, regions)))
+        clear=(ticked_key(key),))
 
 
-def move_controls(key: str, regions: list[RegionRow], svc: ReviewService, targets: dict[int, ClassRow],
-                  drop_label: str) -> None:
-    """Buttons under a gallery: tick all / clear, move the ticked crops to a class, unassign them."""
+def pick_form(key: str, regions: list[RegionRow], svc: ReviewService, targets: dict[int, ClassRow],
+              drop_label: str) -> None:
+    """Tick crops by number (one widget: 200 tick boxes would take seconds to draw) and move or unassign them."""
+    shown = [r.id for r in regions]
+    ticked = ticked_key(key)
+    st.session_state[ticked] = [r for r in st.session_state.get(ticked, []) if r in shown]
     with st.container(horizontal=True, vertical_alignment="bottom"):
-        st.button("Tick all shown", key=f"{key}-tick-all", on_click=page_ticks, args=(key, regions, True))
-        st.button("Clear ticks", key=f"{key}-clear", on_click=page_ticks, args=(key, regions, False))
+        st.button("Tick all shown", key=f"{key}-tick-all", on_click=tick, args=(key, shown))
+        st.button("Clear ticks", key=f"{key}-clear", on_click=tick, args=(key, []))
+    with st.form(f"{key}-pick", border=False):
+        columns = st.columns([4, 2, 1, 1], vertical_alignment="bottom")
+        columns[0].multiselect("ticked crops (type a crop's number)", shown, key=ticked,
+                               format_func=lambda i: f"#{i}")
         if targets:
-            st.selectbox("move ticked crops to", list(targets), key=f"{key}-move-target",
-                         format_func=lambda i: f"{targets[i].name} ({targets[i].size})")
-            st.button("Move ticked", key=f"{key}-move", on_click=lambda: move_ticked(
-                key, regions, svc, targets[st.session_state[f"{key}-move-target"]]))
-        st.button(drop_label, key=f"{key}-drop", on_click=move_ticked, args=(key, regions, svc, None))
+            columns[1].selectbox("move them to", list(targets), key=f"{key}-move-target",
+                                 format_func=lambda i: f"{targets[i].name} ({targets[i].size})")
+            columns[2].form_submit_button("Move", key=f"{key}-move", on_click=lambda: move_ticked(
+                key, svc, targets[st.session_state[f"{key}-move-target"]]))
+        columns[3].form_submit_button(drop_label, key=f"{key}-drop", on_click=move_ticked, args=(key, svc, None))
+
+
+def gallery(key: str, region_ids: list[int], svc: ReviewService, targets: dict[int, ClassRow],
+            drop_label: str) -> list[RegionRow]:
+    """A paged grid of region crops under the controls to tick some and move or unassign them; returns the
+    regions shown. Overlay and page size are the session's, the page number is this gallery's."""
+    controls = st.columns([2, 2, 3])
+    st.session_state.setdefault("gallery-overlay", OVERLAYS[0])
+    st.session_state.setdefault("gallery-page-size", 48)
+    overlay = controls[0].selectbox("overlay", OVERLAYS, key="gallery-overlay")
+    page_size = controls[1].selectbox("crops per page", PAGE_SIZES, key="gallery-page-size")
+    pages = max(1, -(-len(region_ids) // page_size))
+    if st.session_state.get(f"{key}-page", 1) > pages:
+        st.session_state[f"{key}-page"] = pages
+    page = controls[2].number_input(f"page (of {pages})", 1, pages, 1, key=f"{key}-page") if pages > 1 else 1
+    regions = svc.regions(region_ids[(page - 1) * page_size:page * page_size])
+    pick_form(key, regions, svc, targets, drop_label)
+    for start in range(0, len(regions), GALLERY_COLUMNS):
+        for column, region in zip(st.columns(GALLERY_COLUMNS), regions[start:start + GALLERY_COLUMNS]):
+            column.image(thumbnail(region.image_path, region.box, region.mask_path, overlay),
+                         caption=f"#{region.id} · {region.anomaly_score:.2f}", width="stretch")
+    return regions

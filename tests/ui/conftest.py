@@ -1,66 +1,21 @@
-"""A small review world for the dashboard tests, laid out like ``adisc demo``'s output: labelled images in
-``data/<kind>/``, detect-style ``anomaly_map.png`` / ``mebin_mask.png`` per image, a pixel-statistics predictor in
-``model/``, and ``adisc.db`` + ``state/index.npz`` loaded with a discovery run (two known kinds, two novel kinds
-waiting as proposals). It is built once per session; each test reviews its own copy of the store and index."""
+"""Fixtures of the dashboard tests: the review world (``review_world.py``) is built once per session; each test
+reviews its own copy of the store and index."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from anomaly_discovery.data import save_image
-from anomaly_discovery.platform.loop import DiscoveredImage, DiscoveredRegion, DiscoveryLoop, embeddings_path
-from anomaly_discovery.platform.predictor import PixelStatsConfig, build_predictor, write_pixel_stats_model
-from anomaly_discovery.platform.store import Store
 from anomaly_discovery.ui.service import UISettings
-from tests.platform.serve_world import DIM, KINDS, KNOWN_KINDS, defect_image
+from tests.ui.review_world import build_review_world, copy_world
 
 APP = Path(__file__).resolve().parents[2] / "anomaly_discovery" / "ui" / "app.py"
-
-
-def build_review_world(folder: Path, per_kind: int = 12) -> Path:
-    """Write the world into ``folder`` (see the module docstring) and return it."""
-    model_dir = write_pixel_stats_model(folder / "model", PixelStatsConfig(dim=DIM), name="pixel-stats-v1")
-    predictor = build_predictor(model_dir)
-    images, regions = [], []
-    for k, kind in enumerate(KINDS):
-        arrays = [defect_image(kind, seed=100 * k + i) for i in range(per_kind)]
-        for i, (array, prediction) in enumerate(zip(arrays, predictor.predict(arrays))):
-            key = f"{kind}_{i}"
-            image_path, detect_dir = folder / "data" / kind / f"{key}.png", folder / "detect" / "images" / key
-            save_image(image_path, array)
-            save_image(detect_dir / "anomaly_map.png", np.uint8(prediction.anomaly_map * 255))
-            save_image(detect_dir / "mebin_mask.png", prediction.mask)
-            images.append(DiscoveredImage(key, str(image_path), f"hash-{key}"))
-            region = prediction.regions[0]
-            known = kind if kind in KNOWN_KINDS else None
-            regions.append(DiscoveredRegion(key, region.box, region.anomaly_score, region.embedding, known,
-                                            0.9 if known else None, str(detect_dir / "mebin_mask.png")))
-    store = Store(f"sqlite:///{folder / 'adisc.db'}")
-    loop = DiscoveryLoop(store, folder / "state" / "index.npz", DIM)
-    loop.ingest_discovery(images, regions, KNOWN_KINDS, model_version="discovery-1", artifact_path=str(model_dir))
-    loop.close()
-    store.dispose()
-    return folder
 
 
 @pytest.fixture(scope="session")
 def review_template(tmp_path_factory) -> Path:
     return build_review_world(tmp_path_factory.mktemp("review-world"))
-
-
-def copy_world(template: Path, workdir: Path) -> UISettings:
-    """A fresh copy of the template's store and index in ``workdir``; images, model and labels stay shared."""
-    (workdir / "state").mkdir(parents=True)
-    for path in template.glob("adisc.db*"):
-        shutil.copy2(path, workdir / path.name)
-    index = template / "state" / "index.npz"
-    for path in (index, embeddings_path(index)):
-        shutil.copy2(path, workdir / "state" / path.name)
-    return UISettings.for_workdir(workdir, model=template / "model", data=template / "data")
 
 
 @pytest.fixture

@@ -106,6 +106,5 @@ st.subheader("Crops")
 st.caption("representatives first · yellow box: the region · green outline: defect mask · colours: anomaly map")
 members = svc.members(proposal.class_id)
 representatives = [r for r in proposal.representatives if r in set(members)]
-gallery_key = f"proposal-{suffix}"
-shown = widgets.gallery(gallery_key, representatives + sorted(set(members) - set(representatives)), svc)
-widgets.move_controls(gallery_key, shown, svc, references, drop_label="Drop ticked (unassign)")
+widgets.gallery(f"proposal-{suffix}", representatives + sorted(set(members) - set(representatives)), svc, references,
+                drop_label="Drop (unassign)")

@@ -58,6 +58,4 @@ with split_tab:
     st.button("Split", key="class-split", disabled=chosen.size < 2, on_click=split)
 
 st.subheader(f"Members of {chosen.name}")
-gallery_key = f"class-{suffix}"
-shown = widgets.gallery(gallery_key, svc.members(chosen.id), svc)
-widgets.move_controls(gallery_key, shown, svc, targets, drop_label="Unassign ticked")
+widgets.gallery(f"class-{suffix}", svc.members(chosen.id), svc, targets, drop_label="Unassign")

@@ -1,0 +1,89 @@
+"""Hand a discovery run to the service: a serving model folder, the store, the index and the first proposals.
+
+A work folder holds one product line's service state, laid out by :class:`ServicePaths`, so that ``adisc serve``
+and ``adisc ui`` need no settings after ``adisc demo``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .detect import DetectSummary
+from .discover import DiscoverSummary
+from .loop import DiscoveredImage, DiscoveredRegion, DiscoveryLoop
+from .predictor import fit_localisation, write_discovery_model
+from .store import Store, default_database_url
+
+
+@dataclass(frozen=True)
+class ServicePaths:
+    """Where the service of one work folder keeps its state."""
+
+    workdir: Path
+
+    @property
+    def service(self) -> Path:
+        return self.workdir / "service"
+
+    @property
+    def store_url(self) -> str:
+        return default_database_url(self.service)
+
+    @property
+    def index(self) -> Path:
+        return self.service / "index" / "regions.faiss"
+
+    @property
+    def model(self) -> Path:
+        return self.service / "serving_model"
+
+
+@dataclass
+class PublishResult:
+    paths: ServicePaths
+    model_version: str
+    n_regions: int
+    proposal_ids: list[int]
+
+    def describe(self) -> str:
+        return (f"model {self.model_version} published: {self.n_regions} regions in the store and index, "
+                f"{len(self.proposal_ids)} new-class proposals waiting for review\n"
+                f"store {self.paths.store_url}\nindex {self.paths.index}\nserving model {self.paths.model}")
+
+
+def file_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def publish_discovery(detection: DetectSummary, discovery: DiscoverSummary, workdir: str | Path,
+                      model_version: str | None = None) -> PublishResult:
+    """Write the serving model (detector + the run's map scale and MEBin level + discovery model), load the
+    run's images and regions (with their learned embeddings) into the store and index, and propose classes."""
+    paths = ServicePaths(Path(workdir))
+    paths.service.mkdir(parents=True, exist_ok=True)
+    if detection.detector is None or not hasattr(detection.detector, "save"):
+        raise ValueError(f"the {detection.config.detector} detector cannot be saved for serving; use patchcore")
+    version = model_version or f"discovery-{Path(discovery.config.out).name}"
+    localisation = fit_localisation([r.detection.anomaly_map for r in detection.results],
+                                    [r.mebin.threshold for r in detection.results if r.mebin.n_regions > 0]
+                                    or [r.mebin.threshold for r in detection.results])
+    write_discovery_model(paths.model, discovery.artifacts.predictor, detection.detector, localisation, version)
+
+    embeddings = discovery.artifacts.regions.embeddings
+    images = [DiscoveredImage(image_id, path, file_hash(path), "test")
+              for image_id, path in discovery.image_paths.items()]
+    regions = [DiscoveredRegion(region.image_id, tuple(int(v) for v in region.box), float(region.score),
+                                embeddings[i])
+               for i, region in enumerate(discovery.regions)]
+    loop = DiscoveryLoop(Store(paths.store_url), paths.index, dim=embeddings.shape[1])
+    try:
+        loop.ingest_discovery(images, regions, model_version=version, artifact_path=str(paths.model),
+                              metrics={k: v for k, v in discovery.artifacts.metrics.items()
+                                       if isinstance(v, (int, float))})
+        proposal_ids = sorted(loop.open_proposals)
+        loop.flush()
+    finally:
+        loop.close()
+    return PublishResult(paths, version, len(regions), proposal_ids)

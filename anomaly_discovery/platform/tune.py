@@ -1,0 +1,252 @@
+"""Hyper-parameter tuning of discovery with Ray Tune (issue 5 item 2), behind ``adisc tune``.
+
+Ray 2.60's pattern (Train V2): a ``Tuner`` over a *function* trainable, :func:`tune_trial`, that builds and
+runs one ``TorchTrainer`` (``platform/train.py``) with ``TuneReportCallback``, which forwards every rank-0
+report (per epoch, and the final one) to Tune. ``ASHAScheduler`` stops trials whose score lags at a rung
+(``time_attr="epochs_done"``; trials that reach the last epoch are never cut, so they write their artifacts).
+
+Search space (:func:`search_space`): learning rate, student and final teacher temperatures, the loss weights
+that guide discovery (entropy, prototype separation, and the supervised weight when a base set exists), the
+number of AMGA-guided blocks L, the over-clustering factor of K (``k_max`` with ``k="auto"``) and the crop
+setting of the views (smallest random-crop area).
+
+Trials are ranked by the label-free ``selection_score`` (train.py: held-out base-crop accuracy and the novel
+embeddings' silhouette), never by a label of the images being discovered; only finished trials compete.
+Concurrency defaults to what the cluster holds (``max_concurrent_trials``). Outputs in ``--out``:
+``best_config.yaml`` (a DiscoveryConfig file: ``adisc discover --config`` and ``adisc train --config`` read
+it), ``trials.json`` (every trial's settings, score, epochs and status) and ``best/`` (the best trial's
+discover-style output). ``--resume`` continues an interrupted experiment with ``Tuner.restore``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from ..models.discovery import DiscoveryConfig
+from .discover import DiscoverJobConfig
+from .train import (SCORE_METRIC, ClusterConfig, TrainData, WorkerPlan, add_data_arguments, build_trainer,
+                    cluster_from_args, connect, discovery_settings, job_from_args, load_train_data, make_plan,
+                    record_output_folder)
+
+BEST_CONFIG_FILE = "best_config.yaml"
+TRIALS_FILE = "trials.json"
+TRIAL_DRIVER_CPUS = 0.01
+
+
+@dataclass
+class TuneSettings:
+    """``trials`` samples, at most ``max_concurrent`` at once (None: as many as the cluster holds), ASHA's
+    ``grace_period`` (epochs before a trial can be stopped) and ``reduction_factor``; ``name`` is the
+    experiment folder in the storage and ``resume`` restores it."""
+
+    trials: int = 8
+    max_concurrent: Optional[int] = None
+    grace_period: int = 1
+    reduction_factor: int = 2
+    name: str = "adisc-tune"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ValueError(f"--trials must be at least 1, got {self.trials}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be at least 1, got {self.max_concurrent}")
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError(f"grace_period must be >= 1 and reduction_factor >= 2, got {self.grace_period} and "
+                             f"{self.reduction_factor}")
+
+
+def search_space(base: DiscoveryConfig, has_base_set: bool) -> dict[str, Any]:
+    """The Tune search space around ``base`` (keys are read by :func:`trial_overrides`)."""
+    from ray import tune
+
+    space = {
+        "lr": tune.loguniform(base.lr / 4, base.lr * 2),
+        "temperature": tune.uniform(0.05, 0.2),
+        "teacher_temperature_end": tune.uniform(0.02, 0.06),
+        "entropy_weight": tune.uniform(1.0, 6.0),
+        "separation_weight": tune.loguniform(0.01, 0.5),
+        "n_guided_blocks": tune.randint(1, base.depth + 1),
+        "crop_scale_min": tune.uniform(0.3, 0.8),
+    }
+    if base.k == "auto":
+        space["overcluster_factor"] = tune.choice([1.0, 1.5, 2.0])
+    if has_base_set:
+        space["supervised_weight"] = tune.uniform(0.1, 1.0)
+    return space
+
+
+def trial_overrides(base: DiscoveryConfig, sample: dict[str, Any]) -> dict[str, Any]:
+    """DiscoveryConfig fields of one trial's sample (unknown keys are an error naming them)."""
+    sample = dict(sample)
+    overrides: dict[str, Any] = {}
+    if "teacher_temperature_end" in sample:
+        end = float(sample.pop("teacher_temperature_end"))
+        overrides["teacher_temperature"] = (max(end, base.teacher_temperature[0]), end)
+    if "crop_scale_min" in sample:
+        overrides["augment"] = replace(base.augment, scale=(float(sample.pop("crop_scale_min")), 1.0))
+    if "overcluster_factor" in sample:
+        overrides["k_max"] = max(2, math.ceil(float(sample.pop("overcluster_factor")) * base.k_max))
+    for name in ("lr", "temperature", "entropy_weight", "separation_weight", "supervised_weight"):
+        if name in sample:
+            overrides[name] = float(sample.pop(name))
+    if "n_guided_blocks" in sample:
+        overrides["n_guided_blocks"] = int(sample.pop("n_guided_blocks"))
+    if sample:
+        raise ValueError(f"unknown search-space keys {sorted(sample)}")
+    return overrides
+
+
+def max_concurrent_trials(cluster: ClusterConfig, resources: dict[str, float], trials: int) -> int:
+    """How many trials fit at once: CPUs (and GPUs) of the cluster over what one trial's workers ask for."""
+    fits = [int(resources.get("CPU", 0) // (cluster.workers * cluster.cpus_per_worker + TRIAL_DRIVER_CPUS))]
+    if cluster.gpus_per_worker > 0:
+        fits.append(int(resources.get("GPU", 0) // (cluster.workers * cluster.gpus_per_worker)))
+    return max(1, min(trials, *fits))
+
+
+def tune_trial(config: dict, plan: WorkerPlan, cluster: ClusterConfig, storage: str) -> None:
+    """One trial: a TorchTrainer over this sample, its reports forwarded to Tune. The Train run is named by
+    the trial id, so a restored trial resumes from its own latest checkpoint."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = build_trainer(plan, cluster, storage, f"train-{trial_id}", callbacks=[TuneReportCallback()],
+                            overrides=trial_overrides(plan.discovery, config))
+    trainer.fit()
+
+
+@dataclass
+class TuneOutcome:
+    """Best trial's settings and score, every trial's record, and where the outputs are."""
+
+    best_config: DiscoveryConfig
+    best_score: float
+    trials: list[dict]
+    out: Path
+    seconds: float
+
+    def describe(self) -> str:
+        finished = sum(t["finished"] for t in self.trials)
+        return "\n".join([
+            f"tuned {len(self.trials)} trials ({finished} ran every epoch, the rest stopped by ASHA or failed)",
+            f"best label-free selection score {self.best_score:.3f}: " + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.trials[0]["sample"].items()),
+            f"best settings: {self.out / BEST_CONFIG_FILE} (use with adisc discover --config / adisc train --config)",
+            f"best model: {self.out / 'best'} in {self.seconds:.1f}s"])
+
+
+def save_best_config(config: DiscoveryConfig, path: Path) -> Path:
+    """Write the settings ``load_config(DiscoveryConfig, path)`` reads back (YAML; tuples as lists)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.fingerprint(), sort_keys=True))
+    return path
+
+
+def _checkpoint(path: str, storage: str):
+    from ray.train import Checkpoint
+
+    if "://" in storage:
+        import pyarrow.fs
+
+        filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage)
+        return Checkpoint(path, filesystem=filesystem)
+    return Checkpoint(path)
+
+
+def _trial_records(grid, base: DiscoveryConfig) -> list[dict]:
+    records = []
+    for result in grid:
+        metrics = result.metrics or {}
+        sample = dict(result.config or {})
+        settings = replace(base, **trial_overrides(base, sample)).fingerprint()
+        records.append({
+            "trial": metrics.get("trial_id"), "sample": sample,
+            "settings": {k: v for k, v in settings.items() if v != base.fingerprint()[k]},
+            "score": metrics.get(SCORE_METRIC), "epochs_done": metrics.get("epochs_done"),
+            "finished": "k" in metrics, "checkpoint_path": metrics.get("checkpoint_path"),
+            "error": None if result.error is None else str(result.error).splitlines()[0]})
+    finished_first = sorted(records, key=lambda r: (not r["finished"], -(r["score"] or 0.0)))
+    return finished_first
+
+
+def run_tune(job: DiscoverJobConfig, cluster: ClusterConfig, settings: TuneSettings,
+             data: Optional[TrainData] = None, init_model: Optional[str] = None) -> TuneOutcome:
+    """Tune discovery on Ray and write best_config.yaml, trials.json and best/ to ``job.out`` (every trial
+    starts from ``init_model`` when given, as retraining does)."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    started = time.perf_counter()
+    connect(cluster.address)
+    out = Path(job.out)
+    storage = cluster.storage_path(out / "ray")
+    experiment = f"{storage}/{settings.name}"
+    data = data or load_train_data(job)
+    plan = make_plan(job, data, init_model)
+    base = plan.discovery
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial, plan=plan, cluster=cluster, storage=f"{storage}/{settings.name}-runs"),
+        {"cpu": TRIAL_DRIVER_CPUS})
+    if settings.resume:
+        if not tune.Tuner.can_restore(experiment):
+            raise FileNotFoundError(f"--resume: no Tune experiment to restore at {experiment}")
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=base.epochs, grace_period=min(
+            settings.grace_period, base.epochs), reduction_factor=settings.reduction_factor, stop_last_trials=False)
+        concurrent = settings.max_concurrent or max_concurrent_trials(cluster, ray.cluster_resources(),
+                                                                      settings.trials)
+        tuner = tune.Tuner(
+            trainable, param_space=search_space(base, bool(data.base)),
+            tune_config=tune.TuneConfig(metric=SCORE_METRIC, mode="max", scheduler=scheduler,
+                                        num_samples=settings.trials, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=settings.name, storage_path=storage, verbose=0))
+    grid = tuner.fit()
+    trials = _trial_records(grid, base)
+    best = trials[0] if trials and trials[0]["finished"] else None
+    if best is None:
+        errors = "; ".join(sorted({t["error"] for t in trials if t["error"]})) or "no trial ran every epoch"
+        raise RuntimeError(f"adisc tune: no trial finished ({errors}); see {experiment}")
+    best_config = replace(base, **trial_overrides(base, best["sample"]))
+    save_best_config(best_config, out / BEST_CONFIG_FILE)
+    (out / TRIALS_FILE).write_text(json.dumps({"metric": SCORE_METRIC, "mode": "max", "scheduler": "ASHA",
+                                               "experiment": experiment, "trials": trials},
+                                              indent=1, default=str))
+    _checkpoint(best["checkpoint_path"], storage).to_directory(str(out / "best"))
+    record_output_folder(out / "best")
+    return TuneOutcome(best_config, float(best["score"]), trials, out, time.perf_counter() - started)
+
+
+def add_tune_arguments(parser) -> None:
+    from .train import add_cluster_arguments
+
+    add_data_arguments(parser)
+    add_cluster_arguments(parser)
+    group = parser.add_argument_group("Ray Tune")
+    group.add_argument("--trials", type=int, default=8, help="number of sampled settings (default 8)")
+    group.add_argument("--max-concurrent", type=int, default=None,
+                       help="trials at once (default: as many as the cluster's CPUs/GPUs hold)")
+    group.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can stop")
+    group.add_argument("--resume", action="store_true", help="restore the experiment --name in --storage")
+
+
+def run_tune_cli(args) -> int:
+    """``adisc tune``: the same data and cluster options as ``adisc train``, plus trials and concurrency."""
+    discovery = discovery_settings(args.config, args.epochs)
+    settings = TuneSettings(trials=args.trials, max_concurrent=args.max_concurrent, grace_period=args.grace_period,
+                            name=args.name or "adisc-tune", resume=args.resume)
+    cluster = replace(cluster_from_args(args), name=None)
+    outcome = run_tune(job_from_args(args, discovery), cluster, settings)
+    print(outcome.describe())
+    return 0
