@@ -5,26 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
 
 from . import __version__
-
-NOT_BUILT = {
-    "train": "distributed discovery training with Ray Train lands with the scale-out issue (#5)",
-    "tune": "hyper-parameter tuning with Ray Tune lands with the scale-out issue (#5)",
-    "retrain": "cluster-scale retraining from reviewed classes lands with the scale-out issue (#5)",
-    "ui": "the Streamlit review dashboard lands with the review-dashboard issue (#7)",
-}
-
-
-class NotBuiltError(RuntimeError):
-    """A verb whose capability has not landed yet."""
-
-
-def _not_built(verb: str) -> Callable[[argparse.Namespace], int]:
-    def handler(_: argparse.Namespace) -> int:
-        raise NotBuiltError(f"adisc {verb}: not built yet: {NOT_BUILT[verb]}")
-    return handler
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -75,6 +57,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       "token_env": args.token_env, "replicas": args.replicas})
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .platform.train import run_train_cli
+
+    return run_train_cli(args)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .platform.tune import run_tune_cli
+
+    return run_tune_cli(args)
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from .platform.retrain import run_retrain_cli
+
+    return run_retrain_cli(args)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .ui.launch import run_ui
+
+    return run_ui(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .platform.demo import run_demo
 
@@ -93,7 +99,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                         help="skip unreadable images and mismatched masks (and report their count) instead of stopping")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser. The Ray verbs' own arguments (which import torch and Ray) are added only when ``verb``
+    is that verb, so ``adisc --help`` and the light verbs start fast."""
     parser = argparse.ArgumentParser(prog="adisc", description=(
         "anomaly-discovery: detect anomalies, localise defect regions, discover and name defect classes, "
         "serve and review them."))
@@ -184,13 +192,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1)
     p.set_defaults(handler=cmd_serve)
 
-    for verb, help_text in (("train", "distributed discovery training on a Ray cluster"),
-                            ("tune", "tune discovery hyper-parameters with Ray Tune"),
-                            ("retrain", "retrain on reviewed classes on the cluster"),
-                            ("ui", "start the review dashboard (Streamlit)")):
-        p = verbs.add_parser(verb, help=f"{help_text} [not built yet]",
-                             description=f"{help_text}. Not built yet: {NOT_BUILT[verb]}.")
-        p.set_defaults(handler=_not_built(verb))
+    p = verbs.add_parser("train", help="distributed discovery training on a Ray cluster (Ray Train)",
+                         description="Run discovery training as a Ray Train TorchTrainer: DDP workers, checkpoints "
+                                     "every epoch, restart from the latest checkpoint when a worker is lost.")
+    if verb == "train":
+        from .platform.train import add_train_arguments
+
+        add_train_arguments(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = verbs.add_parser("tune", help="tune discovery hyper-parameters with Ray Tune (ASHA, label-free ranking)",
+                         description="Search discovery settings with Ray Tune over TorchTrainer trials; trials are "
+                                     "ranked without the labels of the images being discovered.")
+    if verb == "tune":
+        from .platform.tune import add_tune_arguments
+
+        add_tune_arguments(p)
+    p.set_defaults(handler=cmd_tune)
+
+    p = verbs.add_parser("retrain", help="retrain on reviewed classes on the cluster (new model version)",
+                         description="Turn confirmed classes (from the store or a labels file) into labelled "
+                                     "classes and fine-tune on the cluster, producing a new model version.")
+    if verb == "retrain":
+        from .platform.retrain import add_retrain_arguments
+
+        add_retrain_arguments(p)
+    p.set_defaults(handler=cmd_retrain)
+
+    p = verbs.add_parser("ui", help="start the review dashboard (Streamlit)",
+                         description="Start the Streamlit review dashboard on the store and index of a work "
+                                     "folder (default demo_out/, what `adisc demo` writes).")
+    p.add_argument("--workdir", type=Path, default=Path("demo_out"))
+    p.add_argument("--store", default=None, help="SQLAlchemy URL (default: the work folder's store)")
+    p.add_argument("--index", type=Path, default=None, help="FAISS index file (default: the work folder's)")
+    p.add_argument("--model", type=Path, default=None, help="serving model folder for the Inspect page")
+    p.add_argument("--data", type=Path, default=None, help="labelled data set for the Evaluation page")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    p.set_defaults(handler=cmd_ui)
     return parser
 
 
@@ -198,12 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.errors import DataError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(verb).parse_args(argv)
     try:
         return args.handler(args)
-    except NotBuiltError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
     except (DataError, ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"adisc {args.verb}: error: {exc}", file=sys.stderr)
         return 1

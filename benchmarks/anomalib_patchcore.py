@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--coreset", choices=("indices", "adisc", "anomalib"), default="adisc")
     parser.add_argument("--coreset-indices", type=Path, default=None, help=".npy of bank positions (--coreset indices)")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
-    parser.add_argument("--coreset-projection-dim", type=int, default=128, help="for --coreset adisc; 0 = no projection")
+    parser.add_argument("--coreset-projection-dim", type=int, default=128,
+                        help="for --coreset adisc; 0 = no projection")
     parser.add_argument("--probe-iterations", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)

@@ -530,8 +530,9 @@ def fit_discovery_model(config: DiscoveryConfig, novel: Sequence[Region], base: 
     device = resolve_device(config.device)
     base_train, base_val = split_base(base, config.base_val_fraction, config.seed)
     classes = sorted({r.class_name for r in base})
-    torch.manual_seed(config.seed)
-    model = build_model(config, len(classes) + config.n_novel_prototypes).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_model(config, len(classes) + config.n_novel_prototypes).to(device)
     regions = list(novel) + base_train + base_val
     data = RegionTensors.build(regions, config.image_size, classes)
     cache = None

@@ -267,8 +267,8 @@ def write_outputs(summary: DiscoverSummary) -> Path:
                        "confidence": artifacts.image_confidence[image_id], "outlier_score": score,
                        "is_outlier": None if threshold is None else bool(score > threshold),
                        "regions": region_rows[image_id]})
-    job = config_to_dict(replace(summary.config, discovery=DiscoveryConfig()))
-    job |= {"format": summary.data_format, "discovery": summary.artifacts.predictor.config.fingerprint()}
+    job = config_to_dict(summary.config) | {"format": summary.data_format,
+                                            "discovery": artifacts.predictor.config.fingerprint()}
     payload = {"kind": "discover", "config": job, "k": artifacts.k, "k_estimated": artifacts.k_estimated,
                "k_scores": {str(k): v for k, v in (artifacts.k_scores or {}).items()},
                "base_classes": artifacts.predictor.base_classes, "outlier_threshold": threshold,

@@ -246,7 +246,8 @@ def run_retrain(job: DiscoverJobConfig, cluster: ClusterConfig, labels: Sequence
     counts: dict[str, int] = {}
     for region in labelled:
         counts[region.class_name] = counts.get(region.class_name, 0) + 1
-    record = {"version": version.name, "parent_model": str(model) if model is not None else None, "labels_source": labels_source,
+    record = {"version": version.name, "parent_model": str(model) if model is not None else None,
+              "labels_source": labels_source,
               "confirmed_classes": dict(sorted(counts.items())), "n_labelled": len(labelled),
               "unmatched_labels": unmatched, "n_novel": len(remaining), "tuned_trials": trials,
               "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

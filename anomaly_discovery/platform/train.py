@@ -336,8 +336,9 @@ def discovery_train_loop(loop_config: dict) -> None:
             final |= probe_metrics(artifacts.history[-1]["cluster_per_head"] if artifacts.history else [])
             out = local / FINAL_CHECKPOINT
             job = replace(plan.job, out=out, discovery=discovery)
+            seconds = plan.seconds | {"train": artifacts.metrics["train_seconds"]}
             write_outputs(DiscoverSummary(job, artifacts, plan.image_paths, list(novel), plan.base_description,
-                                          plan.data_format, plan.seconds | {"train": artifacts.metrics["train_seconds"]}))
+                                          plan.data_format, seconds))
         _report(final, out, FINAL_CHECKPOINT)
     finally:
         shutil.rmtree(local, ignore_errors=True)
@@ -389,15 +390,15 @@ def make_plan(job: DiscoverJobConfig, data: TrainData, init_model: Optional[str]
                       data.data_format, data.seconds, init_model, tuple(epoch_callbacks))
 
 
-def unwrap_failure(error: Exception) -> Exception:
-    """A worker's CheckpointError / ValueError out of Ray's TrainingFailedError, so the CLI names it plainly."""
+def worker_cause(error: Exception) -> Optional[Exception]:
+    """A worker's CheckpointError or ValueError inside Ray's TrainingFailedError (None when there is none)."""
     for failure in getattr(error, "worker_failures", {}).values():
         cause = failure
         while cause is not None:
             if isinstance(cause, (CheckpointError, ValueError)):
                 return cause
             cause = getattr(cause, "cause", None) or cause.__cause__
-    return error
+    return None
 
 
 def run_train(job: DiscoverJobConfig, cluster: ClusterConfig, data: Optional[TrainData] = None,
@@ -417,10 +418,11 @@ def run_train(job: DiscoverJobConfig, cluster: ClusterConfig, data: Optional[Tra
     try:
         result = build_trainer(plan, cluster, storage, name).fit()
     except TrainingFailedError as exc:
-        cause = unwrap_failure(exc)
-        if cause is exc:
+        cause = worker_cause(exc)
+        if cause is None:
             raise
-        raise type(cause)(f"adisc train: run {name} failed: {cause}") from exc
+        kind = CheckpointError if isinstance(cause, CheckpointError) else ValueError
+        raise kind(f"run {name} in {storage} failed: {str(cause).splitlines()[-1]}") from exc
     if result.checkpoint is None or Path(result.checkpoint.path).name != FINAL_CHECKPOINT:
         raise RuntimeError(f"run {name} ended without its final artifacts checkpoint (got {result.checkpoint})")
     out.mkdir(parents=True, exist_ok=True)

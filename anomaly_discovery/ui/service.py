@@ -15,7 +15,7 @@ import json
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Mapping
@@ -31,6 +31,7 @@ from anomaly_discovery.platform.evaluate import ground_truth
 from anomaly_discovery.platform.index import read_index_metadata
 from anomaly_discovery.platform.loop import DiscoveryLoop, LoopConfig, RegionLabel, embeddings_path
 from anomaly_discovery.platform.predictor import MANIFEST, PredictedImage, RegionPredictor, build_predictor
+from anomaly_discovery.platform.publish import ServicePaths
 from anomaly_discovery.platform.review import LIVE, REFERENCE
 from anomaly_discovery.platform.store import Store, active_model_version
 from anomaly_discovery.platform.store_models import (ClassStatus, Dataset, Decision, DefectClass, Image, Proposal,
@@ -61,11 +62,12 @@ class UISettings:
     @classmethod
     def for_workdir(cls, workdir: str | Path, store: str | None = None, index: str | Path | None = None,
                     model: str | Path | None = None, data: str | Path | None = None) -> UISettings:
-        """Defaults inside ``workdir`` (the layout ``adisc demo`` writes): ``adisc.db``, ``state/index.npz``,
-        ``model/``, ``data/``."""
+        """Defaults inside ``workdir``: the service state ``adisc demo`` publishes there (``ServicePaths``) and
+        the labelled data set it generated in ``data/``."""
         workdir = Path(workdir).resolve()
-        return cls(store or f"sqlite:///{workdir / 'adisc.db'}", Path(index or workdir / "state" / "index.npz"),
-                   workdir, Path(model) if model else workdir / "model", Path(data) if data else workdir / "data")
+        paths = ServicePaths(workdir)
+        return cls(store or paths.store_url, Path(index or paths.index), workdir, Path(model or paths.model),
+                   Path(data or workdir / "data"))
 
     @classmethod
     def from_environment(cls, environment: Mapping[str, str] = os.environ) -> UISettings:
@@ -182,7 +184,6 @@ class Evaluation:
     confusion: pd.DataFrame
     n_scored: int
     n_without_label: int
-    notes: list[str] = field(default_factory=list)
 
 
 class ReviewService:
@@ -192,12 +193,8 @@ class ReviewService:
         self.settings = settings
         self.store = Store(settings.store)
         self.loop = DiscoveryLoop(self.store, settings.index, embedding_dim(settings.index), config)
-        self._predictor: RegionPredictor | None = None
+        self._predictor: tuple[Path, RegionPredictor] | None = None
         self._predictor_lock = threading.Lock()
-
-    def close(self) -> None:
-        self.loop.close()
-        self.store.dispose()
 
     def refresh(self) -> None:
         """Catch up with changes other processes (the service, another dashboard) made to the store."""
@@ -213,9 +210,6 @@ class ReviewService:
     def reference_classes(self) -> list[ClassRow]:
         """Known and confirmed classes (what a region or a proposal can be merged or moved into)."""
         return self.classes(REFERENCE)
-
-    def class_row(self, class_id: int) -> ClassRow | None:
-        return next((c for c in self.classes(tuple(ClassStatus)) if c.id == class_id), None)
 
     def open_proposals(self) -> list[ProposalRow]:
         """Open proposals, largest first."""
@@ -328,18 +322,19 @@ class ReviewService:
         return None
 
     def predictor(self) -> RegionPredictor:
+        """The predictor of :meth:`model_folder`, loaded again when the active model changes."""
+        folder = self.model_folder()
+        if folder is None:
+            raise FileNotFoundError(f"no predictor folder: neither the active model nor {self.settings.model} holds "
+                                    f"a {MANIFEST}")
         with self._predictor_lock:
-            if self._predictor is None:
-                folder = self.model_folder()
-                if folder is None:
-                    raise FileNotFoundError(f"no predictor folder: neither the active model nor {self.settings.model} "
-                                            f"holds a {MANIFEST}")
+            if self._predictor is None or self._predictor[0] != folder:
                 predictor = build_predictor(folder)
                 if predictor.embedding_dim != self.loop.dim:
                     raise ValueError(f"model {folder} gives {predictor.embedding_dim}-d embeddings but the index "
                                      f"holds {self.loop.dim}-d ones")
-                self._predictor = predictor
-            return self._predictor
+                self._predictor = (folder, predictor)
+            return self._predictor[1]
 
     def inspect(self, data: bytes, filename: str) -> Inspection:
         """Predict one uploaded image and label its regions (known class, ``new`` or ``unknown``); nothing is

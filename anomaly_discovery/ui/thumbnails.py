@@ -1,4 +1,5 @@
-"""Crops of defect regions with anomaly-map and mask overlays, as small PNGs for the galleries.
+"""Crops of defect regions with anomaly-map and mask overlays, as small JPEGs for the galleries (about a sixth
+of a PNG's bytes, so 200 of them load in a browser quickly).
 
 A region's mask is the file its ``mask_path`` names: the whole image's defect mask (``adisc detect`` writes
 ``images/<id>/mebin_mask.png``; another resolution is resized to the image's). Its anomaly map is
@@ -20,6 +21,7 @@ MAP_FILE = "anomaly_map.png"
 MAP_ALPHA = 0.45
 MASK_COLOUR = (0, 255, 0)
 BOX_COLOUR = (255, 220, 0)
+JPEG_QUALITY = 85
 
 
 def context_box(box: tuple[int, int, int, int], shape: tuple[int, ...], margin: float = 0.25,
@@ -36,12 +38,16 @@ def context_box(box: tuple[int, int, int, int], shape: tuple[int, ...], margin: 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray | None = None, mask: np.ndarray | None = None
             ) -> np.ndarray:
-    """RGB uint8 image with the anomaly map (0..1 or 0..255, jet colours weighted by the map) blended in and the
-    mask's outline drawn."""
+    """RGB uint8 image with the anomaly map blended in (jet colours weighted by the map; a uint8 map is read as
+    0..255, a float map as 0..1 unless it exceeds 1, then it is divided by its maximum for display) and the mask's
+    outline drawn."""
     result = image.copy()
     if anomaly_map is not None:
         values = np.asarray(anomaly_map, np.float32)
-        values = values / 255.0 if values.max(initial=0.0) > 1.0 else values
+        if np.asarray(anomaly_map).dtype == np.uint8:
+            values = values / 255.0
+        elif values.max(initial=0.0) > 1.0:
+            values = values / values.max()
         colours = cv2.cvtColor(cv2.applyColorMap(np.uint8(np.clip(values, 0, 1) * 255), cv2.COLORMAP_JET),
                                cv2.COLOR_BGR2RGB).astype(np.float32)
         weight = (MAP_ALPHA * np.clip(values, 0, 1))[..., None]
@@ -77,8 +83,8 @@ def region_overlays(image_shape: tuple[int, ...], mask_path: str | None, view: t
 
 def region_thumbnail(image_path: str, box: tuple[int, int, int, int], mask_path: str | None, mode: str,
                      size: int = 128) -> bytes:
-    """PNG of the region's square context crop at ``size`` × ``size`` px with the overlays ``mode`` asks for (one
-    of :data:`OVERLAYS`) and the region's box."""
+    """JPEG of the region's square context crop at ``size`` × ``size`` px with the overlays ``mode`` asks for (one
+    of :data:`OVERLAYS`) and a frame just outside the region's box (so the mask outline stays visible)."""
     if mode not in OVERLAYS:
         raise ValueError(f"overlay mode must be one of {OVERLAYS}, got {mode!r}")
     image = load_image(image_path)
@@ -92,5 +98,6 @@ def region_thumbnail(image_path: str, box: tuple[int, int, int, int], mask_path:
     mask = _fit(mask.astype(np.uint8), shape, cv2.INTER_NEAREST) > 0 if mask is not None and "mask" in mode else None
     crop = overlay(crop, anomaly_map, mask)
     bx0, by0, bx1, by1 = (round((v - o) * scale) for v, o in zip(box, (x0, y0, x0, y0)))
-    cv2.rectangle(crop, (bx0, by0), (bx1 - 1, by1 - 1), BOX_COLOUR, 1)
-    return cv2.imencode(".png", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))[1].tobytes()
+    cv2.rectangle(crop, (bx0 - 1, by0 - 1), (bx1, by1), BOX_COLOUR, 1)
+    encoded = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
+    return encoded.tobytes()

@@ -27,8 +27,11 @@ def _service(settings: UISettings) -> ReviewService:
 
 
 def service() -> ReviewService:
-    """The process's service for the settings ``adisc ui`` passed (environment variables ``ADISC_UI_*``)."""
-    return _service(UISettings.from_environment())
+    """The process's service for the settings ``adisc ui`` passed (environment variables ``ADISC_UI_*``); raises
+    ``ValueError`` / ``FileNotFoundError`` naming what is missing."""
+    settings = UISettings.from_environment()
+    settings.check()
+    return _service(settings)
 
 
 thumbnail = st.cache_data(max_entries=20_000, show_spinner=False)(region_thumbnail)
@@ -91,7 +94,7 @@ def pick_form(key: str, regions: list[RegionRow], svc: ReviewService, targets: d
         st.button("Tick all shown", key=f"{key}-tick-all", on_click=tick, args=(key, shown))
         st.button("Clear ticks", key=f"{key}-clear", on_click=tick, args=(key, []))
     with st.form(f"{key}-pick", border=False):
-        columns = st.columns([4, 2, 1, 1], vertical_alignment="bottom")
+        columns = st.columns([3, 2, 1, 2], vertical_alignment="bottom")
         columns[0].multiselect("ticked crops (type a crop's number)", shown, key=ticked,
                                format_func=lambda i: f"#{i}")
         if targets:
@@ -103,9 +106,9 @@ def pick_form(key: str, regions: list[RegionRow], svc: ReviewService, targets: d
 
 
 def gallery(key: str, region_ids: list[int], svc: ReviewService, targets: dict[int, ClassRow],
-            drop_label: str) -> list[RegionRow]:
-    """A paged grid of region crops under the controls to tick some and move or unassign them; returns the
-    regions shown. Overlay and page size are the session's, the page number is this gallery's."""
+            drop_label: str) -> None:
+    """A paged grid of region crops under the controls to tick some and move them to one of ``targets`` or
+    unassign them. Overlay and page size are the session's, the page number is this gallery's."""
     controls = st.columns([2, 2, 3])
     st.session_state.setdefault("gallery-overlay", OVERLAYS[0])
     st.session_state.setdefault("gallery-page-size", 48)
@@ -121,4 +124,3 @@ def gallery(key: str, region_ids: list[int], svc: ReviewService, targets: dict[i
         for column, region in zip(st.columns(GALLERY_COLUMNS), regions[start:start + GALLERY_COLUMNS]):
             column.image(thumbnail(region.image_path, region.box, region.mask_path, overlay),
                          caption=f"#{region.id} · {region.anomaly_score:.2f}", width="stretch")
-    return regions

@@ -1,7 +1,7 @@
-"""A small review world laid out like ``adisc demo``'s output: labelled images in ``data/<kind>/``, detect-style
-``anomaly_map.png`` / ``mebin_mask.png`` per image, a pixel-statistics predictor in ``model/``, and ``adisc.db`` +
-``state/index.npz`` loaded with a discovery run (two known kinds, two novel kinds waiting as proposals). Used by the
-dashboard tests and benchmarks/proposals_page.py."""
+"""A small review world laid out like ``adisc demo``'s work folder: labelled images in ``data/<kind>/``, detect-style
+``anomaly_map.png`` / ``mebin_mask.png`` per image, and the service state where ``ServicePaths`` puts it (a
+pixel-statistics predictor as the serving model, the store and the index) loaded with a discovery run: two known
+kinds, two novel kinds waiting as proposals. Used by the dashboard tests and benchmarks/proposals_page.py."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ from pathlib import Path
 import numpy as np
 
 from anomaly_discovery.data import save_image
-from anomaly_discovery.platform.loop import DiscoveredImage, DiscoveredRegion, DiscoveryLoop, embeddings_path
+from anomaly_discovery.platform.loop import DiscoveredImage, DiscoveredRegion, DiscoveryLoop
 from anomaly_discovery.platform.predictor import PixelStatsConfig, build_predictor, write_pixel_stats_model
+from anomaly_discovery.platform.publish import ServicePaths
 from anomaly_discovery.platform.store import Store
 from anomaly_discovery.ui.service import UISettings
 from tests.platform.serve_world import DIM, KINDS, KNOWN_KINDS, defect_image
 
 def build_review_world(folder: Path, per_kind: int = 12) -> Path:
     """Write the world into ``folder`` (see the module docstring) and return it."""
-    model_dir = write_pixel_stats_model(folder / "model", PixelStatsConfig(dim=DIM), name="pixel-stats-v1")
+    paths = ServicePaths(folder)
+    model_dir = write_pixel_stats_model(paths.model, PixelStatsConfig(dim=DIM), name="pixel-stats-v1")
     predictor = build_predictor(model_dir)
     images, regions = [], []
     for k, kind in enumerate(KINDS):
@@ -35,8 +37,8 @@ def build_review_world(folder: Path, per_kind: int = 12) -> Path:
             known = kind if kind in KNOWN_KINDS else None
             regions.append(DiscoveredRegion(key, region.box, region.anomaly_score, region.embedding, known,
                                             0.9 if known else None, str(detect_dir / "mebin_mask.png")))
-    store = Store(f"sqlite:///{folder / 'adisc.db'}")
-    loop = DiscoveryLoop(store, folder / "state" / "index.npz", DIM)
+    store = Store(paths.store_url)
+    loop = DiscoveryLoop(store, paths.index, DIM)
     loop.ingest_discovery(images, regions, KNOWN_KINDS, model_version="discovery-1", artifact_path=str(model_dir))
     loop.close()
     store.dispose()
@@ -45,10 +47,6 @@ def build_review_world(folder: Path, per_kind: int = 12) -> Path:
 
 def copy_world(template: Path, workdir: Path) -> UISettings:
     """A fresh copy of the template's store and index in ``workdir``; images, model and labels stay shared."""
-    (workdir / "state").mkdir(parents=True)
-    for path in template.glob("adisc.db*"):
-        shutil.copy2(path, workdir / path.name)
-    index = template / "state" / "index.npz"
-    for path in (index, embeddings_path(index)):
-        shutil.copy2(path, workdir / "state" / path.name)
-    return UISettings.for_workdir(workdir, model=template / "model", data=template / "data")
+    shutil.copytree(ServicePaths(template).service, ServicePaths(workdir).service,
+                    ignore=shutil.ignore_patterns(ServicePaths(template).model.name))
+    return UISettings.for_workdir(workdir, model=ServicePaths(template).model, data=template / "data")

@@ -1,25 +1,30 @@
-"""The dashboard in a real browser: Debian's headless Chromium driven by Playwright opens ``streamlit run`` on a free
-port, confirms a proposal by clicking, and the store holds the confirmed class; undo in the sidebar reverts it.
-A screenshot goes to test-artifacts/. Skips when Chromium (scripts/browser.sh installs it) or Playwright is
-missing."""
+"""The dashboard in a real browser: ``run_ui`` (what ``adisc ui`` calls) starts ``streamlit run`` on a free port,
+Debian's headless Chromium driven by Playwright confirms a proposal by clicking, and the store holds the confirmed
+class; undo in the sidebar reverts it. A screenshot goes to test-artifacts/. Skips when Chromium
+(scripts/browser.sh installs it) or Playwright is missing."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from anomaly_discovery.ui.launch import dashboard_environment, free_port, streamlit_command
 from tests.ui.test_pages import newest_decision, store_state
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+REPOSITORY = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPOSITORY / "test-artifacts"
+LAUNCH = "import json, sys; from anomaly_discovery.ui.launch import run_ui; sys.exit(run_ui(json.loads(sys.argv[1])))"
 START_TIMEOUT_S = 90
 REVIEWER = "browser-test"
 
@@ -28,18 +33,31 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(),
                                 reason=f"{CHROMIUM} is missing: run scripts/browser.sh (Debian's chromium package)")
 
 
-def wait_until_healthy(url: str, process: subprocess.Popen) -> None:
+def wait_for_url(log: Path, process: subprocess.Popen) -> str:
+    """The URL ``run_ui`` prints first."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        found = re.search(r"adisc ui: (http://\S+) ", log.read_text())
+        if found:
+            return found.group(1)
+        if process.poll() is not None:
+            raise RuntimeError(f"adisc ui exited with {process.returncode}: {log.read_text()}")
+        time.sleep(0.2)
+    raise TimeoutError(f"adisc ui printed no URL within {START_TIMEOUT_S} s: {log.read_text()}")
+
+
+def wait_until_healthy(url: str, log: Path, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {process.returncode}: {process.stdout.read()}")
+            raise RuntimeError(f"adisc ui exited with {process.returncode}: {log.read_text()}")
         try:
             with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
                 if answer.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise TimeoutError(f"the dashboard at {url} did not answer within {START_TIMEOUT_S} s")
+    raise TimeoutError(f"the dashboard at {url} did not answer within {START_TIMEOUT_S} s: {log.read_text()}")
 
 
 def settle(page) -> None:
@@ -48,17 +66,24 @@ def settle(page) -> None:
 
 
 @pytest.fixture
-def dashboard(world):
-    port = free_port()
-    process = subprocess.Popen(streamlit_command("127.0.0.1", port), env=dashboard_environment(world),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+def dashboard(world, tmp_path):
+    """``run_ui`` in a subprocess; Ctrl-C (SIGINT) stops it and its ``streamlit run`` child."""
+    log = tmp_path / "adisc-ui.log"
+    arguments = json.dumps({"workdir": str(world.workdir), "model": str(world.model), "data": str(world.data)})
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, "-c", LAUNCH, arguments], stdout=output, stderr=subprocess.STDOUT,
+                                   cwd=REPOSITORY, start_new_session=True)
     try:
-        wait_until_healthy(url, process)
+        url = wait_for_url(log, process)
+        wait_until_healthy(url, log, process)
         yield url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 @pytest.fixture

@@ -4,6 +4,8 @@ an audit row naming the reviewer) and the sidebar's undo puts the store back as 
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -78,6 +80,14 @@ def members(settings, class_name: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- pages
+def test_a_missing_store_is_an_error_message_not_a_traceback(world, monkeypatch):
+    monkeypatch.setenv("ADISC_UI_STORE", f"sqlite:///{world.workdir / 'missing.db'}")
+    app = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not app.exception
+    assert "no store at" in app.error[0].value and "adisc demo" in app.error[0].value
+    assert not (world.workdir / "missing.db").exists()
+
+
 def test_overview_shows_class_counts_model_version_and_no_job(world):
     app = open_page("overview")
     metrics = {m.label: m.value for m in app.metric}
@@ -347,9 +357,17 @@ def test_inspect_shows_an_error_for_a_file_that_is_not_an_image(world):
     assert "not an image" in app.error[0].value
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims ``width`` × ``height`` pixels (the size is read before any pixel)."""
+    data = bytearray(png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
 def test_inspect_shows_an_error_for_a_huge_image(world):
     side = int(np.sqrt(MAX_UPLOAD_PIXELS)) + 16
-    huge = png_bytes(np.zeros((side, side, 3), np.uint8))
+    huge = png_claiming(side, side)
     app = open_page("inspect")
     app.file_uploader(key="inspect-upload").set_value(("huge.png", huge, "image/png")).run()
     assert not app.exception

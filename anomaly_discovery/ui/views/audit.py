@@ -33,6 +33,7 @@ if hide_undone:
     keep &= ~decisions["undone"]
 shown = decisions[keep]
 st.caption(f"{len(shown)} of {len(decisions)} decisions")
-st.dataframe(shown, hide_index=True, column_config={"time": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss")})
+st.dataframe(shown, hide_index=True,
+             column_config={"time": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss")})
 st.download_button("Export CSV", shown.to_csv(index=False).encode(), file_name="adisc_audit.csv", mime="text/csv",
                    key="audit-export")

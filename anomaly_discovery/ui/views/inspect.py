@@ -38,10 +38,12 @@ inspection = st.session_state["inspection"][1]
 prediction = inspection.prediction
 
 shown = overlay(inspection.image, prediction.anomaly_map, prediction.mask)
+text_scale = max(0.3, min(shown.shape[:2]) / 600)
+line = max(1, round(2 * text_scale))
 for region, label in zip(prediction.regions, inspection.labels):
     x0, y0, x1, y1 = region.box
-    cv2.rectangle(shown, (x0, y0), (x1 - 1, y1 - 1), BOX_COLOUR, 1)
-    cv2.putText(shown, label.name, (x0, max(10, y0 - 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.35, BOX_COLOUR, 1)
+    cv2.rectangle(shown, (x0, y0), (x1 - 1, y1 - 1), BOX_COLOUR, line)
+    cv2.putText(shown, label.name, (x0, max(12, y0 - 4)), cv2.FONT_HERSHEY_SIMPLEX, text_scale, BOX_COLOUR, line)
 left, right = st.columns(2)
 left.image(inspection.image, caption=upload.name, width="stretch")
 right.image(shown, caption="anomaly map, defect mask (green) and regions", width="stretch")
