@@ -48,7 +48,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .platform.publish import ServicePaths
+    from .platform.paths import ServicePaths
     from .platform.serve import run_serve
 
     paths = ServicePaths(args.workdir)

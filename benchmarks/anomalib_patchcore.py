@@ -9,12 +9,13 @@ settings) on its last stdout line and writes each test image's anomaly map, at t
 Backbone: anomalib's ``PatchcoreModel`` accepts a torch module (it taps nodes with torchvision FX), so it
 gets torchvision's MobileNetV2 with the same offline ImageNet file and the same taps (``features.6``,
 ``features.13``) as the project's detector; anomalib's own defaults otherwise (256 px resize, 3×3 average
-pooling, coreset ratio 0.1, 9 neighbours for the score reweighting, σ = 4 blur). Timed like ours: fit =
-feature extraction + coreset; predict = resize/normalise + ``PatchcoreModel.forward`` + resizing each map to
+pooling, plain channel concatenation, 9 neighbours for the score reweighting, σ = 4 blur); the coreset ratio
+is ``--coreset-ratio`` (anomalib's default 0.1; ``mtd_detection.py`` passes the project's). Timed like ours:
+fit = feature extraction + coreset; predict = resize/normalise + ``PatchcoreModel.forward`` + resizing each map to
 its image's size (images are decoded before the clocks start).
 
 Coreset: anomalib's ``KCenterGreedy`` takes one full pass over all N patch features per selected point, so
-on a CPU it is out of reach for MTD (N ≈ 780 k, 78 k points); its cost is measured on ``--probe-iterations``
+on a CPU it is out of reach for MTD (N ≈ 780 k patches, tens of thousands of points); its cost is measured on ``--probe-iterations``
 steps and extrapolated. ``--coreset indices --coreset-indices FILE.npy`` (what ``mtd_detection.py`` uses)
 keeps the patch positions that the project's detector picked on the same images (same grid, same order),
 taken from anomalib's own features; ``--coreset adisc`` runs the project's greedy k-center on anomalib's
@@ -174,7 +175,8 @@ def main() -> None:
         "predict_seconds": round(predict_s, 2), "images_per_s": round(len(test) / predict_s, 3),
         "scores": scores,
         "settings": {"backbone": "torchvision mobilenet_v2 (offline ImageNet file) via anomalib's FX extractor",
-                     "layers": list(LAYERS), "image_size": 256, "coreset_ratio": args.coreset_ratio,
+                     "layers": list(LAYERS), "image_size": 256,
+                     "coreset_ratio": round(len(model.memory_bank) / len(embedding), 4),
                      "coreset": args.coreset, "num_neighbors": model.num_neighbors, "batch_size": args.batch_size},
         "notes": notes,
     }))

@@ -43,7 +43,7 @@ from anomaly_discovery.data import Sample, load_image, load_mask, read_dataset
 from anomaly_discovery.models.backbones import find_mobilenet_v2_weights
 from anomaly_discovery.models.metrics import aupro, image_auroc, pixel_auroc
 from anomaly_discovery.models.mutual_scoring import MutualScoringDetector
-from anomaly_discovery.models.patchcore import PatchCoreDetector, patch_feature_batches
+from anomaly_discovery.models.patchcore import PatchCoreDetector
 from anomaly_discovery.models.prn import PRNConfig, PRNDetector
 from anomaly_discovery.models.prn_training import select_real_anomalies
 
@@ -158,28 +158,12 @@ def run_detector(name: str, train_images, test_images, real_anomalies, threads: 
     return entry, detections, detector
 
 
-def bank_positions(detector: PatchCoreDetector, train_images) -> tuple[np.ndarray | None, float]:
-    """Where each memory-bank row sits in the full patch-feature matrix of ``train_images`` (exact match of
-    recomputed features), and the seconds the feature extraction took; None when a row does not match."""
-    start = time.perf_counter()
-    batches = patch_feature_batches(detector.extractor, train_images, detector.image_size, detector.batch_size,
-                                    detector.device, (3,), detector.feature_dim, progress=False)
-    features = torch.cat([f.reshape(-1, f.shape[-1]) for (f,) in batches]).cpu().numpy()
-    extract_s = time.perf_counter() - start
-    bank = detector.memory_bank_.numpy()
-    rows = np.ascontiguousarray(features).view(np.dtype((np.void, features.shape[1] * 4))).ravel()
-    wanted = np.ascontiguousarray(bank).view(rows.dtype).ravel()
-    order = np.argsort(rows, kind="stable")
-    positions = order[np.clip(np.searchsorted(rows[order], wanted), 0, len(rows) - 1)]
-    return (positions if np.array_equal(features[positions], bank) else None), extract_s
-
-
 def run_anomalib(python: str, train: list[Sample], test: list[Sample], threads: int, labels, masks,
-                 prn_eval, test_images, positions: np.ndarray | None, projection_dim: int | None) -> dict:
+                 prn_eval, test_images, ours: PatchCoreDetector) -> dict:
     """anomalib's PatchCore in its own interpreter; its maps scored with our metric functions.
 
-    With ``positions`` its memory bank is its own features at the patch positions our coreset picked;
-    without, our greedy k-center runs on its features."""
+    Its memory bank is its own features at the patch positions our detector's coreset picked on the same
+    images (``coreset_indices_``); anomalib's own sampler is only timed on a few steps (see the helper)."""
     with tempfile.TemporaryDirectory(prefix="adisc-anomalib-") as folder:
         manifest = Path(folder) / "manifest.json"
         manifest.write_text(json.dumps({"train": [str(s.image_path) for s in train],
@@ -187,11 +171,9 @@ def run_anomalib(python: str, train: list[Sample], test: list[Sample], threads: 
         command = [python, "-W", "ignore", str(Path(__file__).with_name("anomalib_patchcore.py")),
                    "--manifest", str(manifest), "--maps-dir", str(Path(folder) / "maps"),
                    "--weights", str(find_mobilenet_v2_weights()), "--threads", str(threads)]
-        if positions is not None:
-            np.save(Path(folder) / "positions.npy", positions)
-            command += ["--coreset", "indices", "--coreset-indices", str(Path(folder) / "positions.npy")]
-        else:
-            command += ["--coreset", "adisc", "--coreset-projection-dim", str(projection_dim or 0)]
+        np.save(Path(folder) / "positions.npy", ours.coreset_indices_.numpy())
+        command += ["--coreset", "indices", "--coreset-indices", str(Path(folder) / "positions.npy"),
+                    "--coreset-ratio", str(ours.coreset_ratio), "--batch-size", str(ours.batch_size)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         load_before = load_average()
         process = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -293,10 +275,8 @@ def main() -> None:
         del detections
         if name == "patchcore" and args.anomalib_python:
             log("anomalib PatchCore: fit + predict in its own virtualenv")
-            positions, extract_s = bank_positions(detector, train_images)
-            results["detectors"]["patchcore"]["feature_extraction_seconds_of_fit"] = round(extract_s, 1)
             results["anomalib"] = run_anomalib(args.anomalib_python, train, test, args.threads, labels, masks,
-                                               prn_eval, test_images, positions, detector.coreset_projection_dim)
+                                               prn_eval, test_images, detector)
             results["anomalib"]["comparison"] = compare(results["detectors"]["patchcore"], results["anomalib"])
             log(f"anomalib: {headline(results['anomalib'])}")
         del detector

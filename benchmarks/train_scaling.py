@@ -3,8 +3,10 @@
 Usage: OMP_NUM_THREADS=1 python benchmarks/train_scaling.py [--crops 384] [--image-size 96] [--epochs 4]
 
 Trains the same discovery settings on the same generated crops (random shapes in random colours on gray,
-no labels needed) three ways — the single-process loop first and again last, to bracket the drift of the
-shared machine's load — and records, per way: the median epoch time after the first epoch, training
+no labels needed): the single-process loop (first and again last, to bracket the drift of the shared
+machine's load), the same loop inside a 1-CPU Ray task (on this machine a Ray worker process runs the plain
+loop markedly faster than the benchmark's own process; this row separates that from Ray Train's cost),
+then Ray Train with 1 and 2 workers. Per way it records: the median epoch time after the first epoch, training
 crops per second (the epoch plan's rows, each two views, over the epoch time; with 2 workers each trains
 half the plan), the whole wall time, and the peak resident memory of each training process. Also Ray's
 start-up overhead: ``ray.init`` of a local 2-CPU Ray and a no-op 1-worker TorchTrainer fit (controller,
@@ -107,6 +109,24 @@ def single_process(config: DiscoveryConfig, regions: list, when: str) -> dict:
             "load_average_1min_at_start": load}
 
 
+def single_process_in_ray_task(config: DiscoveryConfig, regions: list) -> dict:
+    """The same plain loop run inside a 1-CPU Ray task: separates Ray Train's cost from the process's."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def train(config, regions):
+        started = time.perf_counter()
+        artifacts = train_discovery(config, regions)
+        return [h["seconds"] for h in artifacts.history], time.perf_counter() - started, peak_rss_mb()
+
+    load = os.getloadavg()[0]
+    seconds, wall, peak = ray.get(train.remote(config, ray.put(regions)))
+    epoch = epoch_time(seconds)
+    return {"mode": "single process in a Ray task", "workers": 1, "epoch_s": epoch,
+            "crops_per_s": len(regions) / epoch, "wall_s": wall, "peak_rss_mb_per_worker": [peak],
+            "load_average_1min_at_start": load}
+
+
 def ray_startup() -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -159,12 +179,13 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = [single_process(config, regions, "first")]
     startup = ray_startup()
+    rows.append(single_process_in_ray_task(config, regions))
     with tempfile.TemporaryDirectory() as folder:
         for workers in (1, 2):
             rows.append(ray_train(config, regions, workers, Path(folder)))
     rows.append(single_process(config, regions, "last"))
     load_after = os.getloadavg()
-    one = next(r for r in rows if r["workers"] == 1 and r["mode"].startswith("Ray"))
+    one = next(r for r in rows if r["mode"].startswith("Ray Train, 1"))
     two = next(r for r in rows if r["workers"] == 2)
     speedup = two["crops_per_s"] / one["crops_per_s"]
     import ray

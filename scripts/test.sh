@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install, start a throwaway PostgreSQL on loopback (its tests skip if that fails), then run the whole
-# test suite. Extra arguments go to pytest.
+# Install the package, Debian's Chromium (browser test) and a throwaway PostgreSQL on loopback (their tests
+# skip if either cannot be had), then run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+bash scripts/browser.sh || echo "[test] Chromium could not be installed: the real-browser test will skip"
 if pg_env=$(bash scripts/postgres.sh); then
   eval "$pg_env"
   trap 'bash scripts/postgres.sh stop' EXIT

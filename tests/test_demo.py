@@ -1,5 +1,5 @@
 from anomaly_discovery.cli import main
-from anomaly_discovery.platform.publish import ServicePaths
+from anomaly_discovery.platform.paths import ServicePaths
 from anomaly_discovery.platform.store import Store, proposals
 
 

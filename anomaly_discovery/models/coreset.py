@@ -1,13 +1,14 @@
 """Greedy (k-center) coreset subsampling, the step PatchCore uses to shrink its memory bank.
 
-PatchCore (Roth et al., CVPR 2022, Alg. 1): start from one point, then repeatedly add the point farthest from
-everything chosen so far, m* = argmax_{m ∈ M \\ C} min_{n ∈ C} ‖ψ(m) − ψ(n)‖₂, where ψ is a fixed random linear
-projection (Johnson–Lindenstrauss) that makes the distances cheap to compute.
+PatchCore (Roth et al., CVPR 2022, Alg. 1): start from one point, then repeatedly add the point farthest
+from everything chosen so far, m* = argmax_{m ∈ M \\ C} min_{n ∈ C} ‖ψ(m) − ψ(n)‖₂, where ψ is a fixed
+random linear projection (Johnson–Lindenstrauss) that makes the distances cheap to compute.
 
 The selection here is exactly that greedy, made fast by the triangle inequality: every point remembers its
-nearest chosen centre a and the distance d(x, a), and each centre an upper bound R_a on the distances of its
-points. A new centre c can only move a point of cluster a when d(c, a) < 2·R_a, so all other clusters are
-skipped. Late in the selection most clusters are small and far, and an iteration touches few points.
+nearest chosen centre a, and each centre the largest distance R_a of its points. A new centre c can only
+move a point of cluster a when d(c, a) < 2·R_a, so all other clusters are skipped. Late in the selection
+most clusters are small and far apart, and an iteration touches few points; while most points are still
+reachable, one pass over all of them is cheaper and is used instead.
 """
 
 from __future__ import annotations

@@ -13,6 +13,12 @@ are normal and a defect patch is far from the patches of the other images.
 
 The cost grows with the square of the set size, so a set larger than ``max_references`` + 1 is split at
 random (seeded) into near-equal groups and each image is scored against the other images of its group.
+
+Defaults, chosen on generated data only (90-image sets, two thirds of them defective): one neighbourhood
+size r = 1 (r = 3 or 5 added nothing at twice the cost), ``lowest_fraction`` .1 (AUPRO .964 against .954
+at .3 and .946 at .5 on the metal plate), image score = mean of the top 1 % patches (max was up to .02 lower in
+image AUROC), plain concatenated MobileNetV2 features (equal layer shares lost .004 AUPRO), and groups of
+up to 65 images (AUPRO .964 with all 89 references, .961 with 32, .952 with 16).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 1. Locally aware patch features (§3.1): every tapped feature map is averaged over a p×p neighbourhood
    (p = 3), upsampled to the finest tapped grid and concatenated along channels; ``feature_dim`` optionally
-   averages each layer's channels down to an equal share of that many dimensions.
+   resamples each layer's channels (adaptive average pooling) to an equal share of that many dimensions,
+   so that every layer weighs the same in the distances.
 2. Memory bank M (§3.2): the patch features of all normal images, subsampled by greedy coreset
    (:mod:`.coreset`, ``coreset_ratio`` of the bank).
 3. Scores (§3.3): each test patch gets s = min_{m ∈ M} ‖m_test − m‖₂ (exact FAISS L2 search). The image
@@ -11,6 +12,14 @@
    nearest to m*, the bank feature nearest to the top patch.
 4. Map: patch scores upsampled to the network input, Gaussian-blurred (σ = 4 px at that input resolution),
    then resized to each image's own size.
+
+Defaults, chosen on generated data only (anomaly_discovery.data.synthetic, metal plate and bottle, 60 and 200
+normal training images; never on a benchmark's labels): MobileNetV2 taps 6 and 13 (strides 8 and 16; adding
+tap 10 or 17 or dropping tap 6 did not help), 256 px input (224 lost AUPRO; 320 gained ≈ .008 at 1.6× the
+cost), ``feature_dim`` 128 (equal channel shares per layer: AUPRO +.007 / +.002 over plain concatenation at
+the same size), ``coreset_ratio`` .03 (pixel AUROC within .002 of .1 at a third of the bank; .01 lost .005 more),
+greedy distances in a 32-d projection (same scores as 128-d, up to 10× faster selection), k = 1 (Eq. 7
+reweighting with k = 3 or 9 changed nothing measurable).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ def local_patch_features(feature_maps: Sequence[torch.Tensor], neighbourhood: in
 
     Each map is averaged over a ``neighbourhood``×``neighbourhood`` window (stride 1, border pixels averaged
     over the window part inside the map), bilinearly upsampled to the finest grid and concatenated. With
-    ``feature_dim``, each layer is first average-pooled over channels to ``feature_dim // len(maps)``.
+    ``feature_dim``, each layer's channels are first adaptively average-pooled to ``feature_dim // len(maps)``.
     """
     grid = max((tuple(m.shape[-2:]) for m in feature_maps), key=lambda hw: hw[0] * hw[1])
     layers = []
@@ -126,14 +135,18 @@ def reweighting(test_patch: np.ndarray, nearest: int, bank: np.ndarray, index: f
 
 
 class PatchCoreDetector:
-    """PatchCore-style detector: ``fit(normal_images)`` builds the coreset memory bank ``memory_bank_``."""
+    """PatchCore-style detector: ``fit(normal_images)`` builds the coreset memory bank ``memory_bank_``.
+
+    ``coreset_indices_`` are the bank rows' positions among all patches of the fitted images (image-major,
+    then row-major over the patch grid).
+    """
 
     name = "patchcore"
 
     def __init__(self, backbone: str = "mobilenet_v2", weights: str | Path | None = None,
                  layers: Sequence[int] | Sequence[str] | None = None, image_size: int = 256,
-                 coreset_ratio: float = 0.1, k: int = 1, feature_dim: int | None = None,
-                 coreset_projection_dim: int | None = 128, batch_size: int = 16, device: str | None = "auto",
+                 coreset_ratio: float = 0.03, k: int = 1, feature_dim: int | None = 128,
+                 coreset_projection_dim: int | None = 32, batch_size: int = 16, device: str | None = "auto",
                  seed: int = 0, progress: bool = True):
         if image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {image_size}")
@@ -173,8 +186,10 @@ class PatchCoreDetector:
         size = coreset_size(bank.shape[0], self.coreset_ratio)
         if size < bank.shape[0]:
             picks = greedy_coreset_indices(bank, size, self.coreset_projection_dim, self.seed, self.progress)
-            bank = bank[picks]
-        self._set_bank(bank)
+        else:
+            picks = torch.arange(bank.shape[0], device=bank.device)
+        self.coreset_indices_ = picks.cpu()
+        self._set_bank(bank[picks])
         return self
 
     def _set_bank(self, bank: torch.Tensor) -> None:

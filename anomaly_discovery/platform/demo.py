@@ -15,7 +15,8 @@ from ..models.discovery import DiscoveryConfig
 from .detect import DetectConfig, run_detect
 from .discover import DiscoverJobConfig, run_discover
 from .evaluate import evaluate_output
-from .publish import ServicePaths, publish_discovery
+from .paths import ServicePaths
+from .publish import publish_discovery
 
 DISCOVERED_PRODUCT = "bottle"
 BASE_PRODUCT = "metal_plate"

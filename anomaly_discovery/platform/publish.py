@@ -13,31 +13,9 @@ from pathlib import Path
 from .detect import DetectSummary
 from .discover import DiscoverSummary
 from .loop import DiscoveredImage, DiscoveredRegion, DiscoveryLoop
+from .paths import ServicePaths
 from .predictor import fit_localisation, write_discovery_model
-from .store import Store, default_database_url
-
-
-@dataclass(frozen=True)
-class ServicePaths:
-    """Where the service of one work folder keeps its state."""
-
-    workdir: Path
-
-    @property
-    def service(self) -> Path:
-        return self.workdir / "service"
-
-    @property
-    def store_url(self) -> str:
-        return default_database_url(self.service)
-
-    @property
-    def index(self) -> Path:
-        return self.service / "index" / "regions.faiss"
-
-    @property
-    def model(self) -> Path:
-        return self.service / "serving_model"
+from .store import Store
 
 
 @dataclass
@@ -74,8 +52,9 @@ def publish_discovery(detection: DetectSummary, discovery: DiscoverSummary, work
     embeddings = discovery.artifacts.regions.embeddings
     images = [DiscoveredImage(image_id, path, file_hash(path), "test")
               for image_id, path in discovery.image_paths.items()]
+    images_dir = Path(detection.config.out) / "images"
     regions = [DiscoveredRegion(region.image_id, tuple(int(v) for v in region.box), float(region.score),
-                                embeddings[i])
+                                embeddings[i], mask_path=str(images_dir / region.image_id / "mebin_mask.png"))
                for i, region in enumerate(discovery.regions)]
     loop = DiscoveryLoop(Store(paths.store_url), paths.index, dim=embeddings.shape[1])
     try:

@@ -29,16 +29,17 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..config import config_from_dict
 from ..data.errors import DataError
-from ..models.discovery import CheckpointError, DiscoveryConfig
-from ..models.regions import Region
-from .discover import DiscoverJobConfig
-from .predictor import MANIFEST
 from .train import (ClusterConfig, TrainData, add_cluster_arguments, add_data_arguments, cluster_from_args,
                     discovery_settings, job_from_args, load_train_data, run_train)
+
+if TYPE_CHECKING:
+    from ..models.discovery import DiscoveryConfig
+    from ..models.regions import Region
+    from .discover import DiscoverJobConfig
 
 VERSION_FILE = "version.json"
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
@@ -162,6 +163,9 @@ def next_version_folder(root: Path) -> Path:
 
 def discovery_model_folder(model: Path | str) -> Path:
     """The discovery model inside a serving folder (``predictor.json``), or ``model`` itself."""
+    from ..models.discovery import CheckpointError
+    from .predictor import MANIFEST
+
     model = Path(model)
     manifest_path = model / MANIFEST
     if not manifest_path.is_file():
@@ -176,6 +180,8 @@ def discovery_model_folder(model: Path | str) -> Path:
 def write_serving_folder(parent: Path, model: Path, target: Path, name: str) -> Optional[Path]:
     """The parent's serving folder with the new discovery model in it (None when the parent is no serving
     folder)."""
+    from .predictor import MANIFEST
+
     manifest_path = Path(parent) / MANIFEST
     if not manifest_path.is_file():
         return None
@@ -189,6 +195,8 @@ def write_serving_folder(parent: Path, model: Path, target: Path, name: str) -> 
 
 def model_settings(model: Path) -> DiscoveryConfig:
     """The DiscoveryConfig a saved model (``model.json``) was trained with."""
+    from ..models.discovery import CheckpointError, DiscoveryConfig
+
     path = discovery_model_folder(model) / "model.json"
     try:
         values = json.loads(path.read_text())["config"]

@@ -28,21 +28,16 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
-import torch
-from sklearn.cluster import KMeans
-from sklearn.metrics import silhouette_score
 
-from ..config import load_config
-from ..models.discovery import (CHECKPOINT_PREFIX, MODEL_FILE, STATE_FILE, CheckpointError, DiscoveryConfig,
-                                DiscoveryModel, RegionTensors, TrainHooks, embed, split_base, train_discovery)
-from ..models.prototypes import select_best_head
-from ..models.regions import Region
-from .detect import SUMMARY_FILE
-from .discover import (DiscoverJobConfig, DiscoverSummary, build_base, parse_k, regions_from_detect_output,
-                       regions_from_detection, write_outputs)
+if TYPE_CHECKING:
+    import torch
+
+    from ..models.discovery import DiscoveryConfig, DiscoveryModel, RegionTensors
+    from ..models.regions import Region
+    from .discover import DiscoverJobConfig
 
 FINAL_CHECKPOINT = "final"
 SCORE_METRIC = "selection_score"
@@ -119,6 +114,7 @@ class TrainData:
 def load_train_data(job: DiscoverJobConfig) -> TrainData:
     """Novel regions (from ``job.detections`` or a fresh detection) and the base set, as ``adisc discover``."""
     from ..data.readers import detect_format
+    from .discover import build_base, regions_from_detect_output, regions_from_detection
 
     start = time.perf_counter()
     if job.detections is not None:
@@ -182,6 +178,8 @@ class SelectionProbe:
 
     @classmethod
     def build(cls, config: DiscoveryConfig, novel: Sequence[Region], base: Sequence[Region]) -> "SelectionProbe":
+        from ..models.discovery import RegionTensors, split_base
+
         rng = np.random.default_rng(config.seed)
         chosen = sorted(rng.permutation(len(novel))[:PROBE_LIMIT])
         _, base_val = split_base(list(base), config.base_val_fraction, config.seed)
@@ -193,6 +191,11 @@ class SelectionProbe:
               k_max: int, seed: int) -> dict:
         """Base validation accuracy (head of lowest cluster loss) and the best cosine silhouette of k-means
         on the novel embeddings (K given, or every K in 2..k_max with ``k="auto"``)."""
+        import torch
+
+        from ..models.discovery import embed
+        from ..models.prototypes import select_best_head
+
         device = next(model.parameters()).device
         embeddings = embed(model, self.data, torch.arange(len(self.data.labels)), None, device)
         accuracy = None
@@ -208,6 +211,9 @@ class SelectionProbe:
 
 def novel_silhouette(embeddings: np.ndarray, k: int | str, k_max: int, seed: int) -> Optional[float]:
     """The best cosine silhouette of k-means with K clusters (K given, or 2..k_max); None when no K fits."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
     n = len(embeddings)
     candidates = [int(k)] if k != "auto" else range(2, k_max + 1)
     scores = []
@@ -227,6 +233,11 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
 def restore_checkpoint(folder: Path, into: Path) -> Optional[int]:
     """Copy a reported epoch checkpoint into ``into/epoch_NNNN`` and check it loads; returns its epoch, or None
     for a final (artifacts) checkpoint. A corrupt or foreign checkpoint is a CheckpointError naming it."""
+    from safetensors import safe_open
+
+    from ..models.discovery import CHECKPOINT_PREFIX, MODEL_FILE, STATE_FILE, CheckpointError
+    from .detect import SUMMARY_FILE
+
     folder = Path(folder)
     if (folder / SUMMARY_FILE).is_file():
         return None
@@ -235,8 +246,6 @@ def restore_checkpoint(folder: Path, into: Path) -> Optional[int]:
         epoch = int(json.loads(state_path.read_text())["epoch"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {folder} has no readable {STATE_FILE} ({exc})") from exc
-    from safetensors import safe_open
-
     try:
         with safe_open(str(folder / MODEL_FILE), framework="pt") as handle:
             list(handle.keys())
@@ -252,6 +261,8 @@ def load_backbone_weights(model: DiscoveryModel, folder: Path | str) -> None:
     """Start from a saved discovery model (its ``model/`` folder): backbone and projector weights; the
     prototype heads start fresh because the class list changes."""
     from safetensors.torch import load_file
+
+    from ..models.discovery import MODEL_FILE, CheckpointError
 
     path = Path(folder) / MODEL_FILE
     try:
@@ -280,13 +291,24 @@ def _report(metrics: dict, checkpoint_dir: Optional[Path], name: Optional[str] =
 def discovery_train_loop(loop_config: dict) -> None:
     """The per-worker function of the TorchTrainer: resume, train with Ray's hooks, rank 0 writes artifacts.
 
-    ``loop_config``: ``plan`` (a :class:`WorkerPlan`) and optional ``overrides`` (DiscoveryConfig fields,
-    e.g. a Tune trial's sample)."""
+    ``loop_config``: ``plan`` (a :class:`WorkerPlan`, or its object ref) and optional ``overrides``
+    (DiscoveryConfig fields) or ``sample`` (a Tune trial's sample, turned into overrides here, so the trial's
+    own process never loads the models)."""
     import ray
     import ray.train
     import ray.train.torch
+    import torch
 
-    plan: WorkerPlan = loop_config["plan"]
+    from ..models.discovery import TrainHooks, train_discovery
+    from .discover import DiscoverSummary, write_outputs
+
+    plan = loop_config["plan"]
+    plan: WorkerPlan = ray.get(plan) if isinstance(plan, ray.ObjectRef) else plan
+    overrides = dict(loop_config.get("overrides") or {})
+    if "sample" in loop_config:
+        from .tune import trial_overrides
+
+        overrides |= trial_overrides(plan.discovery, loop_config["sample"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     novel, base = ray.get(plan.regions)
@@ -299,7 +321,7 @@ def discovery_train_loop(loop_config: dict) -> None:
                 resumed_from = restore_checkpoint(Path(folder), local / "checkpoints")
             if resumed_from is None:
                 return
-        discovery = replace(plan.discovery, **loop_config.get("overrides", {}))
+        discovery = replace(plan.discovery, **overrides)
         discovery = replace(discovery, device=str(ray.train.torch.get_device()), progress=False,
                             checkpoint_dir=str(local / "checkpoints"), resume=resumed_from is not None,
                             keep_checkpoints=1)
@@ -354,6 +376,8 @@ class TrainRun:
     seconds: float
 
     def describe(self) -> str:
+        from .detect import SUMMARY_FILE
+
         summary = json.loads((self.out / SUMMARY_FILE).read_text())
         metrics = summary["metrics"]
         return "\n".join([
@@ -364,14 +388,17 @@ class TrainRun:
             f"written to {self.out} in {self.seconds:.1f}s"])
 
 
-def build_trainer(plan: WorkerPlan, cluster: ClusterConfig, storage: str, name: str, callbacks: Sequence = (),
-                  overrides: Optional[dict] = None):
-    """The TorchTrainer of one discovery run (``callbacks``: Ray Train user callbacks, e.g. TuneReportCallback)."""
+def build_trainer(plan: Any, cluster: ClusterConfig, storage: str, name: str, callbacks: Sequence = (),
+                  overrides: Optional[dict] = None, sample: Optional[dict] = None):
+    """The TorchTrainer of one discovery run: ``plan`` a WorkerPlan or its object ref, ``callbacks`` Ray Train
+    user callbacks (e.g. TuneReportCallback), ``overrides`` DiscoveryConfig fields or ``sample`` a Tune
+    trial's sample (see :func:`discovery_train_loop`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
-        discovery_train_loop, train_loop_config={"plan": plan, "overrides": overrides or {}},
+        discovery_train_loop,
+        train_loop_config={"plan": plan, "overrides": overrides or {}} | ({"sample": sample} if sample else {}),
         scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.gpus_per_worker > 0,
                                      resources_per_worker=cluster.resources_per_worker()),
         torch_config=TorchConfig(backend=cluster.backend),
@@ -392,6 +419,8 @@ def make_plan(job: DiscoverJobConfig, data: TrainData, init_model: Optional[str]
 
 def worker_cause(error: Exception) -> Optional[Exception]:
     """A worker's CheckpointError or ValueError inside Ray's TrainingFailedError (None when there is none)."""
+    from ..models.discovery import CheckpointError
+
     for failure in getattr(error, "worker_failures", {}).values():
         cause = failure
         while cause is not None:
@@ -407,6 +436,8 @@ def run_train(job: DiscoverJobConfig, cluster: ClusterConfig, data: Optional[Tra
     """Train discovery on Ray with ``cluster.workers`` workers and write ``adisc discover``'s outputs to
     ``job.out``; checkpoints live in ``<storage>/<name>``."""
     from ray.train import TrainingFailedError
+
+    from ..models.discovery import CheckpointError
 
     started = time.perf_counter()
     connect(cluster.address)
@@ -433,6 +464,8 @@ def run_train(job: DiscoverJobConfig, cluster: ClusterConfig, data: Optional[Tra
 
 def record_output_folder(out: Path) -> None:
     """summary.json names the folder it now lives in (rank 0 wrote it elsewhere)."""
+    from .detect import SUMMARY_FILE
+
     path = out / SUMMARY_FILE
     summary = json.loads(path.read_text())
     summary["config"]["out"] = str(out)
@@ -441,6 +474,9 @@ def record_output_folder(out: Path) -> None:
 
 def discovery_settings(path: Optional[Path], epochs: Optional[int] = None) -> DiscoveryConfig:
     """DiscoveryConfig from a settings file (e.g. Tune's best), ``--epochs`` on top."""
+    from ..config import load_config
+    from ..models.discovery import DiscoveryConfig
+
     discovery = load_config(DiscoveryConfig, path) if path else DiscoveryConfig()
     return replace(discovery, epochs=epochs) if epochs is not None else discovery
 
@@ -488,6 +524,8 @@ def cluster_from_args(args) -> ClusterConfig:
 
 
 def job_from_args(args, discovery: DiscoveryConfig) -> DiscoverJobConfig:
+    from .discover import DiscoverJobConfig, parse_k
+
     return DiscoverJobConfig(data=args.data, out=args.out, format=args.format, detector=args.detector,
                              detections=args.detections, k=parse_k(args.k), base=args.base, discovery=discovery,
                              device="cpu" if args.gpus_per_worker == 0 else "auto", seed=args.seed,

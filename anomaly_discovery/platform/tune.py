@@ -20,20 +20,22 @@ discover-style output). ``--resume`` continues an interrupted experiment with ``
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
-from ..models.discovery import DiscoveryConfig
-from .discover import DiscoverJobConfig
-from .train import (SCORE_METRIC, ClusterConfig, TrainData, WorkerPlan, add_data_arguments, build_trainer,
-                    cluster_from_args, connect, discovery_settings, job_from_args, load_train_data, make_plan,
-                    record_output_folder)
+from .train import (SCORE_METRIC, ClusterConfig, TrainData, add_data_arguments, build_trainer, cluster_from_args,
+                    connect, discovery_settings, job_from_args, load_train_data, make_plan, record_output_folder)
+
+if TYPE_CHECKING:
+    from ..models.discovery import DiscoveryConfig
+    from .discover import DiscoverJobConfig
 
 BEST_CONFIG_FILE = "best_config.yaml"
 TRIALS_FILE = "trials.json"
@@ -112,16 +114,16 @@ def max_concurrent_trials(cluster: ClusterConfig, resources: dict[str, float], t
     return max(1, min(trials, *fits))
 
 
-def tune_trial(config: dict, plan: WorkerPlan, cluster: ClusterConfig, storage: str) -> None:
-    """One trial: a TorchTrainer over this sample, its reports forwarded to Tune. The Train run is named by
-    the trial id, so a restored trial resumes from its own latest checkpoint."""
+def tune_trial(config: dict, plan_ref: Any, cluster: ClusterConfig, storage: str) -> None:
+    """One trial: a TorchTrainer over this sample, its reports forwarded to Tune. The plan stays an object
+    ref (the workers turn the sample into settings), so the trial process never loads torch or the models.
+    The Train run is named by the trial id: a restored trial resumes from its own latest checkpoint."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = build_trainer(plan, cluster, storage, f"train-{trial_id}", callbacks=[TuneReportCallback()],
-                            overrides=trial_overrides(plan.discovery, config))
-    trainer.fit()
+    build_trainer(plan_ref, cluster, storage, f"train-{trial_id}", callbacks=[TuneReportCallback()],
+                  sample=config).fit()
 
 
 @dataclass
@@ -195,9 +197,9 @@ def run_tune(job: DiscoverJobConfig, cluster: ClusterConfig, settings: TuneSetti
     data = data or load_train_data(job)
     plan = make_plan(job, data, init_model)
     base = plan.discovery
-    trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, plan=plan, cluster=cluster, storage=f"{storage}/{settings.name}-runs"),
-        {"cpu": TRIAL_DRIVER_CPUS})
+    trial = functools.partial(tune_trial, plan_ref=ray.put(plan), cluster=cluster,
+                              storage=f"{storage}/{settings.name}-runs")
+    trainable = tune.with_resources(trial, {"cpu": TRIAL_DRIVER_CPUS})
     if settings.resume:
         if not tune.Tuner.can_restore(experiment):
             raise FileNotFoundError(f"--resume: no Tune experiment to restore at {experiment}")

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from anomaly_discovery.ui.service import UISettings
+from anomaly_discovery.ui.settings import UISettings
 
 APP = Path(__file__).resolve().parent / "app.py"
 DEFAULT_WORKDIR = Path("demo_out")

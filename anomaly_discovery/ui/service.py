@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import threading
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -31,64 +29,18 @@ from anomaly_discovery.platform.evaluate import ground_truth
 from anomaly_discovery.platform.index import read_index_metadata
 from anomaly_discovery.platform.loop import DiscoveryLoop, LoopConfig, RegionLabel, embeddings_path
 from anomaly_discovery.platform.predictor import MANIFEST, PredictedImage, RegionPredictor, build_predictor
-from anomaly_discovery.platform.publish import ServicePaths
 from anomaly_discovery.platform.review import LIVE, REFERENCE
 from anomaly_discovery.platform.store import Store, active_model_version
 from anomaly_discovery.platform.store_models import (ClassStatus, Dataset, Decision, DefectClass, Image, Proposal,
                                                      ProposalStatus, Region)
+from anomaly_discovery.ui.settings import UISettings
 
-ENVIRONMENT = {"store": "ADISC_UI_STORE", "index": "ADISC_UI_INDEX", "workdir": "ADISC_UI_WORKDIR",
-               "model": "ADISC_UI_MODEL", "data": "ADISC_UI_DATA"}
 JOB_STATUS_FILE = "job_status.json"
 ACTIVE_LOOP_FILE = "active_loop.json"
 REPOSITORY_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 UNKNOWN = "unknown"
 MAX_UPLOAD_PIXELS = 40_000_000
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
-
-
-@dataclass(frozen=True)
-class UISettings:
-    """``store``: SQLAlchemy URL; ``index``: the index file (embeddings beside it); ``workdir``: where job status,
-    the active-loop curve and (by default) the model and labelled data live; ``model``: predictor folder used when
-    the store's active model names none; ``data``: labelled data set for the Evaluation page."""
-
-    store: str
-    index: Path
-    workdir: Path
-    model: Path | None = None
-    data: Path | None = None
-
-    @classmethod
-    def for_workdir(cls, workdir: str | Path, store: str | None = None, index: str | Path | None = None,
-                    model: str | Path | None = None, data: str | Path | None = None) -> UISettings:
-        """Defaults inside ``workdir``: the service state ``adisc demo`` publishes there (``ServicePaths``) and
-        the labelled data set it generated in ``data/``."""
-        workdir = Path(workdir).resolve()
-        paths = ServicePaths(workdir)
-        return cls(store or paths.store_url, Path(index or paths.index), workdir, Path(model or paths.model),
-                   Path(data or workdir / "data"))
-
-    @classmethod
-    def from_environment(cls, environment: Mapping[str, str] = os.environ) -> UISettings:
-        if not environment.get(ENVIRONMENT["workdir"]):
-            raise ValueError(f"{ENVIRONMENT['workdir']} is unset: start the dashboard with `adisc ui`")
-        return cls.for_workdir(*(environment.get(ENVIRONMENT[k]) or None
-                                 for k in ("workdir", "store", "index", "model", "data")))
-
-    def environment(self) -> dict[str, str]:
-        values = {"store": self.store, "index": self.index, "workdir": self.workdir, "model": self.model,
-                  "data": self.data}
-        return {ENVIRONMENT[k]: str(v) for k, v in values.items() if v is not None}
-
-    def check(self) -> None:
-        """Refuse settings that point at nothing (a missing SQLite file or index), naming the path."""
-        if self.store.startswith("sqlite:///"):
-            database = Path(self.store.removeprefix("sqlite:///"))
-            if not database.is_file():
-                raise FileNotFoundError(f"no store at {database}: run `adisc demo` first or pass --store")
-        if not self.index.is_file() and not embeddings_path(self.index).is_file():
-            raise FileNotFoundError(f"no index at {self.index}: run `adisc demo` first or pass --index")
 
 
 class UploadError(ValueError):
@@ -348,8 +300,7 @@ class ReviewService:
 
     # ------------------------------------------------------------------ evaluation
     def labelled_data(self) -> Path | None:
-        data = self.settings.data
-        return data if data is not None and data.is_dir() else None
+        return self.settings.data if self.settings.data.is_dir() else None
 
     def evaluate(self, data: Path) -> Evaluation:
         """Score every region whose image the labelled data set holds: true label = its image's label, prediction

@@ -7,6 +7,7 @@ at the top of the next run.
 
 from __future__ import annotations
 
+import gc
 import getpass
 from collections.abc import Callable
 
@@ -14,16 +15,22 @@ import streamlit as st
 
 from anomaly_discovery.platform.loop import LoopError
 from anomaly_discovery.platform.store import ConflictError
-from anomaly_discovery.ui.service import ClassRow, RegionRow, ReviewService, UISettings
+from anomaly_discovery.ui.service import ClassRow, RegionRow, ReviewService
+from anomaly_discovery.ui.settings import UISettings
 from anomaly_discovery.ui.thumbnails import OVERLAYS, region_thumbnail
 
 PAGE_SIZES = (12, 24, 48, 100, 200)
-GALLERY_COLUMNS = 8
+THUMBNAIL_PX = 128
 
 
 @st.cache_resource(show_spinner="opening the store and index")
 def _service(settings: UISettings) -> ReviewService:
-    return ReviewService(settings)
+    """Opened once per process; then every object so far leaves the garbage collector's reach (``gc.freeze``,
+    as the Serve replicas do): full collections over torch, faiss, SQLAlchemy and altair objects would
+    otherwise stall page runs now and then and take seconds at shutdown."""
+    service = ReviewService(settings)
+    gc.freeze()
+    return service
 
 
 def service() -> ReviewService:
@@ -108,7 +115,8 @@ def pick_form(key: str, regions: list[RegionRow], svc: ReviewService, targets: d
 def gallery(key: str, region_ids: list[int], svc: ReviewService, targets: dict[int, ClassRow],
             drop_label: str) -> None:
     """A paged grid of region crops under the controls to tick some and move them to one of ``targets`` or
-    unassign them. Overlay and page size are the session's, the page number is this gallery's."""
+    unassign them. Overlay and page size are the session's, the page number is this gallery's. The crops are one
+    image-list element: 200 separate elements take the browser several times longer to draw."""
     controls = st.columns([2, 2, 3])
     st.session_state.setdefault("gallery-overlay", OVERLAYS[0])
     st.session_state.setdefault("gallery-page-size", 48)
@@ -120,7 +128,6 @@ def gallery(key: str, region_ids: list[int], svc: ReviewService, targets: dict[i
     page = controls[2].number_input(f"page (of {pages})", 1, pages, 1, key=f"{key}-page") if pages > 1 else 1
     regions = svc.regions(region_ids[(page - 1) * page_size:page * page_size])
     pick_form(key, regions, svc, targets, drop_label)
-    for start in range(0, len(regions), GALLERY_COLUMNS):
-        for column, region in zip(st.columns(GALLERY_COLUMNS), regions[start:start + GALLERY_COLUMNS]):
-            column.image(thumbnail(region.image_path, region.box, region.mask_path, overlay),
-                         caption=f"#{region.id} · {region.anomaly_score:.2f}", width="stretch")
+    if regions:
+        st.image([thumbnail(r.image_path, r.box, r.mask_path, overlay, THUMBNAIL_PX) for r in regions],
+                 caption=[f"#{r.id} · {r.anomaly_score:.2f}" for r in regions], width=THUMBNAIL_PX)

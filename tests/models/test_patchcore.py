@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from anomaly_discovery.models.detector import Detector
-from anomaly_discovery.models.patchcore import PatchCoreDetector, gaussian_blur, local_patch_features
+from anomaly_discovery.models.patchcore import (PatchCoreDetector, gaussian_blur, local_patch_features,
+                                                patch_feature_batches)
 
 SIZE = 64
 
@@ -87,6 +88,15 @@ def test_maps_have_each_images_own_size(tiny_detector):
 def test_memory_bank_is_the_coreset_ratio_of_all_patches(tiny_detector, normal_images):
     patches = len(normal_images) * (SIZE // 4) ** 2  # tiny's finest tap has stride 4
     assert tiny_detector.memory_bank_.shape == (round(0.25 * patches), tiny_detector.feature_size)
+    picks = tiny_detector.coreset_indices_
+    assert len(set(picks.tolist())) == len(picks) and int(picks.max()) < patches
+
+
+def test_memory_bank_rows_are_the_picked_patch_features(tiny_detector, normal_images):
+    batches = patch_feature_batches(tiny_detector.extractor, normal_images, SIZE, 16, torch.device("cpu"), (3,),
+                                    tiny_detector.feature_dim, progress=False)
+    features = torch.cat([f.reshape(-1, f.shape[-1]) for (f,) in batches])
+    torch.testing.assert_close(tiny_detector.memory_bank_, features[tiny_detector.coreset_indices_])
 
 
 def test_batches_give_the_same_results_as_one_pass(normal_images, test_set):

@@ -19,7 +19,8 @@ from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.platform.discover import DiscoverJobConfig
 from anomaly_discovery.platform.evaluate import evaluate_output
 from anomaly_discovery.platform.train import (ClusterConfig, EpochEvent, add_train_arguments, load_train_data,
-                                              restore_checkpoint, run_train, run_train_cli, selection_score)
+                                              restore_checkpoint, run_train, run_train_cli, selection_score,
+                                              worker_cause)
 from tests.platform.ray_cluster import ray_session  # noqa: F401  (the session's Ray)
 from tests.platform.ray_cluster import TINY_SETTINGS, coloured_regions, write_detect_output
 
@@ -37,7 +38,7 @@ class KillWorkerOnce:
     marker: str
     rank: int = 1
     epoch: int = 1
-    delay_s: float = 5.0
+    delay_s: float = 3.0
 
     def __call__(self, event: EpochEvent) -> None:
         if event.rank == self.rank and event.epoch == self.epoch and os.path.exists(self.marker):
@@ -181,6 +182,22 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
     (checkpoint / "state.json").write_text("{broken")
     with pytest.raises(CheckpointError, match="state.json"):
         restore_checkpoint(checkpoint, tmp_path / "restored")
+
+
+def test_a_workers_checkpoint_error_is_found_inside_rays_failure(tmp_path):
+    from ray.train import WorkerGroupError
+
+    regions, _ = coloured_regions(3, seed=0)
+    config = DiscoveryConfig(**(TINY_SETTINGS | {"epochs": 1}), checkpoint_dir=str(tmp_path / "run"))
+    train_discovery(config, regions)
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    (checkpoint / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError) as raised:
+        restore_checkpoint(checkpoint, tmp_path / "restored")
+    failure = WorkerGroupError("rank 0 failed", {0: RuntimeError("restore failed")})
+    failure.worker_failures[0].__cause__ = raised.value
+    assert worker_cause(failure) is raised.value
+    assert worker_cause(WorkerGroupError("rank 0 failed", {0: RuntimeError("out of memory")})) is None
 
 
 def test_cluster_config_picks_nccl_for_gpu_workers_and_refuses_bad_values():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from anomaly_discovery.ui.service import UISettings
+from anomaly_discovery.ui.settings import UISettings
 from tests.ui.review_world import build_review_world, copy_world
 
 APP = Path(__file__).resolve().parents[2] / "anomaly_discovery" / "ui" / "app.py"

@@ -13,9 +13,9 @@ import numpy as np
 from anomaly_discovery.data import save_image
 from anomaly_discovery.platform.loop import DiscoveredImage, DiscoveredRegion, DiscoveryLoop
 from anomaly_discovery.platform.predictor import PixelStatsConfig, build_predictor, write_pixel_stats_model
-from anomaly_discovery.platform.publish import ServicePaths
+from anomaly_discovery.platform.paths import ServicePaths
 from anomaly_discovery.platform.store import Store
-from anomaly_discovery.ui.service import UISettings
+from anomaly_discovery.ui.settings import UISettings
 from tests.platform.serve_world import DIM, KINDS, KNOWN_KINDS, defect_image
 
 def build_review_world(folder: Path, per_kind: int = 12) -> Path:

@@ -6,9 +6,9 @@ import socket
 
 import pytest
 
-from anomaly_discovery.platform.publish import ServicePaths
+from anomaly_discovery.platform.paths import ServicePaths
 from anomaly_discovery.ui.launch import APP, free_port, run_ui, streamlit_command
-from anomaly_discovery.ui.service import UISettings
+from anomaly_discovery.ui.settings import UISettings
 
 
 def test_streamlit_runs_headless_without_usage_stats_or_file_watcher_on_the_given_address():
