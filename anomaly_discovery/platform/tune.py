@@ -165,6 +165,20 @@ def _checkpoint(path: str, storage: str):
     return Checkpoint(path)
 
 
+def root_cause(error: BaseException) -> str:
+    """``Type: first line`` of the innermost error under Ray's wrappers (task, controller, worker group)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = (getattr(error, "cause", None) or getattr(error, "controller_failure", None)
+                 or next(iter(getattr(error, "worker_failures", {}).values()), None) or error.__cause__)
+        if inner is None:
+            break
+        error = inner
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def _trial_records(grid, base: DiscoveryConfig) -> list[dict]:
     records = []
     for result in grid:
@@ -176,7 +190,7 @@ def _trial_records(grid, base: DiscoveryConfig) -> list[dict]:
             "settings": {k: v for k, v in settings.items() if v != base.fingerprint()[k]},
             "score": metrics.get(SCORE_METRIC), "epochs_done": metrics.get("epochs_done"),
             "finished": "k" in metrics, "checkpoint_path": metrics.get("checkpoint_path"),
-            "error": None if result.error is None else str(result.error).splitlines()[0]})
+            "error": None if result.error is None else root_cause(result.error)})
     finished_first = sorted(records, key=lambda r: (not r["finished"], -(r["score"] or 0.0)))
     return finished_first
 

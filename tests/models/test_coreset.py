@@ -63,3 +63,13 @@ def test_bad_feature_matrix_is_refused():
         greedy_coreset_indices(torch.zeros(4, 2, 3), 2)
     with pytest.raises(ValueError, match=r"coreset size must be in \[1, 4\], got 9"):
         greedy_coreset_indices(torch.zeros(4, 3), 9)
+
+
+def test_greedy_runs_in_the_projected_space(clustered_points):
+    wide = torch.cat([clustered_points, clustered_points.flip(1)], dim=1)  # 32-d, projected to 8-d
+    picks = greedy_coreset_indices(wide, 30, projection_dim=8, seed=2)
+    projected = random_projection(wide, 8, seed=2)
+    nearest = (projected - projected[picks[0]]).norm(dim=1)
+    for pick in picks[1:]:
+        assert nearest[pick] >= nearest.max() - 1e-4
+        nearest = torch.minimum(nearest, (projected - projected[pick]).norm(dim=1))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from anomaly_discovery.models.detector import Detector
-from anomaly_discovery.models.mutual_scoring import (MutualScoringDetector, interval_average,
+from anomaly_discovery.models.mutual_scoring import (MutualScoringDetector, interval_average, lowest_count,
                                                      mutual_patch_scores, pairwise_image_min_distances,
                                                      reference_groups)
 
@@ -131,12 +131,16 @@ def test_mutual_scores_ignore_the_images_own_patches():
     torch.testing.assert_close(scores, expected)
 
 
-def test_interval_average_takes_the_lowest_fraction_of_at_least_three():
-    distances = torch.tensor([[4.0, 1.0, 3.0, 2.0, 10.0, 6.0, 7.0, 8.0, 9.0, 5.0]])
-    assert interval_average(distances, 0.4).item() == pytest.approx(2.5)
-    assert interval_average(distances, 0.01).item() == pytest.approx(2.0)
-    assert interval_average(distances, 1.0).item() == pytest.approx(5.5)
-    assert interval_average(distances[:, :2], 0.5).item() == pytest.approx(2.5)
+def test_interval_average_takes_the_lowest_values():
+    distances = torch.tensor([[4.0, 1.0, 3.0, 2.0, 10.0], [5.0, 5.0, 0.0, 1.0, 9.0]])
+    torch.testing.assert_close(interval_average(distances, 2), torch.tensor([1.5, 0.5]))
+
+
+def test_lowest_count_is_the_fraction_of_at_least_three_references():
+    assert lowest_count(64, 0.1) == 7
+    assert lowest_count(7, 0.1) == 3
+    assert lowest_count(2, 0.1) == 2
+    assert lowest_count(10, 1.0) == 10
 
 
 def test_reference_groups_cover_every_image_once_with_bounded_sizes():

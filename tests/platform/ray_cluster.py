@@ -32,6 +32,9 @@ def ray_session():
     """A local Ray for the whole test session (started once, shut down when the session ends)."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # workers import torch and the models; on a shared, overloaded 2-core machine that can pass Ray Train's
+    # default 60 s worker-group start timeout
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=RAY_CPUS, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,

@@ -10,7 +10,7 @@ from anomaly_discovery.config import load_config
 from anomaly_discovery.models.discovery import DiscoveryConfig
 from anomaly_discovery.platform.train import ClusterConfig
 from anomaly_discovery.platform.tune import (BEST_CONFIG_FILE, TRIALS_FILE, add_tune_arguments, max_concurrent_trials,
-                                             run_tune_cli, search_space, trial_overrides)
+                                             root_cause, run_tune_cli, search_space, trial_overrides)
 from tests.platform.ray_cluster import ray_session  # noqa: F401  (the session's Ray)
 from tests.platform.ray_cluster import TINY_SETTINGS, write_detect_output
 
@@ -102,3 +102,11 @@ def test_concurrency_follows_the_cluster_resources():
     assert max_concurrent_trials(cpu, {"CPU": 1}, trials=8) == 1
     gpu = ClusterConfig(workers=2, gpus_per_worker=1, cpus_per_worker=4)
     assert max_concurrent_trials(gpu, {"CPU": 64, "GPU": 4}, trials=8) == 2
+
+
+def test_a_failed_trial_is_recorded_by_its_innermost_error():
+    from ray.train import ControllerError, WorkerGroupError
+
+    assert root_cause(ControllerError(TimeoutError("worker group start timed out\ndetails"))) == \
+        "TimeoutError: worker group start timed out"
+    assert root_cause(WorkerGroupError("rank 0 failed", {0: ValueError("bad lr")})) == "ValueError: bad lr"
