@@ -259,7 +259,7 @@ class PatchCoreDetector:
         settings = json.loads(metadata["settings"])
         detector = cls(settings["backbone"], weights or settings["weights"], settings["layers"],
                        settings["image_size"], settings["coreset_ratio"], settings["k"], settings["feature_dim"],
-                       settings["coreset_projection_dim"], batch_size, device, settings["seed"], progress)
+                       settings.get("coreset_projection_dim"), batch_size, device, settings["seed"], progress)
         if bank.ndim != 2 or bank.shape[1] != detector.feature_size:
             raise ValueError(f"{path} holds features of shape {tuple(bank.shape)} but backbone "
                              f"{settings['backbone']!r} gives {detector.feature_size}-d ones")
