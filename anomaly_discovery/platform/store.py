@@ -25,6 +25,8 @@ ORM objects, so 100k rows stay fast.
 from __future__ import annotations
 
 import hashlib
+import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -85,9 +87,24 @@ def make_engine(url: str, echo: bool = False) -> Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
             if engine.url.database not in (None, "", ":memory:"):
-                cursor.execute("PRAGMA journal_mode=WAL")
+                _enable_wal(cursor)
             cursor.close()
     return engine
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch a file database to WAL. SQLite answers ``database is locked`` at once, without its busy handler,
+    when several connections make that switch together, so retry until the busy timeout runs out."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def upgrade_database(url_or_engine: str | Engine, revision: str = "head") -> None:
