@@ -27,6 +27,7 @@ import torch
 
 from anomaly_discovery.data import load_image, read_dataset
 from anomaly_discovery.models.crops import CropConfig
+from anomaly_discovery.models.detector import Detection
 from anomaly_discovery.models.discovery import DiscoveryConfig, predict_regions, train_discovery
 from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.models.mutual_scoring import MutualScoringDetector
@@ -53,6 +54,23 @@ def detect_maps(samples, setting: str, normal_train, batch: int = 16):
         detector = PatchCoreDetector(progress=False).fit([load_image(s.image_path) for s in normal_train])
         return [d for start in range(0, len(images), batch) for d in detector.predict(images[start:start + batch])]
     return MutualScoringDetector(progress=False).predict(images)
+
+
+def cached_detections(samples, setting: str, normal_train, cache: Path) -> tuple[list[Detection], float]:
+    """``detect_maps`` once per setting; the maps are kept (float16) in ``cache`` so parts can run separately.
+    Returns the detections and the seconds detection took when it ran."""
+    path = cache / f"{setting}.npz"
+    if path.is_file():
+        stored = np.load(path)
+        maps = [stored[f"map{i}"].astype(np.float32) for i in range(len(samples))]
+        return [Detection(float(v), m) for v, m in zip(stored["scores"], maps)], float(stored["seconds"])
+    start = time.perf_counter()
+    detections = detect_maps(samples, setting, normal_train)
+    seconds = time.perf_counter() - start
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, scores=np.array([d.score for d in detections]), seconds=seconds,
+             **{f"map{i}": d.anomaly_map.astype(np.float16) for i, d in enumerate(detections)})
+    return detections, seconds
 
 
 def regions_for(samples, detections, prior_kind: str):
@@ -101,6 +119,13 @@ def leave_one_class_out(regions, truth: dict, base, config: DiscoveryConfig, see
             "fpr95": float(np.mean([v["fpr95"] for v in per_class.values()])), "per_class": per_class}
 
 
+def write_result(path: Path, result: dict) -> None:
+    """Write the JSON after every row (temp file + rename), so an interrupted run keeps what it measured."""
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(result, indent=1))
+    temporary.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "mtd")
@@ -108,6 +133,8 @@ def main() -> None:
     parser.add_argument("--parts", default="main", help="comma list of main, zero-shot, ablations, loco")
     parser.add_argument("--base-per-class", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-mtd-discovery-cache"),
+                        help="where the anomaly maps of each setting are kept between runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mtd_discovery.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,9 +153,8 @@ def main() -> None:
     settings = (["semi"] if "main" in parts or "ablations" in parts or "loco" in parts else []) + \
                (["zero-shot"] if "zero-shot" in parts else [])
     for setting in settings:
-        start = time.perf_counter()
-        detections = dict(zip([s.image_path for s in all_test], detect_maps(all_test, setting, normal_train)))
-        detect_seconds = time.perf_counter() - start
+        found, detect_seconds = cached_detections(all_test, setting, normal_train, args.cache)
+        detections = dict(zip([s.image_path for s in all_test], found))
         for protocol in PROTOCOLS:
             if setting == "semi" and "main" not in parts and protocol != "defects-5":
                 continue
@@ -139,6 +165,7 @@ def main() -> None:
                 row["detect_seconds"] = round(detect_seconds, 1)
                 result.setdefault(setting, {})[protocol] = row
                 print(setting, protocol, row, flush=True)
+                write_result(args.out, result)
             if setting == "semi" and protocol == "defects-5" and "ablations" in parts:
                 ablations = result.setdefault("ablations", {})
                 for guidance in ("none", "hard", "amga"):
@@ -148,10 +175,11 @@ def main() -> None:
                 ablations["object-prior=none"] = discover_and_score(prior_free, truth, base, config)
                 ablations["object-prior=fallback"] = ablations["guidance=amga"]
                 print("ablations", ablations, flush=True)
+                write_result(args.out, result)
             if setting == "semi" and protocol == "defects-5" and "loco" in parts:
                 result["leave_one_class_out"] = leave_one_class_out(regions, truth, base, config)
                 print("loco", result["leave_one_class_out"], flush=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -39,3 +39,13 @@ def test_generate_refuses_a_non_empty_folder_with_a_clear_error(tmp_path, capsys
     (tmp_path / "g" / "notes.txt").write_text("mine")
     assert main(["generate", "--out", str(tmp_path / "g"), "--n", "30", "--quiet"]) == 1
     assert "not empty" in capsys.readouterr().err
+
+
+def test_detect_with_a_corrupt_weights_file_exits_1_naming_the_file(tmp_path, capsys):
+    assert main(["generate", "--out", str(tmp_path / "g"), "--n", "30", "--quiet"]) == 0
+    weights = tmp_path / "backbone.pth"
+    weights.write_bytes(b"not a checkpoint")
+    code = main(["detect", "--data", str(tmp_path / "g"), "--format", "mvtec", "--out", str(tmp_path / "o"),
+                 "--backbone", "torchvision:resnet18", "--weights", str(weights), "--quiet"])
+    assert code == 1
+    assert "backbone.pth" in capsys.readouterr().err

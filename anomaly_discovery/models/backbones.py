@@ -34,7 +34,7 @@ DEFAULT_BACKBONE = "mobilenet_v2"
 OFFLINE_BACKBONES = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "tiny")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ValueError):
     """A weights file that is missing or does not fit the architecture it is loaded into."""
 
 

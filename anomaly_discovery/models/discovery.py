@@ -173,7 +173,7 @@ class TrainHooks:
     save_checkpoints: bool = True
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or written with other settings; the message names it."""
 
 
