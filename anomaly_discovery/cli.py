@@ -27,7 +27,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
                           skip_bad=args.skip_bad, split_file=args.split_file, masks=args.masks,
                           prior_prompt=args.prompt, sam_checkpoint=args.sam_checkpoint,
                           grounding_config=args.grounding_config, grounding_checkpoint=args.grounding_checkpoint,
-                          text_encoder=args.text_encoder, seed=args.seed, progress=not args.quiet)
+                          text_encoder=args.text_encoder, prn_model=args.prn_model, seed=args.seed,
+                          progress=not args.quiet)
     summary = run_detect(config)
     print(summary.describe())
     return 0
@@ -58,6 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "prn":
+        from .platform.train_prn import run_prn_train_cli
+
+        return run_prn_train_cli(args)
     from .platform.train import run_train_cli
 
     return run_train_cli(args)
@@ -141,6 +146,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                    help="mobilenet_v2 | efficientnet_lite0/1/2 | tiny | timm:<name> | torchvision:<name>")
     p.add_argument("--weights", type=Path, default=None, help="backbone checkpoint file (timm/torchvision models)")
     p.add_argument("--maps", type=Path, default=None, help="--detector maps: folder of maps another tool wrote")
+    p.add_argument("--prn-model", type=Path, default=None,
+                   help="--detector prn: a saved detector (`adisc train --model prn` writes OUT/prn.safetensors) "
+                        "used instead of fitting one")
     p.add_argument("--object-prior", default="auto", choices=["grounded-sam", "auto", "fallback", "none"])
     p.add_argument("--prompt", default="product", help="Grounded SAM text prompt, e.g. 'magnetic tile'")
     p.add_argument("--sam-checkpoint", type=Path, default=None)
@@ -192,13 +200,16 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1)
     p.set_defaults(handler=cmd_serve)
 
-    p = verbs.add_parser("train", help="distributed discovery training on a Ray cluster (Ray Train)",
-                         description="Run discovery training as a Ray Train TorchTrainer: DDP workers, checkpoints "
-                                     "every epoch, restart from the latest checkpoint when a worker is lost.")
+    p = verbs.add_parser("train", help="distributed discovery (or PRN detector) training on a Ray cluster (Ray Train)",
+                         description="Run discovery training (or, with --model prn, PRN detector training) as a Ray "
+                                     "Train TorchTrainer: DDP workers, checkpoints every epoch, restart from the "
+                                     "latest checkpoint when a worker is lost.")
     if verb == "train":
         from .platform.train import add_train_arguments
+        from .platform.train_prn import add_prn_arguments
 
         add_train_arguments(p)
+        add_prn_arguments(p)
     p.set_defaults(handler=cmd_train)
 
     p = verbs.add_parser("tune", help="tune discovery hyper-parameters with Ray Tune (ASHA, label-free ranking)",

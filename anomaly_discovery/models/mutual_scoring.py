@@ -122,7 +122,7 @@ class MutualScoringDetector:
                  layers: Sequence[int] | Sequence[str] | None = None, image_size: int = 256,
                  neighbourhoods: Sequence[int] = (1,), lowest_fraction: float = 0.1,
                  top_fraction: float = 0.01, max_references: int = 64, batch_size: int = 16,
-                 device: str | None = "auto", seed: int = 0, progress: bool = True):
+                 border_pad: int = 32, device: str | None = "auto", seed: int = 0, progress: bool = True):
         if image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {image_size}")
         if not neighbourhoods or any(r < 1 or r % 2 == 0 for r in neighbourhoods):
@@ -138,6 +138,7 @@ class MutualScoringDetector:
         self.image_size, self.neighbourhoods = image_size, tuple(neighbourhoods)
         self.lowest_fraction, self.top_fraction = lowest_fraction, top_fraction
         self.max_references, self.batch_size, self.seed, self.progress = max_references, batch_size, seed, progress
+        self.border_pad = border_pad
         self.device = resolve_device(device)
         self.extractor = build_backbone(backbone, weights, self.layers).to(self.device)
 
@@ -154,7 +155,8 @@ class MutualScoringDetector:
             raise ValueError(f"zero-shot mutual scoring needs at least 2 images in the set, got {len(images)}")
         per_size: list[list[torch.Tensor]] = [[] for _ in self.neighbourhoods]
         for batch in patch_feature_batches(self.extractor, images, self.image_size, self.batch_size, self.device,
-                                           self.neighbourhoods, None, self.progress, "zero-shot features"):
+                                           self.neighbourhoods, None, self.progress, "zero-shot features",
+                                           self.border_pad):
             for store, features in zip(per_size, batch):
                 store.append(features)
         features = [torch.cat(store) for store in per_size]

@@ -73,19 +73,31 @@ def local_patch_features(feature_maps: Sequence[torch.Tensor], neighbourhood: in
 def patch_feature_batches(extractor: FeatureExtractor, images: Sequence[np.ndarray], image_size: int,
                           batch_size: int, device: torch.device, neighbourhoods: Sequence[int] = (3,),
                           feature_dim: int | None = None, progress: bool = True,
-                          description: str = "features") -> Iterator[list[torch.Tensor]]:
+                          description: str = "features", border_pad: int = 0) -> Iterator[list[torch.Tensor]]:
     """For each batch of images, one B×h×w×D float32 patch-feature tensor per neighbourhood size.
 
-    The backbone runs once per batch (bf16 autocast on CUDA); the tensors stay on ``device``.
+    The backbone runs once per batch (bf16 autocast on CUDA); the tensors stay on ``device``. With
+    ``border_pad`` > 0 (a multiple of the coarsest stride), each image is first reflect-padded by that many
+    pixels and the padded cells are cut off the feature grid again: border patches then see image content
+    instead of the convolutions' zero padding, which otherwise makes them rare and so "anomalous".
     """
+    coarsest = max(extractor.strides)
+    if border_pad % coarsest or not 0 <= border_pad < image_size:
+        raise ValueError(f"border_pad must be a multiple of the backbone's coarsest stride {coarsest} and smaller "
+                         f"than image_size {image_size}, got {border_pad}")
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=description, unit="batch", disable=not progress, leave=False):
         batch = images_to_tensor(images[start:start + batch_size], image_size).to(device)
+        if border_pad:
+            batch = F.pad(batch, (border_pad,) * 4, mode="reflect")
         with torch.inference_mode(), autocast_for(device):
             maps = [m.float() for m in extractor(batch)]
         with torch.inference_mode():
-            yield [local_patch_features(maps, size, feature_dim).permute(0, 2, 3, 1).contiguous()
-                   for size in neighbourhoods]
+            features = [local_patch_features(maps, size, feature_dim) for size in neighbourhoods]
+            if border_pad:
+                cut = border_pad // min(extractor.strides)
+                features = [f[..., cut:f.shape[-2] - cut, cut:f.shape[-1] - cut] for f in features]
+            yield [f.permute(0, 2, 3, 1).contiguous() for f in features]
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
@@ -146,8 +158,8 @@ class PatchCoreDetector:
     def __init__(self, backbone: str = "mobilenet_v2", weights: str | Path | None = None,
                  layers: Sequence[int] | Sequence[str] | None = None, image_size: int = 256,
                  coreset_ratio: float = 0.03, k: int = 1, feature_dim: int | None = 128,
-                 coreset_projection_dim: int | None = 32, batch_size: int = 16, device: str | None = "auto",
-                 seed: int = 0, progress: bool = True):
+                 coreset_projection_dim: int | None = 32, batch_size: int = 16, border_pad: int = 32,
+                 device: str | None = "auto", seed: int = 0, progress: bool = True):
         if image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {image_size}")
         if k < 1:
@@ -157,7 +169,7 @@ class PatchCoreDetector:
         coreset_size(1, coreset_ratio)
         self.backbone, self.weights, self.layers = backbone, weights, list(layers) if layers else None
         self.image_size, self.coreset_ratio, self.k, self.feature_dim = image_size, coreset_ratio, k, feature_dim
-        self.coreset_projection_dim = coreset_projection_dim
+        self.coreset_projection_dim, self.border_pad = coreset_projection_dim, border_pad
         self.batch_size, self.seed, self.progress = batch_size, seed, progress
         self.device = resolve_device(device)
         self.extractor = build_backbone(backbone, weights, self.layers).to(self.device)
@@ -174,7 +186,7 @@ class PatchCoreDetector:
     def _features(self, images: Sequence[np.ndarray], description: str) -> Iterator[torch.Tensor]:
         for (features,) in patch_feature_batches(self.extractor, images, self.image_size, self.batch_size,
                                                  self.device, (3,), self.feature_dim, self.progress,
-                                                 description):
+                                                 description, self.border_pad):
             yield features
 
     def fit(self, normal_images: Sequence[np.ndarray]) -> "PatchCoreDetector":
@@ -232,7 +244,8 @@ class PatchCoreDetector:
         settings = {"backbone": self.backbone, "weights": str(self.weights) if self.weights else None,
                     "layers": self.layers, "image_size": self.image_size, "coreset_ratio": self.coreset_ratio,
                     "k": self.k, "feature_dim": self.feature_dim,
-                    "coreset_projection_dim": self.coreset_projection_dim, "seed": self.seed}
+                    "coreset_projection_dim": self.coreset_projection_dim, "border_pad": self.border_pad,
+                    "seed": self.seed}
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"memory_bank": self.memory_bank_}, str(path),
@@ -259,7 +272,8 @@ class PatchCoreDetector:
         settings = json.loads(metadata["settings"])
         detector = cls(settings["backbone"], weights or settings["weights"], settings["layers"],
                        settings["image_size"], settings["coreset_ratio"], settings["k"], settings["feature_dim"],
-                       settings.get("coreset_projection_dim"), batch_size, device, settings["seed"], progress)
+                       settings.get("coreset_projection_dim"), batch_size, settings.get("border_pad", 0), device,
+                       settings["seed"], progress)
         if bank.ndim != 2 or bank.shape[1] != detector.feature_size:
             raise ValueError(f"{path} holds features of shape {tuple(bank.shape)} but backbone "
                              f"{settings['backbone']!r} gives {detector.feature_size}-d ones")

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from .backbones import autocast_for, build_backbone, images_to_tensor, resolve_device
 from .detector import Detection, resize_map
-from .prn_training import (AnomalySampler, fit_prototypes, prototype_residuals, resize_image, resize_mask,
-                           train_head)
+from .prn_training import (AnomalySampler, PRNTrainHooks, fit_prototypes, prototype_residuals, resize_image,
+                           resize_mask, train_head)
 
 logger = logging.getLogger(__name__)
 
@@ -264,11 +264,14 @@ class PRNDetector:
 
     def fit(self, normal_images: Sequence[np.ndarray],
             real_anomalies: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-            foreground_masks: Sequence[np.ndarray] | None = None) -> "PRNDetector":
+            foreground_masks: Sequence[np.ndarray] | None = None, hooks: PRNTrainHooks | None = None) -> "PRNDetector":
         """Train on normal images, ≤ ``max_real_anomalies`` (image, mask) pairs and generated anomalies.
 
         ``foreground_masks`` (one per normal image) limit where generated anomalies go; default: everywhere.
+        ``hooks``: a distributed runner's injection points (:class:`PRNTrainHooks`); every worker encodes all
+        normal images and fits the same seeded prototypes.
         """
+        hooks = hooks or PRNTrainHooks()
         cfg, size = self.config, self.config.image_size
         real = list(real_anomalies or [])
         if len(real) > cfg.max_real_anomalies:
@@ -287,7 +290,8 @@ class PRNDetector:
         self._build(device, [])
         maps = self._encode_all(normals)
         self.prototypes_ = [fit_prototypes(m, cfg.prototype_fraction, cfg.seed).to(device) for m in maps[:3]]
-        sampler = AnomalySampler(normals, real_images, real_masks, foregrounds, cfg.source_weights, cfg.seed)
+        sampler = AnomalySampler(normals, real_images, real_masks, foregrounds, cfg.source_weights,
+                                 hooks.sampler_seed(cfg.seed))
         self.sources_, self.n_real_anomalies_ = sampler.sources_, len(real)
         if not real:
             logger.warning("PRN: no real anomalies given; training on simulated anomalies only")
@@ -296,7 +300,7 @@ class PRNDetector:
         self.loss_history_ = train_head(
             self.head_, maps, self.prototypes_, sampler, self._encode, epochs=cfg.epochs, batch_size=cfg.batch_size,
             steps_per_epoch=cfg.steps_per_epoch, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device,
-            seed=cfg.seed, progress=cfg.progress,
+            seed=cfg.seed, progress=cfg.progress, hooks=hooks,
             loss_kwargs={"focal_weight": cfg.focal_weight, "alpha": cfg.focal_alpha, "gamma": cfg.focal_gamma})
         return self
 

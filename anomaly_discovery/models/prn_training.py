@@ -7,9 +7,11 @@ is 1:1 in every epoch.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import cv2
 import faiss
@@ -83,7 +85,7 @@ class AnomalySampler:
     """
 
     def __init__(self, normal_images: np.ndarray, real_images: np.ndarray, real_masks: np.ndarray,
-                 foregrounds: np.ndarray | None, source_weights: Sequence[float], seed: int = 0):
+                 foregrounds: np.ndarray | None, source_weights: Sequence[float], seed: int | Sequence[int] = 0):
         self.normal_images, self.real_images, self.real_masks = normal_images, real_images, real_masks
         self.foregrounds = foregrounds
         available = [w if (name == "simulated" or len(real_images)) else 0.0
@@ -114,31 +116,72 @@ class AnomalySampler:
         return image, mask, "simulated"
 
 
+@dataclass
+class PRNTrainHooks:
+    """Injection points of a distributed runner (Ray Train) into :func:`train_head`; the defaults are the
+    single-process path. ``wrap_model`` wraps the head (e.g. ``prepare_model``); this worker trains on share
+    ``rank`` of ``world_size`` of every epoch's normal images (``batch_size`` is per worker); ``on_epoch(epoch,
+    metrics, state)`` runs after each epoch, ``state`` being {"head", "optimizer", "history"}, which
+    ``initial_state`` takes back to resume after the epochs in its history."""
+
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model
+    on_epoch: Optional[Callable[[int, dict, dict], None]] = None
+    rank: int = 0
+    world_size: int = 1
+    initial_state: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+
+    @property
+    def start_epoch(self) -> int:
+        return 0 if self.initial_state is None else len(self.initial_state["history"])
+
+    def sampler_seed(self, seed: int) -> int | list[int]:
+        """``seed`` on the single-process path; other workers and resumed runs draw their own anomalies."""
+        return seed if (self.rank, self.start_epoch) == (0, 0) else [seed, self.rank, self.start_epoch]
+
+
 def train_head(head: torch.nn.Module, normal_maps: Sequence[torch.Tensor], prototypes: Sequence[torch.Tensor],
                sampler: AnomalySampler, encode: Callable[[np.ndarray], list[torch.Tensor]], *, epochs: int,
                batch_size: int, steps_per_epoch: int | None, lr: float, weight_decay: float, device: torch.device,
-               seed: int = 0, progress: bool = True, loss_kwargs: dict | None = None) -> list[float]:
+               seed: int = 0, progress: bool = True, loss_kwargs: dict | None = None,
+               hooks: PRNTrainHooks | None = None) -> list[float]:
     """Step 9: Adam on ``prn_loss``; each batch = ⌊B/2⌋ cached normal maps + the rest sampled anomalies.
 
     ``normal_maps`` are the cached encoder maps of the normal images (three scales then the coarse stage);
-    ``encode`` maps a uint8 N×S×S×3 batch to the same list on ``device``. Returns the mean loss per epoch.
+    ``encode`` maps a uint8 N×S×S×3 batch to the same list on ``device``. ``hooks`` (see
+    :class:`PRNTrainHooks`) shard, wrap, report and resume. Returns the mean loss per epoch (of this worker).
     """
+    hooks = hooks or PRNTrainHooks()
     n_images = normal_maps[0].shape[0]
     n_normal = max(1, batch_size // 2)
     n_anomalous = max(1, batch_size - n_normal)
-    steps = steps_per_epoch or math.ceil(n_images / n_normal)
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    per_step = n_normal * hooks.world_size
+    steps = steps_per_epoch or math.ceil(n_images / per_step)
+    rounds = math.ceil(steps * per_step / n_images)
+    history: list[float] = []
+    if hooks.initial_state is not None:
+        head.load_state_dict(hooks.initial_state["head"])
+        history = [float(loss) for loss in hooks.initial_state["history"]]
+    model = hooks.wrap_model(head)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if hooks.initial_state is not None:
+        optimizer.load_state_dict(hooks.initial_state["optimizer"])
     rng = np.random.default_rng(seed)
+    for _ in range(hooks.start_epoch * rounds):
+        rng.permutation(n_images)
     size = sampler.normal_images.shape[1]
-    history = []
-    head.train()
-    bar = tqdm(total=epochs * steps, desc="PRN training", unit="step", disable=not progress)
-    for epoch in range(epochs):
-        rounds = math.ceil(steps * n_normal / n_images)
+    model.train()
+    bar = tqdm(total=max(0, epochs - hooks.start_epoch) * steps, desc="PRN training", unit="step",
+               disable=not progress)
+    for epoch in range(hooks.start_epoch, epochs):
         order = np.concatenate([rng.permutation(n_images) for _ in range(rounds)])
         total = 0.0
         for step in range(steps):
-            index = torch.from_numpy(order[step * n_normal:(step + 1) * n_normal])
+            first = (step * hooks.world_size + hooks.rank) * n_normal
+            index = torch.from_numpy(order[first:first + n_normal])
             drawn = [sampler.draw() for _ in range(n_anomalous)]
             anomalous_maps = encode(np.stack([image for image, _, _ in drawn]))
             maps = [torch.cat([cached[index].to(device), fresh]) for cached, fresh in zip(normal_maps, anomalous_maps)]
@@ -146,7 +189,7 @@ def train_head(head: torch.nn.Module, normal_maps: Sequence[torch.Tensor], proto
             masks[n_normal:, 0] = torch.from_numpy(np.stack([mask for _, mask, _ in drawn])).to(device)
             residuals = [prototype_residuals(f, p) for f, p in zip(maps[:-1], prototypes)]
             with autocast_for(device):
-                logits = head(maps[:-1], residuals, maps[-1])
+                logits = model(maps[:-1], residuals, maps[-1])
             loss = prn_loss(logits.float(), masks, **(loss_kwargs or {}))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -155,6 +198,10 @@ def train_head(head: torch.nn.Module, normal_maps: Sequence[torch.Tensor], proto
             bar.update()
         history.append(total / steps)
         bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4f}")
+        if hooks.on_epoch is not None:
+            state = copy.deepcopy({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "history": history})
+            hooks.on_epoch(epoch, {"loss": history[-1]}, state)
     bar.close()
     head.eval()
     return history

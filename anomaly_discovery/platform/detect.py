@@ -36,6 +36,7 @@ class DetectConfig:
     backbone: str = "mobilenet_v2"
     weights: Path | None = None
     maps: Path | None = None
+    prn_model: Path | None = None
     object_prior: str = "auto"
     prior_prompt: str = "product"
     sam_checkpoint: Path | None = None
@@ -57,6 +58,8 @@ class DetectConfig:
             raise ValueError(f"detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}")
         if self.detector == "maps" and self.maps is None:
             raise ValueError("--detector maps needs --maps FOLDER (the maps another tool wrote)")
+        if self.prn_model is not None and self.detector != "prn":
+            raise ValueError(f"--prn-model is a saved PRN detector: use it with --detector prn, not {self.detector}")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {self.image_size}")
 
@@ -137,6 +140,8 @@ def build_detector(config: DetectConfig):
     if config.detector == "prn":
         from ..models.prn import PRNConfig, PRNDetector
 
+        if config.prn_model is not None:
+            return PRNDetector.load(config.prn_model, device=config.device)
         return PRNDetector(PRNConfig(encoder=config.backbone, image_size=config.image_size, device=config.device,
                                      seed=config.seed, progress=config.progress))
     from ..models.external_maps import ExternalMapDetector
@@ -150,13 +155,19 @@ def _load_all(samples: list[Sample], progress: bool, desc: str) -> list[np.ndarr
 
 
 def fit_detector(detector, config: DetectConfig, fit_samples: list[Sample], test_samples: list[Sample]):
-    """Fit; for PRN also choose ≤ 10 real anomalies and return the test images left for evaluation."""
+    """Fit; for PRN also choose ≤ 10 real anomalies and return the test images left for evaluation (a saved
+    PRN is not fitted again: the anomalies it trained on, picked the same way, are left out)."""
     if config.detector in ("zero-shot", "maps"):
         return detector.fit(None), test_samples, []
+    if config.prn_model is not None:
+        from ..models.prn_training import select_real_anomalies
+
+        chosen, rest = select_real_anomalies(test_samples, n=detector.n_real_anomalies_, seed=detector.config.seed)
+        return detector, rest, chosen
     normal_images = _load_all(fit_samples, config.progress, "loading normal images")
     if config.detector != "prn":
         return detector.fit(normal_images), test_samples, []
-    from ..models.prn import select_real_anomalies
+    from ..models.prn_training import select_real_anomalies
 
     chosen, rest = select_real_anomalies(test_samples, seed=config.seed)
     anomalies = [(load_image(s.image_path), load_mask(s.mask_path)) for s in chosen if s.mask_path is not None]

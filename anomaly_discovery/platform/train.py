@@ -389,15 +389,17 @@ class TrainRun:
 
 
 def build_trainer(plan: Any, cluster: ClusterConfig, storage: str, name: str, callbacks: Sequence = (),
-                  overrides: Optional[dict] = None, sample: Optional[dict] = None):
+                  overrides: Optional[dict] = None, sample: Optional[dict] = None,
+                  train_loop: Callable[[dict], None] = discovery_train_loop):
     """The TorchTrainer of one discovery run: ``plan`` a WorkerPlan or its object ref, ``callbacks`` Ray Train
     user callbacks (e.g. TuneReportCallback), ``overrides`` DiscoveryConfig fields or ``sample`` a Tune
-    trial's sample (see :func:`discovery_train_loop`)."""
+    trial's sample (see :func:`discovery_train_loop`); ``train_loop`` another per-worker function taking the
+    same ``plan`` (the PRN one, ``train_prn.prn_train_loop``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
-        discovery_train_loop,
+        train_loop,
         train_loop_config={"plan": plan, "overrides": overrides or {}} | ({"sample": sample} if sample else {}),
         scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.gpus_per_worker > 0,
                                      resources_per_worker=cluster.resources_per_worker()),

@@ -94,7 +94,7 @@ def test_memory_bank_is_the_coreset_ratio_of_all_patches(tiny_detector, normal_i
 
 def test_memory_bank_rows_are_the_picked_patch_features(tiny_detector, normal_images):
     batches = patch_feature_batches(tiny_detector.extractor, normal_images, SIZE, 16, torch.device("cpu"), (3,),
-                                    tiny_detector.feature_dim, progress=False)
+                                    tiny_detector.feature_dim, progress=False, border_pad=tiny_detector.border_pad)
     features = torch.cat([f.reshape(-1, f.shape[-1]) for (f,) in batches])
     torch.testing.assert_close(tiny_detector.memory_bank_, features[tiny_detector.coreset_indices_])
 
@@ -191,3 +191,24 @@ def test_gaussian_blur_keeps_mass_and_spreads_a_peak():
     assert blurred.shape == impulse.shape
     assert blurred.sum().item() == pytest.approx(1.0, abs=1e-3)
     assert blurred[0, 0, 20, 20].item() == pytest.approx(1 / (2 * np.pi * 16), rel=0.02)
+
+
+def _flat_image_features(extractor, border_pad: int) -> torch.Tensor:
+    flat = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    (features,) = next(patch_feature_batches(extractor, [flat], SIZE, 1, torch.device("cpu"), (1,), None,
+                                             progress=False, border_pad=border_pad))
+    return features[0]
+
+
+def test_border_padding_keeps_the_grid_and_makes_border_patches_like_the_inside(tiny_detector):
+    plain, padded = (_flat_image_features(tiny_detector.extractor, pad) for pad in (0, 32))
+    assert padded.shape == plain.shape
+    spread = [float(f.reshape(-1, f.shape[-1]).std(0).mean()) for f in (plain, padded)]
+    assert spread[1] < 0.2 * spread[0]  # a flat image: patches differ only by their distance to the border
+
+
+@pytest.mark.parametrize("border_pad", [3, SIZE])
+def test_border_padding_that_does_not_fit_the_strides_or_the_image_is_refused(tiny_detector, border_pad):
+    with pytest.raises(ValueError, match="border_pad"):
+        next(patch_feature_batches(tiny_detector.extractor, [np.zeros((SIZE, SIZE, 3), np.uint8)], SIZE, 1,
+                                   torch.device("cpu"), border_pad=border_pad))
