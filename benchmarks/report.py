@@ -7,6 +7,7 @@ the run saw; a benchmark whose JSON is missing is listed as not run.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,6 +153,31 @@ def section_review() -> str:
         table(["action", "median s", "max s", "< 1 s"], rows), "", machine(r)])
 
 
+def section_active_loop() -> str:
+    r = load("active_loop")
+    if r is None:
+        return ("## Active loop (`benchmarks/active_loop.py`)\n\nNot run yet: no committed "
+                "`benchmarks/results/active_loop.json`.")
+    rows = [[n, r["f1_after"][n], r["nmi_after"][n], r["ari_after"][n]] for n in r["f1_after"]]
+    setup, seconds = r["setup"], r["seconds_per_action"]
+    kinds = ", ".join(f"{kind} {count}" for kind, count in
+                      sorted(Counter(a["action"] for a in r["actions"]).items()))
+    stopped = "; the reviewer then had nothing left to do" if r["stopped_early"] else ""
+    wrong = ", ".join(f"{pair} {n}" for pair, n in r["final_confusion_regions"].items()
+                      if len(set(pair.split(" -> "))) == 2)
+    return "\n".join([
+        "## Active loop (`benchmarks/active_loop.py`)", "",
+        f"{r['protocol']}: {setup['images_scored']} of {setup['images_in_protocol']} images have regions "
+        f"({setup['regions']} regions, {setup['proposals_at_start']} proposals at the start). A simulated reviewer "
+        "answers from the labels, one action at a time, through the loop's actions (policy in the script's "
+        f"docstring). Target: {r['target']}.", "",
+        table(["reviewer actions", "F1", "NMI", "ARI"], rows), "",
+        f"Actions taken: {r['actions_taken']} ({kinds}){stopped}. Seconds per action (a whole loop call): median "
+        f"{fmt(seconds['median'])}, max {fmt(seconds['max'])}. Meets target: {fmt(r['meets_target'])}.", "",
+        f"Regions outside their label's class at the end (true -> class; unknown: unassigned): "
+        f"{wrong or 'none'}.", "", machine(r)])
+
+
 def section_serve() -> str:
     r = load("serve_load")
     if r is None:
@@ -206,7 +232,8 @@ def render() -> str:
         "recorded), no GPU. Hyper-parameters were chosen on synthetic data only, never on the labels of the "
         "data being evaluated.",
         section_generator(), section_metrics(), section_mebin(), section_detection(), section_discovery(),
-        section_train_scaling(), section_index(), section_review(), section_serve(), section_proposals_page()]
+        section_train_scaling(), section_index(), section_review(), section_active_loop(), section_serve(),
+        section_proposals_page()]
     return "\n\n".join(parts) + "\n"
 
 
