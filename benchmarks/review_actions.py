@@ -26,7 +26,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from anomaly_discovery.platform.loop import DiscoveredImage, DiscoveredRegion, DiscoveryLoop
+from anomaly_discovery.platform.loop import DiscoveryLoop
+from anomaly_discovery.platform.loop_types import DiscoveredImage, DiscoveredRegion
 from anomaly_discovery.platform.store import Store
 
 RESULTS = Path(__file__).resolve().parent / "results" / "review_actions.json"

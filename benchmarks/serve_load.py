@@ -36,7 +36,8 @@ from ray import serve
 
 from anomaly_discovery.data import load_image
 from anomaly_discovery.data.synthetic import generate_dataset
-from anomaly_discovery.platform.loop import DiscoveredImage, DiscoveredRegion, DiscoveryLoop
+from anomaly_discovery.platform.loop import DiscoveryLoop
+from anomaly_discovery.platform.loop_types import DiscoveredImage, DiscoveredRegion
 from anomaly_discovery.platform.predictor import PixelStatsConfig, build_predictor, write_pixel_stats_model
 from anomaly_discovery.platform.serve import ServeSettings, bound_service
 from anomaly_discovery.platform.store import Store

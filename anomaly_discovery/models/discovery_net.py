@@ -268,6 +268,23 @@ class HybridDiscoveryBackbone(DiscoveryBackbone):
         return tokens + pos_embed, grid_hw
 
 
+def forward_from_cnn_features(backbone: HybridDiscoveryBackbone, features: torch.Tensor,
+                              anomaly_maps: Optional[torch.Tensor], object_masks: Optional[torch.Tensor]
+                              ) -> torch.Tensor:
+    """The hybrid's forward from its (frozen) CNN feature map B×C×h×w on: projection, CLS and position
+    embeddings, guided blocks, norm → CLS (B×D). Maps may already be pooled to the h×w grid."""
+    patches = backbone.proj(features)
+    grid_hw = (patches.shape[-2], patches.shape[-1])
+    tokens = torch.cat([backbone.cls_token.expand(patches.shape[0], -1, -1), patches.flatten(2).transpose(1, 2)], 1)
+    tokens = tokens + resample_abs_pos_embed(backbone.pos_embed, new_size=grid_hw, old_size=backbone.reference_grid,
+                                             num_prefix_tokens=1)
+    bias = backbone.cls_bias(anomaly_maps, object_masks, grid_hw, tokens.shape[1])
+    first_guided = len(backbone.blocks) - backbone.n_guided_blocks
+    for index, block in enumerate(backbone.blocks):
+        tokens = block(tokens, cls_bias=bias if index >= first_guided else None)
+    return backbone.norm(tokens)[:, 0]
+
+
 def vit_with_amga(model_name: str = DEFAULT_VIT, weights: Union[str, Path, None] = None, n_guided_blocks: int = 9,
                   trainable_blocks: int = 1, guidance: Guidance = "amga", **timm_kwargs) -> ViTDiscoveryBackbone:
     """A timm ViT from the user's weights file (``None`` = random init, for tests) with AMGA in its last

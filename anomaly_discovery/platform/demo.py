@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..data.synthetic import generate_dataset
-from ..models.discovery import DiscoveryConfig
+from ..models.discovery_config import DiscoveryConfig
 from .detect import DetectConfig, run_detect
 from .discover import DiscoverJobConfig, run_discover
 from .evaluate import evaluate_output

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from ..config import config_from_dict, config_to_dict, load_config
 from ..data import DataError, LayoutError, Sample, load_image, read_dataset
 from ..data.readers import detect_format
-from ..models.discovery import DiscoveryArtifacts, DiscoveryConfig, train_discovery
+from ..models.discovery import DiscoveryArtifacts, train_discovery
+from ..models.discovery_config import DiscoveryConfig
 from ..models.regions import Region, base_regions_from_boxes, base_regions_from_mask, crop_region, novel_regions
 from .detect import DETECTORS, SUMMARY_FILE, DetectConfig, run_detect
 

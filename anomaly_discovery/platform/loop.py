@@ -26,6 +26,9 @@ differs from the store's is repaired by adding/removing the differing reference 
 prototype ("replayed"), a missing or unreadable one is rebuilt ("rebuilt"). Several processes may share one store
 and folder: each write transaction takes a PostgreSQL advisory lock (SQLite serialises writers itself), so
 assignment ids commit in order and every process's ``sync`` sees all changes.
+
+The loop's records (settings, inputs, answers) live in ``loop_types``, the assignment mirror and the
+embeddings path in ``loop_mirror``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +46,11 @@ from sqlalchemy.orm import Session
 
 from anomaly_discovery.platform import review
 from anomaly_discovery.platform.embedding_file import EmbeddingFile
-from anomaly_discovery.platform.index import IndexConfig, PrototypeIndex, read_index_metadata
+from anomaly_discovery.platform.index import PrototypeIndex, read_index_metadata
+from anomaly_discovery.platform.loop_mirror import AssignmentMirror, embeddings_path
+from anomaly_discovery.platform.loop_types import (ActionResult, ArrivedImage, ClassInfo, DiscoveredImage,
+                                                   DiscoveredRegion, IngestedImage, LoopConfig, RegionLabel,
+                                                   Thresholds)
 from anomaly_discovery.platform.predictor import PredictedImage, RegionPredictor
 from anomaly_discovery.platform.proposals import ProposalConfig, fit_threshold, normalise_rows, prototype
 from anomaly_discovery.platform.store import (NewAssignment, NewImage, NewRegion, Store, active_model_version,
@@ -55,160 +61,8 @@ from anomaly_discovery.platform.review import (LIVE, NO_ID, REFERENCE, SOURCE_CO
 from anomaly_discovery.platform.store_models import (Assignment, AssignmentSource, ClassStatus, Decision, DefectClass,
                                                      Image, ModelVersion, Proposal, ProposalStatus, Region)
 
-__all__ = ["ActionResult", "ArrivedImage", "AssignmentMirror", "ClassInfo", "DiscoveredImage", "DiscoveredRegion",
-           "DiscoveryLoop", "IngestedImage", "InvalidActionError", "LoopConfig", "LoopError", "NotFoundError",
-           "RegionLabel", "Thresholds", "embeddings_path"]
+__all__ = ["DiscoveryLoop", "InvalidActionError", "LoopError", "NotFoundError"]
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """``k``: neighbour of the k-NN outlier score; ``accept_rate``: share of known members each threshold
-    accepts; ``threshold_sample``: members scored to fit them; ``product`` / ``dataset``: where API arrivals go;
-    ``background_save``: write index checkpoints in a background thread, coalescing the writes that arrive
-    within ``save_delay_s`` (the store is the log: a checkpoint lost in a crash is replayed on open)."""
-
-    k: int = 5
-    accept_rate: float = 0.95
-    threshold_sample: int = 2000
-    proposals: ProposalConfig = field(default_factory=ProposalConfig)
-    index: IndexConfig = field(default_factory=IndexConfig)
-    product: str = "default"
-    dataset: str = "arrivals"
-    use_gpu: bool = False
-    cut_margin: float = 1.5
-    background_save: bool = True
-    save_delay_s: float = 0.2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.cut_margin <= 0:
-            raise ValueError(f"cut_margin must be > 0, got {self.cut_margin}")
-        if self.k < 1 or not 0 < self.accept_rate <= 1 or self.threshold_sample < 2:
-            raise ValueError(f"LoopConfig needs k >= 1, accept_rate in (0, 1] and threshold_sample >= 2, got {self}")
-
-
-@dataclass
-class ClassInfo:
-    id: int
-    name: str
-    status: ClassStatus
-    version: int
-    parent_id: int | None
-    merged_into_id: int | None
-
-
-@dataclass(frozen=True)
-class RegionLabel:
-    """``kind`` is ``"class"`` (a known/confirmed class), ``"new"`` (an open proposal) or ``"unknown"``;
-    ``name`` the class name, ``"new"`` or ``"unknown"``; ``similarity`` the cosine to the chosen centre."""
-
-    kind: str
-    name: str
-    class_id: int | None
-    outlier_score: float
-    similarity: float
-
-
-@dataclass(frozen=True)
-class ActionResult:
-    decision_id: int
-    action: str
-    class_ids: list[int]
-    n_regions: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class DiscoveredImage:
-    key: str
-    path: str
-    content_hash: str
-    split: str = "test"
-
-
-@dataclass(frozen=True)
-class DiscoveredRegion:
-    """A region found by the discovery job; ``class_name`` a known class the model assigned, else ``None``."""
-
-    image_key: str
-    box: tuple[int, int, int, int]
-    anomaly_score: float
-    embedding: np.ndarray
-    class_name: str | None = None
-    confidence: float | None = None
-    mask_path: str | None = None
-
-
-@dataclass(frozen=True)
-class ArrivedImage:
-    path: str
-    content_hash: str
-    split: str = "arrival"
-
-
-@dataclass(frozen=True)
-class IngestedImage:
-    image_id: int
-    region_ids: list[int]
-    labels: list[RegionLabel]
-    duplicate: bool
-
-
-@dataclass
-class Thresholds:
-    """``knn`` / ``prototype``: outlier thresholds on the k-NN score and on the distance to the nearest
-    prototype (also the radius of "near a proposal"); ``cut``: the clustering cut on mean pairwise cosine
-    distance, ``margin`` × the members' mean pairwise distance 1 − ‖mean‖² of the reference classes."""
-
-    knn: float | None = None
-    prototype: float | None = None
-    cut: float | None = None
-
-
-def embeddings_path(index_path: str | Path) -> Path:
-    index_path = Path(index_path)
-    return index_path.with_name(index_path.name + ".embeddings.f32")
-
-
-class AssignmentMirror:
-    """Current assignment of every region, as arrays indexed by region id (``NO_ID`` = none / no region)."""
-
-    def __init__(self) -> None:
-        self.class_id = np.zeros(0, np.int64)
-        self.source = np.zeros(0, np.int8)
-        self.embedding_id = np.zeros(0, np.int64)
-
-    def _grow(self, size: int) -> None:
-        if size > len(self.class_id):
-            extra = max(size, 2 * len(self.class_id)) - len(self.class_id)
-            self.class_id = np.concatenate([self.class_id, np.full(extra, NO_ID, np.int64)])
-            self.source = np.concatenate([self.source, np.full(extra, NO_ID, np.int8)])
-            self.embedding_id = np.concatenate([self.embedding_id, np.full(extra, NO_ID, np.int64)])
-
-    def set(self, region_ids: np.ndarray, class_ids: np.ndarray, sources: np.ndarray,
-            embedding_ids: np.ndarray) -> None:
-        if len(region_ids):
-            self._grow(int(region_ids.max()) + 1)
-            self.class_id[region_ids], self.source[region_ids] = class_ids, sources
-            self.embedding_id[region_ids] = embedding_ids
-
-    def exists(self, region_ids: np.ndarray) -> np.ndarray:
-        inside = (region_ids >= 0) & (region_ids < len(self.source))
-        result = np.zeros(len(region_ids), bool)
-        result[inside] = self.source[region_ids[inside]] != NO_ID
-        return result
-
-    def members(self, class_id: int) -> np.ndarray:
-        return np.flatnonzero(self.class_id == class_id)
-
-    def unknown(self) -> np.ndarray:
-        """Regions without a class whose current assignment came from the model (a reviewer's "unassigned",
-        e.g. after a rejection, is left alone)."""
-        return np.flatnonzero((self.class_id == NO_ID) & (self.source == SOURCE_CODE[AssignmentSource.MODEL]))
-
-    def count(self) -> int:
-        return int((self.source != NO_ID).sum())
 
 
 class DiscoveryLoop:

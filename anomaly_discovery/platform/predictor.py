@@ -226,7 +226,7 @@ def write_discovery_model(folder: str | Path, discovery, detector, localisation:
 
 
 def _load_discovery(folder: Path, manifest: dict) -> DiscoveryRegionPredictor:
-    from anomaly_discovery.models.discovery import DiscoveryPredictor
+    from anomaly_discovery.models.discovery_predict import DiscoveryPredictor
     from anomaly_discovery.models.patchcore import PatchCoreDetector
 
     discovery = DiscoveryPredictor.load(folder / manifest.get("discovery", "discovery"), device="cpu")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .detect import DetectSummary
 from .discover import DiscoverSummary
-from .loop import DiscoveredImage, DiscoveredRegion, DiscoveryLoop
+from .loop import DiscoveryLoop
+from .loop_types import DiscoveredImage, DiscoveredRegion
 from .paths import ServicePaths
 from .predictor import fit_localisation, write_discovery_model
 from .store import Store

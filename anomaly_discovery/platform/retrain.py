@@ -37,7 +37,7 @@ from .train import (ClusterConfig, TrainData, add_cluster_arguments, add_data_ar
                     discovery_settings, job_from_args, load_train_data, run_train)
 
 if TYPE_CHECKING:
-    from ..models.discovery import DiscoveryConfig
+    from ..models.discovery_config import DiscoveryConfig
     from ..models.regions import Region
     from .discover import DiscoverJobConfig
 
@@ -163,7 +163,7 @@ def next_version_folder(root: Path) -> Path:
 
 def discovery_model_folder(model: Path | str) -> Path:
     """The discovery model inside a serving folder (``predictor.json``), or ``model`` itself."""
-    from ..models.discovery import CheckpointError
+    from ..models.discovery_checkpoints import CheckpointError
     from .predictor import MANIFEST
 
     model = Path(model)
@@ -195,7 +195,8 @@ def write_serving_folder(parent: Path, model: Path, target: Path, name: str) -> 
 
 def model_settings(model: Path) -> DiscoveryConfig:
     """The DiscoveryConfig a saved model (``model.json``) was trained with."""
-    from ..models.discovery import CheckpointError, DiscoveryConfig
+    from ..models.discovery_checkpoints import CheckpointError
+    from ..models.discovery_config import DiscoveryConfig
 
     path = discovery_model_folder(model) / "model.json"
     try:

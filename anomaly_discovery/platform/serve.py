@@ -30,50 +30,46 @@ decompression bombs included since the size is read from the header first), a JS
 → 415, stale versions → 409, unknown ids → 404. Model swap without downtime: each replica polls the store's
 active model version every ``model_poll_s`` seconds (and at once after ``POST /v1/models``), loads the new
 predictor beside the old one, and swaps the reference atomically; requests in flight finish on the old one.
+Image decoding, mask encoding and the body limit live in ``serve_io``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import hashlib
 import hmac
-import io
 import logging
 import os
 import threading
 import time
-import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import cv2
 import numpy as np
 from fastapi import Depends, FastAPI, File, Header, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from PIL import Image as PILImage
 import ray
 from ray import serve
 from ray.serve import Application
 
-from anomaly_discovery.platform.loop import (ArrivedImage, DiscoveryLoop, InvalidActionError, LoopConfig,
-                                             NotFoundError, RegionLabel)
+from anomaly_discovery.platform.loop import DiscoveryLoop, InvalidActionError, NotFoundError
+from anomaly_discovery.platform.loop_types import ArrivedImage, LoopConfig, RegionLabel
 from anomaly_discovery.platform.predictor import MANIFEST, PredictedImage, RegionPredictor, build_predictor
 from anomaly_discovery.platform.review import LIVE
+from anomaly_discovery.platform.serve_io import BodyLimitMiddleware, bad_request, decode_image, encode_mask
 from anomaly_discovery.platform.serve_schemas import (ClassDecision, ClassOut, DecisionOut, ErrorOut, Health,
                                                       ImagePredictionOut, IngestedImageOut, IngestedRegionOut,
-                                                      IngestResponse, Mask, ModelOut, ModelRegistration, MoveRequest,
+                                                      IngestResponse, ModelOut, ModelRegistration, MoveRequest,
                                                       PredictResponse, ProposalDecision, ProposalOut, RegionOut)
 from anomaly_discovery.platform.store import ConflictError, Store, active_model_version, add_model_version
 from anomaly_discovery.platform.store_models import ModelVersion, ProposalStatus
 
 logger = logging.getLogger(__name__)
-IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
 MULTIPART_ROUTES = ("/v1/predict", "/v1/images")
 ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 422, 503)}
 
@@ -116,57 +112,6 @@ class ServeSettings:
             raise ValueError(f"gpu_fraction must lie in [0, 1], got {settings.gpu_fraction}")
         return settings
 
-
-def bad_request(status: int, detail: str) -> HTTPException:
-    return HTTPException(status_code=status, detail=detail)
-
-
-def decode_image(data: bytes, filename: str, max_pixels: int) -> tuple[np.ndarray, str]:
-    """RGB uint8 array and file extension of an uploaded image; the pixel count is checked from the header
-    before any pixel is decoded. Raises ``HTTPException`` 400 / 413 / 415 naming the file."""
-    if not data:
-        raise bad_request(400, f"{filename}: the file is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            with PILImage.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise bad_request(413, f"{filename}: {width}×{height} = {width * height} pixels is over the "
-                                           f"limit of {max_pixels}")
-                if image.format not in IMAGE_FORMATS:
-                    raise bad_request(415, f"{filename}: {image.format} images are not accepted "
-                                           f"(accepted: {', '.join(IMAGE_FORMATS)})")
-                image.load()
-                array = np.asarray(image.convert("RGB"))
-                return array, IMAGE_FORMATS[image.format]
-    except PILImage.UnidentifiedImageError:
-        raise bad_request(415, f"{filename}: not an image (accepted: {', '.join(IMAGE_FORMATS)})") from None
-    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
-        raise bad_request(413, f"{filename}: refused as a decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise bad_request(400, f"{filename}: truncated or corrupt image ({exc})") from None
-
-
-def encode_mask(mask: np.ndarray, mask_format: str) -> Mask:
-    """The mask as PNG base64 or row-major run lengths (see ``serve_schemas``)."""
-    mask = np.asarray(mask, bool)
-    size = (int(mask.shape[0]), int(mask.shape[1]))
-    if mask_format == "png":
-        ok, png = cv2.imencode(".png", mask.astype(np.uint8) * 255)
-        return Mask(format="png", size=size, png_base64=base64.b64encode(png.tobytes()).decode())
-    flat = mask.ravel()
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    return Mask(format="rle", size=size, counts=([0] + counts) if flat.size and flat[0] else counts)
-
-
-def decode_rle(counts: list[int], size: tuple[int, int]) -> np.ndarray:
-    """Inverse of the ``rle`` encoding (for clients and tests)."""
-    values = np.zeros(len(counts), bool)
-    values[1::2] = True
-    return np.repeat(values, counts).reshape(size)
 
 
 class ServiceCore:
@@ -458,62 +403,6 @@ def create_app(core: ServiceCore, predict: PredictFn | None = None) -> FastAPI:
 
     return app
 
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with 413: at once from ``Content-Length``, otherwise while
-    streaming (chunked uploads), before the endpoint sees a byte too many."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def _refuse(self, send) -> None:
-        body = f'{{"detail": "request body over the limit of {self.max_bytes} bytes"}}'.encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._refuse(send)
-            return
-        received, exceeded, answered = 0, False, False
-
-        async def limited_receive():
-            nonlocal received, exceeded
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    exceeded = True
-                    raise BodyTooLarge()
-            return message
-
-        async def guarded_send(message):
-            """Once the limit is hit, whatever the app answers (its body parser turns our exception into a
-            400) is replaced by the 413."""
-            nonlocal answered
-            if exceeded:
-                if not answered:
-                    answered = True
-                    await self._refuse(send)
-                return
-            answered = answered or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except BodyTooLarge:
-            pass
-        if exceeded and not answered:
-            await self._refuse(send)
 
 
 @serve.deployment(name="DiscoveryService", max_ongoing_requests=32, health_check_period_s=10)

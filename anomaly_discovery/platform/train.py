@@ -35,7 +35,9 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from ..models.discovery import DiscoveryConfig, DiscoveryModel, RegionTensors
+    from ..models.discovery_config import DiscoveryConfig
+    from ..models.discovery_data import RegionTensors
+    from ..models.discovery_model import DiscoveryModel
     from ..models.regions import Region
     from .discover import DiscoverJobConfig
 
@@ -178,7 +180,7 @@ class SelectionProbe:
 
     @classmethod
     def build(cls, config: DiscoveryConfig, novel: Sequence[Region], base: Sequence[Region]) -> "SelectionProbe":
-        from ..models.discovery import RegionTensors, split_base
+        from ..models.discovery_data import RegionTensors, split_base
 
         rng = np.random.default_rng(config.seed)
         chosen = sorted(rng.permutation(len(novel))[:PROBE_LIMIT])
@@ -193,7 +195,7 @@ class SelectionProbe:
         on the novel embeddings (K given, or every K in 2..k_max with ``k="auto"``)."""
         import torch
 
-        from ..models.discovery import embed
+        from ..models.discovery_predict import embed
         from ..models.prototypes import select_best_head
 
         device = next(model.parameters()).device
@@ -235,7 +237,7 @@ def restore_checkpoint(folder: Path, into: Path) -> Optional[int]:
     for a final (artifacts) checkpoint. A corrupt or foreign checkpoint is a CheckpointError naming it."""
     from safetensors import safe_open
 
-    from ..models.discovery import CHECKPOINT_PREFIX, MODEL_FILE, STATE_FILE, CheckpointError
+    from ..models.discovery_checkpoints import CHECKPOINT_PREFIX, MODEL_FILE, STATE_FILE, CheckpointError
     from .detect import SUMMARY_FILE
 
     folder = Path(folder)
@@ -262,7 +264,7 @@ def load_backbone_weights(model: DiscoveryModel, folder: Path | str) -> None:
     prototype heads start fresh because the class list changes."""
     from safetensors.torch import load_file
 
-    from ..models.discovery import MODEL_FILE, CheckpointError
+    from ..models.discovery_checkpoints import MODEL_FILE, CheckpointError
 
     path = Path(folder) / MODEL_FILE
     try:
@@ -421,7 +423,7 @@ def make_plan(job: DiscoverJobConfig, data: TrainData, init_model: Optional[str]
 
 def worker_cause(error: Exception) -> Optional[Exception]:
     """A worker's CheckpointError or ValueError inside Ray's TrainingFailedError (None when there is none)."""
-    from ..models.discovery import CheckpointError
+    from ..models.discovery_checkpoints import CheckpointError
 
     for failure in getattr(error, "worker_failures", {}).values():
         cause = failure
@@ -439,7 +441,7 @@ def run_train(job: DiscoverJobConfig, cluster: ClusterConfig, data: Optional[Tra
     ``job.out``; checkpoints live in ``<storage>/<name>``."""
     from ray.train import TrainingFailedError
 
-    from ..models.discovery import CheckpointError
+    from ..models.discovery_checkpoints import CheckpointError
 
     started = time.perf_counter()
     connect(cluster.address)
@@ -477,7 +479,7 @@ def record_output_folder(out: Path) -> None:
 def discovery_settings(path: Optional[Path], epochs: Optional[int] = None) -> DiscoveryConfig:
     """DiscoveryConfig from a settings file (e.g. Tune's best), ``--epochs`` on top."""
     from ..config import load_config
-    from ..models.discovery import DiscoveryConfig
+    from ..models.discovery_config import DiscoveryConfig
 
     discovery = load_config(DiscoveryConfig, path) if path else DiscoveryConfig()
     return replace(discovery, epochs=epochs) if epochs is not None else discovery

@@ -34,7 +34,7 @@ from .train import (SCORE_METRIC, ClusterConfig, TrainData, add_data_arguments, 
                     connect, discovery_settings, job_from_args, load_train_data, make_plan, record_output_folder)
 
 if TYPE_CHECKING:
-    from ..models.discovery import DiscoveryConfig
+    from ..models.discovery_config import DiscoveryConfig
     from .discover import DiscoverJobConfig
 
 BEST_CONFIG_FILE = "best_config.yaml"

@@ -27,7 +27,9 @@ from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.platform.embedding_file import HEADER, MAGIC
 from anomaly_discovery.platform.evaluate import ground_truth
 from anomaly_discovery.platform.index import read_index_metadata
-from anomaly_discovery.platform.loop import DiscoveryLoop, LoopConfig, RegionLabel, embeddings_path
+from anomaly_discovery.platform.loop import DiscoveryLoop
+from anomaly_discovery.platform.loop_mirror import embeddings_path
+from anomaly_discovery.platform.loop_types import LoopConfig, RegionLabel
 from anomaly_discovery.platform.predictor import MANIFEST, PredictedImage, RegionPredictor, build_predictor
 from anomaly_discovery.platform.review import LIVE, REFERENCE
 from anomaly_discovery.platform.store import Store, active_model_version

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from anomaly_discovery.platform.loop import embeddings_path
+from anomaly_discovery.platform.loop_mirror import embeddings_path
 from anomaly_discovery.platform.paths import ServicePaths
 
 ENVIRONMENT = {"store": "ADISC_UI_STORE", "index": "ADISC_UI_INDEX", "workdir": "ADISC_UI_WORKDIR",

@@ -41,5 +41,6 @@ curve = svc.active_loop_curve()
 if curve is None:
     st.caption("no active-loop results yet (active_loop.json in the work folder or benchmarks/results)")
 else:
-    st.line_chart(curve, x=curve.columns[0], y=[c for c in curve.columns[1:] if curve[c].dtype.kind in "fi"])
+    scores = [c for c in curve.columns[1:] if curve[c].dtype.kind == "f" and curve[c].between(0, 1).all()]
+    st.line_chart(curve, x=curve.columns[0], y=scores)
     st.dataframe(curve, hide_index=True)

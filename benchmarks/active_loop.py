@@ -1,0 +1,251 @@
+"""Active-loop benchmark (issue 6 item 6): image-level F1 on MTD ``defects-5`` after 0, 5, 10, 25, 50 actions of
+a simulated reviewer (target: F1 ≥ .90 after ≤ 25 actions).
+
+Chain: ``benchmarks/mtd_discovery.py`` (cached PatchCore maps, MEBin regions, AMGA discovery with NEU-DET base
+classes, library defaults), then the store + index half of ``publish_discovery`` (``ingest_discovery`` into a
+temporary SQLite store and FAISS index, which proposes classes; the serving-model half needs the fitted detector,
+not kept with the cached maps). The reviewer acts ONLY through DiscoveryLoop's public (the dashboard's) actions.
+
+Oracle: it reads the true labels (the model and the loop never do); a class "holds" L when it is a confirmed
+class named L. One action per step: (1) a confirmed class named by no label (a split part) whose majority label
+no class holds is renamed to it; else (2) the candidate touching the most regions, ties in this order:
+review — the queue's head proposal (the dashboard's order: size, then id) with majority label L (ties: name) is
+confirmed as L when no class holds L, else merged into the class that does; move — the members of a confirmed
+class whose label is held by another class go there as one batch (a multi-selection in the gallery); split — a
+confirmed class whose members of an unheld label are a large minority (≥ 3 regions and ≥ 20%) is split in two,
+once per class, and the rules above sort the parts. With nothing left it stops. No rejects: no normal images.
+A move counts as one action whatever its batch size (``actions[].regions`` in the JSON says how many).
+
+Score after each action: every region's current class (the unassigned form one ``unknown`` cluster) one-hot,
+merged per image by the model's area-weighted ``merge_images``, against the MTD class by ``clustering_report``.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/active_loop.py --threads 1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/active_loop.py --smoke   # generated data, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from anomaly_discovery.data import read_dataset
+from anomaly_discovery.data.synthetic import generate_dataset
+from anomaly_discovery.models.discovery import DiscoveryConfig, train_discovery
+from anomaly_discovery.models.discovery_predict import merge_images
+from anomaly_discovery.models.metrics import clustering_report
+from anomaly_discovery.platform.discover import neu_base_regions, synthetic_base_regions
+from anomaly_discovery.platform.loop import DiscoveryLoop
+from anomaly_discovery.platform.loop_types import DiscoveredImage, DiscoveredRegion
+from anomaly_discovery.platform.publish import file_hash
+from anomaly_discovery.platform.store import Store
+from anomaly_discovery.platform.store_models import ClassStatus
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mtd_discovery as chain  # noqa: E402  (benchmarks/ is not a package)
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = (0, 5, 10, 25, 50)
+
+
+@dataclass(frozen=True)
+class Action:
+    """``kind``: confirm / merge (``target`` a proposal id), move / split / rename (``target`` a class id);
+    ``into``: the class merged or moved into; ``label``: the true label the oracle answered with."""
+
+    kind: str
+    target: int
+    into: int | None
+    label: str
+    region_ids: tuple[int, ...] = ()
+
+
+def majority(labels: list[str]) -> str:
+    counts = Counter(labels)
+    return min(counts, key=lambda label: (-counts[label], label))
+
+
+def next_action(members: dict[int, list[tuple[int, str]]], confirmed: dict[int, str], queue: list[tuple[int, int]],
+                labels: set[str], split_done: set[int]) -> Action | None:
+    """The oracle's next action (module docstring). ``members``: live class id → (region id, true label) pairs;
+    ``confirmed``: confirmed class id → name; ``queue``: open (proposal id, class id), head first; ``labels``:
+    every true label; ``split_done``: classes already split. ``None``: nothing left to do."""
+    holder = {name: class_id for class_id, name in confirmed.items() if name in labels}
+    for class_id, name in sorted(confirmed.items()):
+        top = majority([label for _, label in members[class_id]])
+        if name not in labels and top not in holder:
+            return Action("rename", class_id, None, top)
+    candidates = []
+    if queue:
+        proposal_id, class_id = queue[0]
+        label = majority([label for _, label in members[class_id]])
+        candidates.append((len(members[class_id]), 2, Action("merge" if label in holder else "confirm", proposal_id,
+                                                              holder.get(label), label)))
+    for class_id, name in sorted(confirmed.items()):
+        for label in sorted({label for _, label in members[class_id]} - {name}):
+            batch = tuple(r for r, other in members[class_id] if other == label)
+            if label in holder:
+                candidates.append((len(batch), 1, Action("move", class_id, holder[label], label, batch)))
+            elif class_id not in split_done and len(batch) >= max(3, 0.2 * len(members[class_id])):
+                candidates.append((len(batch), 0, Action("split", class_id, None, label, batch)))
+    return max(candidates, key=lambda c: c[:2])[2] if candidates else None
+
+
+def discovery_inputs(args, folder: Path) -> tuple[list, dict, list, dict]:
+    """Novel regions, their images' labels (scorer and oracle only), base regions and image paths by id;
+    ``--smoke`` generates its data (and keeps its maps) in ``folder``."""
+    if args.smoke:
+        root = folder / "generated"
+        generate_dataset(root, 120, seed=0, image_size=96, progress=False)
+        data, fmt = root / "metal_plate", "mvtec"
+        base = synthetic_base_regions(root, data, per_class=3, seed=0, progress=False)
+        cache = root / "maps"
+    else:
+        data, fmt, cache = args.data, "mtd", args.cache
+        base = neu_base_regions(args.neu, args.base_per_class, seed=0, progress=False)
+    samples = read_dataset(data, fmt).samples
+    normal_train = [s for s in samples if s.split == "train" and s.is_normal]
+    every_test = chain.protocol_samples(samples, "with-good-6")
+    found, _ = chain.cached_detections(every_test, "semi", normal_train, cache)
+    detections = dict(zip([s.image_path for s in every_test], found))
+    chosen = chain.protocol_samples(samples, "defects-5")
+    regions, truth = chain.regions_for(chosen, [detections[s.image_path] for s in chosen], "fallback")
+    return regions, truth, base, {f"image{i}": str(s.image_path) for i, s in enumerate(chosen)}
+
+
+def publish(loop: DiscoveryLoop, regions: list, artifacts, paths: dict) -> list[int]:
+    """The run's images and regions (learned embeddings, no class names) into the store and index, as
+    ``publish_discovery`` loads them; the loop proposes classes. Returns the store's region ids."""
+    keys = sorted({r.image_id for r in regions})
+    images = [DiscoveredImage(key, paths[key], file_hash(paths[key])) for key in keys]
+    embeddings = artifacts.regions.embeddings
+    found = [DiscoveredRegion(r.image_id, tuple(int(v) for v in r.box), float(r.score), embeddings[i])
+             for i, r in enumerate(regions)]
+    return loop.ingest_discovery(images, found, model_version="active-loop-benchmark",
+                                 metrics={k: v for k, v in artifacts.metrics.items() if isinstance(v, (int, float))})
+
+
+def image_scores(loop: DiscoveryLoop, regions: list, region_ids: list[int], truth: dict) -> dict:
+    """Each region's current class merged per image (area-weighted), scored against the true labels."""
+    current = loop.mirror.class_id[np.asarray(region_ids)]
+    codes = {c: i for i, c in enumerate(sorted(set(current.tolist())))}
+    one_hot = np.eye(len(codes))[[codes[c] for c in current.tolist()]]
+    images = merge_images(regions, one_hot)
+    ids = sorted(images)
+    report = clustering_report(np.array([truth[i] for i in ids]), np.array([images[i].label for i in ids]))
+    return {k: round(float(report[k]), 4) for k in ("f1", "nmi", "ari", "f1_macro")} | {
+        "clusters": int(report["n_clusters_pred"])}
+
+
+def review_state(loop: DiscoveryLoop, region_ids: list[int], labels: list[str]):
+    """What the inspector sees: live classes' members (with the labels the oracle knows), names, the queue."""
+    current = loop.mirror.class_id[np.asarray(region_ids)]
+    members: dict[int, list[tuple[int, str]]] = {}
+    for region_id, class_id, label in zip(region_ids, current.tolist(), labels):
+        if class_id >= 0:
+            members.setdefault(class_id, []).append((region_id, label))
+    confirmed = {c.id: c.name for c in loop.classes.values() if c.status == ClassStatus.CONFIRMED and c.id in members}
+    queue = [(p.id, p.class_id) for p in sorted(loop.list_proposals(), key=lambda p: (-p.size, p.id))
+             if p.class_id in members]
+    return members, confirmed, queue
+
+
+def act(loop: DiscoveryLoop, action: Action):
+    """The dashboard's call for ``action``."""
+    return {"confirm": lambda: loop.confirm(action.target, action.label, reviewer="oracle"),
+            "merge": lambda: loop.merge_proposal(action.target, action.into, reviewer="oracle"),
+            "rename": lambda: loop.rename(action.target, action.label, reviewer="oracle"),
+            "split": lambda: loop.split(action.target, 2, reviewer="oracle"),
+            "move": lambda: loop.move(list(action.region_ids), action.into, reviewer="oracle")}[action.kind]()
+
+
+def run_loop(loop: DiscoveryLoop, regions: list, region_ids: list[int], truth: dict, max_actions: int):
+    labels = [truth[r.image_id] for r in regions]
+    curve, taken, split_done = [{"actions": 0, **image_scores(loop, regions, region_ids, truth)}], [], set()
+    while len(taken) < max_actions:
+        action = next_action(*review_state(loop, region_ids, labels), set(labels), split_done)
+        if action is None:
+            break
+        split_done |= {action.target} if action.kind == "split" else set()
+        result = act(loop, action)
+        loop.flush()
+        taken.append({"step": len(taken) + 1, "action": action.kind, "target": action.target, "into": action.into,
+                      "true_label": action.label, "regions": result.n_regions, "seconds": round(result.seconds, 4)})
+        curve.append({"actions": len(taken), **image_scores(loop, regions, region_ids, truth)})
+        print(taken[-1], curve[-1], flush=True)
+    return curve, taken
+
+
+def confusion(loop: DiscoveryLoop, regions: list, region_ids: list[int], truth: dict) -> dict:
+    """Regions per true label → final class name (``unknown``: unassigned)."""
+    names = {c.id: c.name for c in loop.classes.values()}
+    pairs = zip([truth[r.image_id] for r in regions], loop.mirror.class_id[np.asarray(region_ids)].tolist())
+    return dict(sorted(Counter(f"{label} -> {names.get(c, 'unknown')}" for label, c in pairs).items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "mtd")
+    parser.add_argument("--neu", type=Path, default=ROOT.parent / "shared" / "datasets" / "neu-det")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-mtd-discovery-cache"),
+                        help="anomaly maps kept by mtd_discovery.py (semi.npz)")
+    parser.add_argument("--base-per-class", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="120 generated images (96 px), 3 epochs")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "active_loop.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="adisc-active-loop-") as folder:
+        regions, truth, base, paths = discovery_inputs(args, Path(folder))
+        config = DiscoveryConfig(k="auto", progress=False, **({"epochs": 3} if args.smoke else {}))
+        started = time.perf_counter()
+        artifacts = train_discovery(config, regions, base)
+        train_seconds = time.perf_counter() - started
+        loop = DiscoveryLoop(Store(f"sqlite:///{folder}/store.db"), Path(folder) / "index.npz",
+                             dim=artifacts.regions.embeddings.shape[1])
+        region_ids = publish(loop, regions, artifacts, paths)
+        n_proposals = len(loop.list_proposals())
+        curve, taken = run_loop(loop, regions, region_ids, truth, max(CHECKPOINTS))
+        final = confusion(loop, regions, region_ids, truth)
+        loop.close()
+        loop.store.dispose()
+    at = {str(n): curve[min(n, len(curve) - 1)] for n in CHECKPOINTS}
+    seconds = [a["seconds"] for a in taken]
+    result = {
+        "benchmark": "active_loop", "protocol": "smoke (generated)" if args.smoke else "MTD defects-5, semi",
+        "target": "F1 >= .90 after <= 25 reviewer actions",
+        **{f"{key}_after": {n: v[key] for n, v in at.items()} for key in ("f1", "nmi", "ari")},
+        "meets_target": any(row["f1"] >= 0.90 for row in curve[:26]),
+        "actions_taken": len(taken), "stopped_early": len(taken) < max(CHECKPOINTS),
+        "curve": curve, "actions": taken,
+        "seconds_per_action": {"median": statistics.median(seconds) if seconds else None,
+                               "max": max(seconds, default=None)},
+        "setup": {"images_scored": len({r.image_id for r in regions}), "images_in_protocol": len(paths),
+                  "regions": len(regions), "k_estimated": artifacts.k_estimated, "proposals_at_start": n_proposals,
+                  "train_seconds": round(train_seconds, 1), "discovery": "DiscoveryConfig defaults, k=auto"
+                  + (", epochs=3" if args.smoke else ""), "base": "generated bottle crops" if args.smoke
+                  else f"NEU-DET, {args.base_per_class} images per class", "store": "sqlite (temp file)"},
+        "final_confusion_regions": final,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "torch_threads": args.threads, "load_average": list(os.getloadavg()), "gpu": "none"},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print("F1 after", result["f1_after"], f"({len(taken)} actions); wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
