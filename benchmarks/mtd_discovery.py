@@ -95,6 +95,7 @@ def discover_and_score(regions, truth: dict, base, config: DiscoveryConfig) -> d
     return {"nmi": report["nmi"], "ari": report["ari"], "f1": report["f1"], "f1_macro": report["f1_macro"],
             "k_estimated": artifacts.k_estimated if artifacts.k_estimated is not None else artifacts.k,
             "k_true": report["n_classes_true"], "n_images": len(ids), "n_regions": len(regions),
+            "epochs": config.epochs,
             "seconds": round(seconds, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
@@ -116,7 +117,8 @@ def leave_one_class_out(regions, truth: dict, base, config: DiscoveryConfig, see
             scores[name] = knn_distance_score(embedded, reference, k=config.outlier_k).numpy()
         per_class[held_out] = evaluate_outlier_scores(scores["known"], scores["unseen"])
     return {"auroc": float(np.mean([v["auroc"] for v in per_class.values()])),
-            "fpr95": float(np.mean([v["fpr95"] for v in per_class.values()])), "per_class": per_class}
+            "fpr95": float(np.mean([v["fpr95"] for v in per_class.values()])), "per_class": per_class,
+            "epochs": config.epochs}
 
 
 def write_result(path: Path, result: dict) -> None:
@@ -133,6 +135,8 @@ def main() -> None:
     parser.add_argument("--parts", default="main", help="comma list of main, zero-shot, ablations, loco")
     parser.add_argument("--base-per-class", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="discovery epochs for this run's parts (default: DiscoveryConfig's); each row records it")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-mtd-discovery-cache"),
                         help="where the anomaly maps of each setting are kept between runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mtd_discovery.json")
@@ -143,6 +147,8 @@ def main() -> None:
     normal_train = [s for s in samples if s.split == "train" and s.is_normal]
     base = neu_base_regions(args.neu, args.base_per_class, seed=0, progress=False)
     config = DiscoveryConfig(k="auto", progress=False)
+    if args.epochs is not None:
+        config = replace(config, epochs=args.epochs)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                          "torch_threads": args.threads, "load_average": list(os.getloadavg()), "gpu": "none"}

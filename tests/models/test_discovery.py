@@ -6,9 +6,12 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from anomaly_discovery.models.discovery import (CheckpointError, DiscoveryConfig, DiscoveryPredictor, TrainHooks,
-                                                build_model, forward_from_cnn_features, latest_checkpoint,
-                                                normalise_images, predict_regions, train_discovery)
+from anomaly_discovery.models.discovery import TrainHooks, predict_regions, train_discovery
+from anomaly_discovery.models.discovery_checkpoints import CheckpointError, latest_checkpoint
+from anomaly_discovery.models.discovery_config import DiscoveryConfig
+from anomaly_discovery.models.discovery_model import build_model, normalise_images
+from anomaly_discovery.models.discovery_net import forward_from_cnn_features
+from anomaly_discovery.models.discovery_predict import DiscoveryPredictor
 from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.models.regions import crop_region, regions_to_tensors
 

@@ -5,7 +5,8 @@ import pytest
 
 from anomaly_discovery.cli import main
 from anomaly_discovery.data.synthetic import generate_dataset
-from anomaly_discovery.models.discovery import DiscoveryConfig, DiscoveryPredictor
+from anomaly_discovery.models.discovery_config import DiscoveryConfig
+from anomaly_discovery.models.discovery_predict import DiscoveryPredictor
 from anomaly_discovery.platform.detect import DetectConfig, run_detect
 from anomaly_discovery.platform.discover import (DiscoverJobConfig, neu_base_regions, parse_base, parse_k,
                                                  regions_from_detect_output, run_discover, synthetic_base_regions)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly_discovery.platform.loop import (ArrivedImage, DiscoveredImage, DiscoveredRegion, DiscoveryLoop,
-                                             InvalidActionError, LoopConfig, NotFoundError)
+from anomaly_discovery.platform.loop import DiscoveryLoop, InvalidActionError, NotFoundError
+from anomaly_discovery.platform.loop_types import ArrivedImage, DiscoveredImage, DiscoveredRegion, LoopConfig
 from anomaly_discovery.platform.predictor import PredictedImage, PredictedRegion
 from anomaly_discovery.platform.store import ConflictError, Store, classes, current_assignments, decisions, proposals
 from anomaly_discovery.platform.store_models import ClassStatus, Decision

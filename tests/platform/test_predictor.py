@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from anomaly_discovery.models.discovery import DiscoveryConfig, train_discovery
+from anomaly_discovery.models.discovery import train_discovery
+from anomaly_discovery.models.discovery_config import DiscoveryConfig
 from anomaly_discovery.models.patchcore import PatchCoreDetector
 from anomaly_discovery.models.regions import crop_region
 from anomaly_discovery.platform.predictor import (Localisation, PixelStatsConfig, RegionPredictor, build_predictor,

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from anomaly_discovery.data.errors import DataError
-from anomaly_discovery.models.discovery import DiscoveryConfig, DiscoveryPredictor, train_discovery
+from anomaly_discovery.models.discovery import train_discovery
+from anomaly_discovery.models.discovery_config import DiscoveryConfig
+from anomaly_discovery.models.discovery_predict import DiscoveryPredictor
 from anomaly_discovery.models.patchcore import PatchCoreDetector
 from anomaly_discovery.platform.discover import DiscoverJobConfig, regions_from_detect_output
 from anomaly_discovery.platform.predictor import build_predictor, fit_localisation, write_discovery_model

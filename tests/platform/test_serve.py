@@ -15,7 +15,8 @@ import requests
 from fastapi.testclient import TestClient
 
 from anomaly_discovery.platform.predictor import PixelStatsConfig, write_pixel_stats_model
-from anomaly_discovery.platform.serve import ServeSettings, ServiceCore, create_app, decode_rle, encode_mask
+from anomaly_discovery.platform.serve import ServeSettings, ServiceCore, create_app
+from anomaly_discovery.platform.serve_io import decode_rle, encode_mask
 from anomaly_discovery.platform.store import Store, add_model_version
 from tests.platform.ray_fixtures import REPLICA_ENV, TOKEN, TOKEN_VARIABLE, ray_session, serve_port  # noqa: F401
 from tests.platform.serve_world import DIM, World, build_world, defect_image, png_bytes

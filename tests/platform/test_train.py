@@ -13,8 +13,10 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from anomaly_discovery.models.discovery import (CheckpointError, DiscoveryConfig, DiscoveryPredictor,
-                                                latest_checkpoint, train_discovery)
+from anomaly_discovery.models.discovery import train_discovery
+from anomaly_discovery.models.discovery_checkpoints import CheckpointError, latest_checkpoint
+from anomaly_discovery.models.discovery_config import DiscoveryConfig
+from anomaly_discovery.models.discovery_predict import DiscoveryPredictor
 from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.platform.discover import DiscoverJobConfig
 from anomaly_discovery.platform.evaluate import evaluate_output

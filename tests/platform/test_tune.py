@@ -7,7 +7,7 @@ import pytest
 
 from anomaly_discovery.cli import main
 from anomaly_discovery.config import load_config
-from anomaly_discovery.models.discovery import DiscoveryConfig
+from anomaly_discovery.models.discovery_config import DiscoveryConfig
 from anomaly_discovery.platform.train import ClusterConfig
 from anomaly_discovery.platform.tune import (BEST_CONFIG_FILE, TRIALS_FILE, add_tune_arguments, max_concurrent_trials,
                                              root_cause, run_tune_cli, search_space, trial_overrides)
