@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import build_backbone, check_images, resolve_device
+from .backbones import build_backbone, check_images, for_inference, resolve_device
 from .detector import Detection
 from .patchcore import anomaly_maps, patch_feature_batches
 
@@ -144,7 +144,7 @@ class MutualScoringDetector:
         self.max_references, self.batch_size, self.seed, self.progress = max_references, batch_size, seed, progress
         self.border_pad = border_pad
         self.device = resolve_device(device)
-        self.extractor = build_backbone(backbone, weights, self.layers).to(self.device)
+        self.extractor = for_inference(build_backbone(backbone, weights, self.layers)).to(self.device)
 
     def fit(self, normal_images: Sequence[np.ndarray] | None = None) -> "MutualScoringDetector":
         """Nothing to learn: the images of each predicted set are their own reference."""

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbones import (FeatureExtractor, autocast_for, build_backbone, check_images, images_to_tensor,
-                        resolve_device)
+from .backbones import (FeatureExtractor, autocast_for, build_backbone, check_images, for_inference,
+                        images_to_tensor, resolve_device)
 from .coreset import coreset_size, greedy_coreset_indices
 from .detector import Detection, resize_map
 
@@ -92,6 +92,7 @@ def patch_feature_batches(extractor: FeatureExtractor, images: Sequence[np.ndarr
         batch = images_to_tensor(images[start:start + batch_size], image_size).to(device)
         if border_pad:
             batch = F.pad(batch, (border_pad,) * 4, mode="reflect")
+        batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), autocast_for(device):
             maps = [m.float() for m in extractor(batch)]
         with torch.inference_mode():
@@ -174,7 +175,7 @@ class PatchCoreDetector:
         self.coreset_projection_dim, self.border_pad = coreset_projection_dim, border_pad
         self.batch_size, self.seed, self.progress = batch_size, seed, progress
         self.device = resolve_device(device)
-        self.extractor = build_backbone(backbone, weights, self.layers).to(self.device)
+        self.extractor = for_inference(build_backbone(backbone, weights, self.layers)).to(self.device)
         self.memory_bank_: torch.Tensor | None = None
 
     @property

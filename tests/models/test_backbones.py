@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from anomaly_discovery.models.backbones import (OFFLINE_BACKBONES, WeightsError, build_backbone, check_images,
-                                                images_to_tensor)
+                                                for_inference, images_to_tensor)
 
 INPUT_SIZE = 64
 
@@ -148,3 +148,20 @@ def test_images_to_tensor_resizes_gray_and_rgb_to_normalised_batch():
 def test_check_images_names_the_bad_image(bad, message):
     with pytest.raises(ValueError, match=message):
         check_images([np.zeros((8, 8), np.uint8), bad])
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0"])
+def test_for_inference_keeps_the_outputs(name):
+    plain = build_backbone(name)
+    fast = for_inference(build_backbone(name))
+    batch = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = plain(batch)
+        got = fast(batch.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_for_inference_folds_every_batch_norm_of_mobilenet_v2():
+    fast = for_inference(build_backbone("mobilenet_v2"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
