@@ -136,3 +136,41 @@ def test_neu_base_crops_come_from_the_labelled_boxes():
     assert {r.class_name for r in regions} <= names and len({r.class_name for r in regions}) >= 6
     assert len({r.image_id for r in regions}) == 12
     assert all(r.anomaly_map.max() == 1.0 and r.score == 1.0 for r in regions)
+
+
+def _mtd_subset(root, out, folder_names: dict[str, str], per_class: int = 4):
+    """A small MTD copy whose class folders carry ``folder_names``; the split file keeps two normal test images."""
+    import shutil
+
+    for source, target in folder_names.items():
+        images = sorted((root / source / "Imgs").glob("*.jpg"))[:per_class if source != "MT_Free" else 8]
+        (out / target / "Imgs").mkdir(parents=True)
+        for image in images:
+            for path in (image, image.with_suffix(".png")):
+                if path.is_file():
+                    shutil.copy(path, out / target / "Imgs" / path.name)
+    normal = sorted(p.name for p in (out / "MT_Free" / "Imgs").glob("*.jpg"))
+    (out.parent / "mtd_split.json").write_text(json.dumps({"normal_test": normal[:2]}))
+    return out
+
+
+def test_mtd_discovery_is_the_same_with_the_label_folders_renamed_to_meaningless_names(tmp_path):
+    """No label leakage: the defect class folder names reach only the scorer, so renaming them (keeping their
+    order) leaves every prediction unchanged."""
+    root = shared_dataset("mtd")
+    classes = ["MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Free", "MT_Uneven"]
+    meaningless = ["MT_A7", "MT_B3", "MT_C9", "MT_D1", "MT_Free", "MT_X5"]  # same sort order
+    runs = []
+    for name, folders in (("named", classes), ("renamed", meaningless)):
+        data = _mtd_subset(root, tmp_path / name / "mtd", dict(zip(classes, folders)))
+        config = DiscoverJobConfig(data=data, out=tmp_path / name / "out", format="mtd", detect_backbone="tiny",
+                                   detect_image_size=64, object_prior="fallback", k=3, base="none",
+                                   discovery=DiscoveryConfig(**TINY), progress=False)
+        run_discover(config)
+        runs.append(json.loads((tmp_path / name / "out" / "summary.json").read_text()))
+    named, renamed = runs
+    assert len(named["images"]) == 22  # 20 defect images and the 2 normal test images
+    assert [(r["class"], r["confidence"]) for r in renamed["images"]] == \
+        [(r["class"], r["confidence"]) for r in named["images"]]
+    text = json.dumps(renamed)
+    assert not any(label in text for label in ("Blowhole", "Break", "Crack", "Fray", "Uneven"))
