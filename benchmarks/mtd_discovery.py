@@ -5,8 +5,9 @@ Protocols (../shared/datasets/README.md): ``defects-5`` (the 392 defect images) 
 normal test images). Settings: ``semi`` (PatchCore fitted on the 761 normal training images) and ``zero-shot``
 (mutual scoring, no normal images). Known classes: NEU-DET crops (``--neu``). Parts: ``main`` (semi, both
 protocols), ``zero-shot``, ``ablations`` (guidance none / hard / amga, object prior none / fallback on semi
-defects-5) and ``loco`` (leave one class out: unseen-class AUROC and FPR at 95% TPR). Hyper-parameters are the
-library defaults, chosen on synthetic data; nothing here is tuned on MTD.
+defects-5), ``loco`` (leave one class out: unseen-class AUROC and FPR at 95% TPR) and ``k-known`` (semi with the
+number of classes given, the protocol of AnomalyNCD's anchors; that count is all it reads from the labels).
+Hyper-parameters are the library defaults, chosen on synthetic data; nothing here is tuned on MTD.
 
     .venv/bin/python benchmarks/mtd_discovery.py --parts main
 """
@@ -132,7 +133,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "mtd")
     parser.add_argument("--neu", type=Path, default=ROOT.parent / "shared" / "datasets" / "neu-det")
-    parser.add_argument("--parts", default="main", help="comma list of main, zero-shot, ablations, loco")
+    parser.add_argument("--parts", default="main",
+                        help="comma list of main, zero-shot, ablations, loco, k-known (semi with K given, as "
+                             "AnomalyNCD assumes)")
     parser.add_argument("--base-per-class", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=None,
@@ -156,13 +159,13 @@ def main() -> None:
                           "mutual scoring (mobilenet_v2, defaults)", "discovery": "DiscoveryConfig defaults, k=auto",
                           "base": f"NEU-DET, {args.base_per_class} images per class"}
     all_test = protocol_samples(samples, "with-good-6")
-    settings = (["semi"] if "main" in parts or "ablations" in parts or "loco" in parts else []) + \
+    settings = (["semi"] if parts & {"main", "ablations", "loco", "k-known"} else []) + \
                (["zero-shot"] if "zero-shot" in parts else [])
     for setting in settings:
         found, detect_seconds = cached_detections(all_test, setting, normal_train, args.cache)
         detections = dict(zip([s.image_path for s in all_test], found))
         for protocol in PROTOCOLS:
-            if setting == "semi" and "main" not in parts and protocol != "defects-5":
+            if setting == "semi" and not parts & {"main", "k-known"} and protocol != "defects-5":
                 continue
             chosen = protocol_samples(samples, protocol)
             regions, truth = regions_for(chosen, [detections[s.image_path] for s in chosen], "fallback")
@@ -171,6 +174,11 @@ def main() -> None:
                 row["detect_seconds"] = round(detect_seconds, 1)
                 result.setdefault(setting, {})[protocol] = row
                 print(setting, protocol, row, flush=True)
+                write_result(args.out, result)
+            if setting == "semi" and "k-known" in parts:
+                row = discover_and_score(regions, truth, base, replace(config, k=len(set(truth.values()))))
+                result.setdefault("k_known", {}).setdefault(setting, {})[protocol] = row
+                print("k known", setting, protocol, row, flush=True)
                 write_result(args.out, result)
             if setting == "semi" and protocol == "defects-5" and "ablations" in parts:
                 ablations = result.setdefault("ablations", {})

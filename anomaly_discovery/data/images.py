@@ -5,6 +5,8 @@ Every failure raises :class:`ImageReadError` naming the file; nothing is returne
 
 from __future__ import annotations
 
+import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from .errors import ImageReadError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_THRESHOLD = 128
 MAX_IMAGE_PIXELS = 64_000_000
+UPLOAD_FORMATS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
@@ -105,3 +108,42 @@ def save_image(path: str | Path, array: np.ndarray) -> None:
     out = array.astype(np.uint8) * 255 if array.dtype == np.bool_ else _to_uint8(array)
     options = {"compress_level": 1} if path.suffix.lower() == ".png" else {}
     Image.fromarray(out).save(path, **options)
+
+
+class UploadRejected(ValueError):
+    """Uploaded bytes that are not an accepted image; the message names the file, ``reason`` says why:
+    ``empty``, ``too_large`` (over the pixel limit, or a decompression bomb), ``format``, ``not_image`` or
+    ``corrupt`` (truncated or damaged)."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+def decode_upload(data: bytes, filename: str, max_pixels: int) -> tuple[np.ndarray, str]:
+    """RGB uint8 array and file extension of uploaded image bytes (API requests, dashboard uploads). The pixel
+    count is read from the header and checked before any pixel is decoded."""
+    if not data:
+        raise UploadRejected("empty", f"{filename}: the file is empty")
+    accepted = ", ".join(UPLOAD_FORMATS)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise UploadRejected("too_large", f"{filename}: {width}×{height} = {width * height} pixels is "
+                                                      f"over the limit of {max_pixels}")
+                if image.format not in UPLOAD_FORMATS:
+                    raise UploadRejected("format", f"{filename}: {image.format} images are not accepted "
+                                                   f"(accepted: {accepted})")
+                image.load()
+                return np.asarray(image.convert("RGB")), UPLOAD_FORMATS[image.format]
+    except UnidentifiedImageError:
+        raise UploadRejected("not_image", f"{filename}: not an image (accepted: {accepted})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UploadRejected("too_large", f"{filename}: refused as a decompression bomb ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, UploadRejected):
+            raise
+        raise UploadRejected("corrupt", f"{filename}: truncated or corrupt image ({exc})") from None

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .backbones import autocast_for, build_backbone, images_to_tensor, resolve_device
 from .detector import Detection, resize_map
+from .discovery_checkpoints import CheckpointError
 from .prn_training import (AnomalySampler, PRNTrainHooks, fit_prototypes, prototype_residuals, resize_image,
                            resize_mask, train_head)
 
@@ -39,10 +40,6 @@ N_PATCH_SIZES = 4
 CHECKPOINT_FORMAT = "adisc-prn-1"
 DEFAULT_LAYERS = {"mobilenet_v2": (3, 6, 13, 17), "efficientnet_lite0": (3, 5, 11, 16),
                   "efficientnet_lite1": (4, 7, 15, 21), "efficientnet_lite2": (4, 7, 15, 21), "tiny": (0, 1, 2, 3)}
-
-
-class CheckpointError(ValueError):
-    """A PRN checkpoint file that is missing, unreadable or does not fit the network it describes."""
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3) -> nn.Sequential:

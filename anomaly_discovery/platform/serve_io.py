@@ -5,17 +5,15 @@ body (413)."""
 from __future__ import annotations
 
 import base64
-import io
-import warnings
 
 import cv2
 import numpy as np
 from fastapi import HTTPException
-from PIL import Image as PILImage
 
+from anomaly_discovery.data.images import UploadRejected, decode_upload
 from anomaly_discovery.platform.serve_schemas import Mask
 
-IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
+UPLOAD_STATUS = {"empty": 400, "corrupt": 400, "too_large": 413, "format": 415, "not_image": 415}
 
 
 def bad_request(status: int, detail: str) -> HTTPException:
@@ -23,30 +21,11 @@ def bad_request(status: int, detail: str) -> HTTPException:
 
 
 def decode_image(data: bytes, filename: str, max_pixels: int) -> tuple[np.ndarray, str]:
-    """RGB uint8 array and file extension of an uploaded image; the pixel count is checked from the header
-    before any pixel is decoded. Raises ``HTTPException`` 400 / 413 / 415 naming the file."""
-    if not data:
-        raise bad_request(400, f"{filename}: the file is empty")
+    """:func:`~anomaly_discovery.data.images.decode_upload`, its refusals as ``HTTPException`` 400 / 413 / 415."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            with PILImage.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise bad_request(413, f"{filename}: {width}×{height} = {width * height} pixels is over the "
-                                           f"limit of {max_pixels}")
-                if image.format not in IMAGE_FORMATS:
-                    raise bad_request(415, f"{filename}: {image.format} images are not accepted "
-                                           f"(accepted: {', '.join(IMAGE_FORMATS)})")
-                image.load()
-                array = np.asarray(image.convert("RGB"))
-                return array, IMAGE_FORMATS[image.format]
-    except PILImage.UnidentifiedImageError:
-        raise bad_request(415, f"{filename}: not an image (accepted: {', '.join(IMAGE_FORMATS)})") from None
-    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
-        raise bad_request(413, f"{filename}: refused as a decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise bad_request(400, f"{filename}: truncated or corrupt image ({exc})") from None
+        return decode_upload(data, filename, max_pixels)
+    except UploadRejected as exc:
+        raise bad_request(UPLOAD_STATUS[exc.reason], str(exc)) from None
 
 
 def encode_mask(mask: np.ndarray, mask_format: str) -> Mask:

@@ -434,24 +434,15 @@ def worker_cause(error: Exception) -> Optional[Exception]:
     return None
 
 
-def run_train(job: DiscoverJobConfig, cluster: ClusterConfig, data: Optional[TrainData] = None,
-              init_model: Optional[str] = None,
-              epoch_callbacks: Sequence[Callable[[EpochEvent], None]] = ()) -> TrainRun:
-    """Train discovery on Ray with ``cluster.workers`` workers and write ``adisc discover``'s outputs to
-    ``job.out``; checkpoints live in ``<storage>/<name>``."""
+def fit_to_folder(trainer: Any, name: str, storage: str, out: Path, what: str) -> Any:
+    """Run ``trainer``; a worker's data or checkpoint error comes back as that error kind with the run named, and
+    the final checkpoint (``what`` names its content) is copied into ``out``. Returns Ray's ``Result``."""
     from ray.train import TrainingFailedError
 
     from ..models.discovery_checkpoints import CheckpointError
 
-    started = time.perf_counter()
-    connect(cluster.address)
-    data = data or load_train_data(job)
-    out = Path(job.out)
-    name = cluster.name or f"adisc-train-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = cluster.storage_path(out / "ray")
-    plan = make_plan(job, data, init_model, epoch_callbacks)
     try:
-        result = build_trainer(plan, cluster, storage, name).fit()
+        result = trainer.fit()
     except TrainingFailedError as exc:
         cause = worker_cause(exc)
         if cause is None:
@@ -459,9 +450,25 @@ def run_train(job: DiscoverJobConfig, cluster: ClusterConfig, data: Optional[Tra
         kind = CheckpointError if isinstance(cause, CheckpointError) else ValueError
         raise kind(f"run {name} in {storage} failed: {str(cause).splitlines()[-1]}") from exc
     if result.checkpoint is None or Path(result.checkpoint.path).name != FINAL_CHECKPOINT:
-        raise RuntimeError(f"run {name} ended without its final artifacts checkpoint (got {result.checkpoint})")
+        raise RuntimeError(f"run {name} ended without its final {what} checkpoint (got {result.checkpoint})")
     out.mkdir(parents=True, exist_ok=True)
     result.checkpoint.to_directory(str(out))
+    return result
+
+
+def run_train(job: DiscoverJobConfig, cluster: ClusterConfig, data: Optional[TrainData] = None,
+              init_model: Optional[str] = None,
+              epoch_callbacks: Sequence[Callable[[EpochEvent], None]] = ()) -> TrainRun:
+    """Train discovery on Ray with ``cluster.workers`` workers and write ``adisc discover``'s outputs to
+    ``job.out``; checkpoints live in ``<storage>/<name>``."""
+    started = time.perf_counter()
+    connect(cluster.address)
+    data = data or load_train_data(job)
+    out = Path(job.out)
+    name = cluster.name or f"adisc-train-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = cluster.storage_path(out / "ray")
+    plan = make_plan(job, data, init_model, epoch_callbacks)
+    result = fit_to_folder(build_trainer(plan, cluster, storage, name), name, storage, out, "artifacts")
     record_output_folder(out)
     return TrainRun(out, dict(result.metrics), f"{storage}/{name}", time.perf_counter() - started)
 

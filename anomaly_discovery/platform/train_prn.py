@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .train import FINAL_CHECKPOINT, ClusterConfig, EpochEvent, _report, build_trainer, connect, scalar_metrics
+from .train import (FINAL_CHECKPOINT, ClusterConfig, EpochEvent, _report, build_trainer, cluster_from_args, connect,
+                    fit_to_folder, scalar_metrics)
 
 if TYPE_CHECKING:
     from ..models.prn import PRNConfig
@@ -162,10 +163,6 @@ def run_prn_train(job: PRNTrainJob, cluster: ClusterConfig,
     """Fit PRN on Ray with ``cluster.workers`` workers and save it to ``<job.out>/prn.safetensors``;
     checkpoints live in ``<storage>/<name>``."""
     import ray
-    from ray.train import TrainingFailedError
-
-    from ..models.prn import CheckpointError
-    from .train import worker_cause
 
     started = time.perf_counter()
     images = load_prn_images(job)
@@ -173,18 +170,8 @@ def run_prn_train(job: PRNTrainJob, cluster: ClusterConfig,
     plan = PRNWorkerPlan(job.prn, ray.put(images), tuple(epoch_callbacks))
     name = cluster.name or f"adisc-train-prn-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = cluster.storage_path(Path(job.out) / "ray")
-    try:
-        result = build_trainer(plan, cluster, storage, name, train_loop=prn_train_loop).fit()
-    except TrainingFailedError as exc:
-        cause = worker_cause(exc)
-        if cause is None:
-            raise
-        kind = CheckpointError if isinstance(cause, CheckpointError) else ValueError
-        raise kind(f"run {name} in {storage} failed: {str(cause).splitlines()[-1]}") from exc
-    if result.checkpoint is None or Path(result.checkpoint.path).name != FINAL_CHECKPOINT:
-        raise RuntimeError(f"run {name} ended without its final detector checkpoint (got {result.checkpoint})")
-    Path(job.out).mkdir(parents=True, exist_ok=True)
-    result.checkpoint.to_directory(str(job.out))
+    result = fit_to_folder(build_trainer(plan, cluster, storage, name, train_loop=prn_train_loop), name, storage,
+                           Path(job.out), "detector")
     return PRNTrainRun(Path(job.out) / PRN_MODEL_FILE, dict(result.metrics), f"{storage}/{name}",
                        time.perf_counter() - started)
 
@@ -214,8 +201,6 @@ def prn_settings(args) -> PRNConfig:
 
 def run_prn_train_cli(args) -> int:
     """``adisc train --model prn``: settings, data, cluster options → ``<out>/prn.safetensors``."""
-    from .train import cluster_from_args
-
     job = PRNTrainJob(data=args.data, out=args.out, prn=prn_settings(args), format=args.format,
                       progress=not args.quiet)
     print(run_prn_train(job, cluster_from_args(args)).describe())

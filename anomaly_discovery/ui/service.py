@@ -10,19 +10,17 @@ running ``adisc serve`` can review the same data; ``refresh`` catches up with th
 
 from __future__ import annotations
 
-import io
 import json
 import threading
-import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image as PILImage
 from sqlalchemy import select
 
+from anomaly_discovery.data.images import decode_upload
 from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.platform.embedding_file import HEADER, MAGIC
 from anomaly_discovery.platform.evaluate import ground_truth
@@ -42,37 +40,6 @@ ACTIVE_LOOP_FILE = "active_loop.json"
 REPOSITORY_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 UNKNOWN = "unknown"
 MAX_UPLOAD_PIXELS = 40_000_000
-UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
-
-
-class UploadError(ValueError):
-    """An uploaded file that is not an image the dashboard can read (the message names the file)."""
-
-
-def decode_upload(data: bytes, filename: str, max_pixels: int = MAX_UPLOAD_PIXELS) -> np.ndarray:
-    """RGB uint8 array of an uploaded image; the size is read from the header before any pixel is decoded."""
-    if not data:
-        raise UploadError(f"{filename}: the file is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            with PILImage.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise UploadError(f"{filename}: {width}×{height} = {width * height} pixels is over the limit "
-                                      f"of {max_pixels}")
-                if image.format not in UPLOAD_FORMATS:
-                    raise UploadError(f"{filename}: {image.format} images are not accepted "
-                                      f"(accepted: {', '.join(UPLOAD_FORMATS)})")
-                return np.asarray(image.convert("RGB"))
-    except UploadError:
-        raise
-    except PILImage.UnidentifiedImageError:
-        raise UploadError(f"{filename}: not an image (accepted: {', '.join(UPLOAD_FORMATS)})") from None
-    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as exc:
-        raise UploadError(f"{filename}: refused as a decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise UploadError(f"{filename}: truncated or corrupt image ({exc})") from None
 
 
 def embedding_dim(index_path: Path) -> int:
@@ -292,8 +259,8 @@ class ReviewService:
 
     def inspect(self, data: bytes, filename: str) -> Inspection:
         """Predict one uploaded image and label its regions (known class, ``new`` or ``unknown``); nothing is
-        stored. Raises ``UploadError`` for a file that is not a readable image."""
-        image = decode_upload(data, filename)
+        stored. Raises ``UploadRejected`` for a file that is not a readable image."""
+        image, _ = decode_upload(data, filename, MAX_UPLOAD_PIXELS)
         predictor = self.predictor()
         prediction = predictor.predict([image])[0]
         vectors = np.stack([r.embedding for r in prediction.regions]) if prediction.regions else np.zeros((0, 1))

@@ -1,9 +1,11 @@
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from anomaly_discovery.data.errors import ImageReadError
-from anomaly_discovery.data.images import load_image, load_mask, save_image
+from anomaly_discovery.data.images import UploadRejected, decode_upload, load_image, load_mask, save_image
 from tests.conftest import write_png
 
 
@@ -67,3 +69,28 @@ def test_save_image_writes_masks_as_0_255(tmp_path):
     path = tmp_path / "sub" / "mask.png"
     save_image(path, np.array([[True, False]]))
     assert np.asarray(Image.open(path)).tolist() == [[255, 0]]
+
+
+def _encoded(array: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def test_decode_upload_gives_rgb_and_the_extension():
+    gray = np.arange(48, dtype=np.uint8).reshape(6, 8)
+    array, extension = decode_upload(_encoded(gray, "PNG"), "a.png", max_pixels=100)
+    assert extension == "png" and array.shape == (6, 8, 3) and (array[..., 1] == gray).all()
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty"),
+    (b"plain text, not pixels", "not_image"),
+    (_encoded(np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8), "PNG")[:-30], "corrupt"),
+    (_encoded(np.zeros((20, 20), np.uint8), "PNG"), "too_large"),
+    (_encoded(np.zeros((4, 4), np.uint8), "GIF"), "format"),
+], ids=["empty", "text", "truncated", "over-the-pixel-limit", "gif"])
+def test_decode_upload_refuses_bad_bytes_naming_the_file(data, reason):
+    with pytest.raises(UploadRejected, match="upload.bin") as refused:
+        decode_upload(data, "upload.bin", max_pixels=100)
+    assert refused.value.reason == reason

@@ -9,8 +9,9 @@ import cv2
 import pandas as pd
 import streamlit as st
 
+from anomaly_discovery.data.images import UploadRejected
 from anomaly_discovery.ui import widgets
-from anomaly_discovery.ui.service import MAX_UPLOAD_PIXELS, UploadError
+from anomaly_discovery.ui.service import MAX_UPLOAD_PIXELS
 from anomaly_discovery.ui.thumbnails import BOX_COLOUR, overlay
 
 svc = widgets.service()
@@ -28,7 +29,7 @@ if cached is None or cached[0] != digest:
     try:
         with st.spinner("predicting"):
             st.session_state["inspection"] = (digest, svc.inspect(data, upload.name))
-    except UploadError as exc:
+    except UploadRejected as exc:
         st.error(f"Cannot read this upload: {exc}")
         st.stop()
     except (OSError, ValueError) as exc:
