@@ -115,7 +115,7 @@ def leave_one_class_out(regions, truth: dict, base, config: DiscoveryConfig, see
         for name, subset in (("known", [r for r in regions if r.image_id in known_test]),
                              ("unseen", [r for r in regions if truth[r.image_id] == held_out])):
             embedded = torch.as_tensor(predict_regions(artifacts, subset).embeddings)
-            scores[name] = knn_distance_score(embedded, reference, k=config.outlier_k).numpy()
+            scores[name] = knn_distance_score(embedded, reference, k=config.outlier_k)
         per_class[held_out] = evaluate_outlier_scores(scores["known"], scores["unseen"])
     return {"auroc": float(np.mean([v["auroc"] for v in per_class.values()])),
             "fpr95": float(np.mean([v["fpr95"] for v in per_class.values()])), "per_class": per_class,
