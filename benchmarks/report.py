@@ -102,6 +102,8 @@ def section_detection() -> str:
         table(["detector", "image AUROC", "pixel AUROC", "AUPRO", "images/s", "fit s"], rows), ""]
     if not anomalib.get("ran"):
         lines.append(f"anomalib PatchCore: not compared — {anomalib.get('reason', 'not run')}.")
+    if r.get("notes"):
+        lines += [r["notes"], ""]
     neu = r.get("neu_det_zero_shot")
     if neu:
         lines.append(f"Zero-shot on NEU-DET ({neu['n_images']} images, all defective, so no image AUROC): "
@@ -139,13 +141,14 @@ def section_discovery() -> str:
         table(["setting", "protocol", *header], rows), ""]
     ablations = r.get("ablations", {})
     if ablations:
-        lines += ["Ablations (semi, defects-5):", "",
+        epochs = sorted({v.get("epochs") for v in ablations.values()} - {None})
+        lines += [f"Ablations (semi, defects-5{', ' + '/'.join(map(str, epochs)) + ' epochs' if epochs else ''}):", "",
                   table(["setting", *header], [[name, *cells(v)] for name, v in ablations.items()]), ""]
     loco = r.get("leave_one_class_out")
     if loco:
         per_class = ", ".join(f"{name} {fmt(v['auroc'])}" for name, v in loco.get("per_class", {}).items())
-        lines += [f"Leave one class out (semi, defects-5): unseen-class AUROC {fmt(loco['auroc'])}, FPR at 95% TPR "
-                  f"{fmt(loco['fpr95'])} (mean over held-out classes; per class: {per_class}).", ""]
+        lines += [f"Leave one class out (semi, defects-5, {loco.get('epochs', 30)} epochs): unseen-class AUROC "
+                  f"{fmt(loco['auroc'])}, FPR at 95% TPR {fmt(loco['fpr95'])} (mean over held-out classes; per class: {per_class}).", ""]
     if r.get("notes"):
         lines += [r["notes"], ""]
     lines += [
