@@ -268,7 +268,7 @@ def section_demo() -> str:
         "## Demo (`benchmarks/demo_time.py`)", "",
         f"`{r['command']}` from an empty folder until the service answers `/healthz` with proposals waiting for "
         f"review: {fmt(r['seconds_until_serving'], 1)} s (target < {fmt(r['target_s'], 0)} s; meets it: "
-        f"{fmt(r['meets_target'])}). Stages: {stages}.", "", machine(r)])
+        f"{fmt(r['meets_target'])}). Stages: {stages}. {r.get('notes', '')}", "", machine(r)])
 
 
 def render() -> str:
