@@ -100,12 +100,15 @@ def test_loss_decreases_over_training(novel, base):
     assert last["cls_base"] < first["cls_base"]
 
 
-def test_k_auto_estimates_the_class_count_and_relabels(novel):
-    artifacts = train_discovery(DiscoveryConfig(**(TINY | {"k": "auto", "k_max": 5})), novel)
+@pytest.mark.parametrize("k_method, scored", [("gap", range(2, 6)), ("prototype_wins", range(1, 6)),
+                                             ("silhouette", range(2, 6))])
+def test_k_auto_estimates_the_class_count_and_relabels(novel, k_method, scored):
+    """``k_scores``: each prototype's win fraction by rank (prototype wins) or each candidate K's score."""
+    artifacts = train_discovery(DiscoveryConfig(**(TINY | {"k": "auto", "k_max": 5, "k_method": k_method})), novel)
     assert 2 <= artifacts.k_estimated <= 5
     assert artifacts.k == artifacts.k_estimated
     assert artifacts.regions.probs.shape == (len(novel), artifacts.k)
-    assert set(artifacts.k_scores) == set(range(2, 6))
+    assert set(artifacts.k_scores) == set(scored)
 
 
 def test_same_seed_gives_the_same_assignments(novel, base):
