@@ -154,7 +154,7 @@ def section_discovery() -> str:
     lines += [
         "How the hyper-parameters were chosen: every discovery, MEBin, crop and detector default is the library's, "
         "chosen on generated data (anomaly_discovery.data.synthetic) and, for the detectors' border padding, on "
-        "NEU-DET boxes; nothing was tuned on MTD. The run uses `DiscoveryConfig` defaults with `k=auto`.", "",
+        "NEU-DET boxes; nothing was tuned on MTD. The runs use `DiscoveryConfig` defaults with `k=auto` unless a row says otherwise.", "",
         machine(r)]
     return "\n".join(lines)
 
