@@ -23,6 +23,7 @@ import numpy as np
 
 from anomaly_discovery.data.synthetic import generate_dataset, render_image
 from anomaly_discovery.data.synthetic.generate import plan_jobs
+from machine_info import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generator_speed.json"
 TARGET_SECONDS = 30.0
@@ -31,16 +32,6 @@ TARGET_SECONDS = 30.0
 def use_one_thread() -> None:
     """OpenCV to one thread; the generator itself is single-threaded with ``workers=1``."""
     cv2.setNumThreads(1)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_rendering_only(n_images: int, seed: int, image_size: int) -> tuple[float, float]:

@@ -38,19 +38,10 @@ from anomaly_discovery.models.discovery import DiscoveryConfig, train_discovery
 from anomaly_discovery.models.regions import crop_region
 from anomaly_discovery.platform.discover import DiscoverJobConfig
 from anomaly_discovery.platform.train import ClusterConfig, EpochEvent, TrainData, run_train
+from machine_info import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_scaling.json"
 TARGET_SPEEDUP = 1.7
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def generated_crops(n: int, size: int, seed: int = 0) -> list:
