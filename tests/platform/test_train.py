@@ -173,11 +173,16 @@ def test_two_worker_clustering_matches_one_worker_within_seed_noise(two_worker_c
     assert abs(two - one) <= max(noise, 0.15), (one, two, by_seed)
 
 
-def test_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
+def _one_epoch_checkpoint(tmp_path):
+    """The checkpoint folder of a 1-epoch run on 3 crops per kind."""
     regions, _ = coloured_regions(3, seed=0)
     config = DiscoveryConfig(**(TINY_SETTINGS | {"epochs": 1}), checkpoint_dir=str(tmp_path / "run"))
     train_discovery(config, regions)
-    checkpoint = latest_checkpoint(tmp_path / "run")
+    return latest_checkpoint(tmp_path / "run")
+
+
+def test_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
+    checkpoint = _one_epoch_checkpoint(tmp_path)
     (checkpoint / "model.safetensors").write_bytes(b"this is not a safetensors file")
     with pytest.raises(CheckpointError, match="model.safetensors"):
         restore_checkpoint(checkpoint, tmp_path / "restored")
@@ -189,10 +194,7 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
 def test_a_workers_checkpoint_error_is_found_inside_rays_failure(tmp_path):
     from ray.train import WorkerGroupError
 
-    regions, _ = coloured_regions(3, seed=0)
-    config = DiscoveryConfig(**(TINY_SETTINGS | {"epochs": 1}), checkpoint_dir=str(tmp_path / "run"))
-    train_discovery(config, regions)
-    checkpoint = latest_checkpoint(tmp_path / "run")
+    checkpoint = _one_epoch_checkpoint(tmp_path)
     (checkpoint / "model.safetensors").write_bytes(b"truncated")
     with pytest.raises(CheckpointError) as raised:
         restore_checkpoint(checkpoint, tmp_path / "restored")
