@@ -101,11 +101,14 @@ def procedural_texture(shape: tuple[int, int], rng: np.random.Generator, kind: s
 
 
 def simulate_anomaly(image: np.ndarray, rng: np.random.Generator, foreground: np.ndarray | None = None,
-                     max_beta: float = MAX_BETA) -> tuple[np.ndarray, np.ndarray]:
-    """DRAEM-style anomaly: I' = (1 − M)·I + M·(β·I + (1 − β)·T), M a Perlin mask inside the foreground.
+                     max_beta: float = MAX_BETA, min_beta: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """DRAEM-style anomaly: I' = (1 − M)·I + M·(β·I + (1 − β)·T), M a Perlin mask inside the foreground,
+    β ~ U(``min_beta``, ``max_beta``) (a larger β keeps more of the image: a fainter anomaly).
 
     Returns the anomalous image and M. The mask is redrawn until it overlaps the foreground.
     """
+    if not 0.0 <= min_beta <= max_beta < 1.0:
+        raise ValueError(f"need 0 <= min_beta <= max_beta < 1, got min_beta={min_beta}, max_beta={max_beta}")
     shape = image.shape[:2]
     if foreground is not None and not foreground.any():
         raise ValueError("foreground mask is empty: nowhere to place a simulated anomaly")
@@ -116,7 +119,7 @@ def simulate_anomaly(image: np.ndarray, rng: np.random.Generator, foreground: np
         if mask.any():
             break
     texture = procedural_texture(shape, rng).astype(np.float32)
-    beta = rng.uniform(0.0, max_beta)
+    beta = rng.uniform(min_beta, max_beta)
     blended = beta * image.astype(np.float32) + (1.0 - beta) * texture
     out = image.copy()
     out[mask] = np.clip(blended[mask], 0, 255).round().astype(np.uint8)

@@ -87,6 +87,24 @@ def test_simulated_anomaly_does_not_modify_its_input(gray_image):
     assert np.array_equal(gray_image, before)
 
 
+def test_fainter_blend_range_changes_the_image_less(gray_image):
+    def mean_change(min_beta, max_beta):
+        changes = []
+        for seed in range(10):
+            out, mask = simulate_anomaly(gray_image, np.random.default_rng(seed), min_beta=min_beta,
+                                         max_beta=max_beta)
+            changes.append(np.abs(out.astype(float) - gray_image)[mask].mean())
+        return np.mean(changes)
+
+    assert mean_change(0.85, 0.95) < 0.5 * mean_change(0.0, 0.1)
+
+
+@pytest.mark.parametrize("min_beta, max_beta", [(0.5, 0.4), (-0.1, 0.5), (0.2, 1.0)])
+def test_blend_range_outside_zero_one_or_reversed_is_refused(gray_image, min_beta, max_beta):
+    with pytest.raises(ValueError, match="min_beta"):
+        simulate_anomaly(gray_image, np.random.default_rng(0), min_beta=min_beta, max_beta=max_beta)
+
+
 def test_augmented_defect_crop_matches_its_mask_and_respects_the_size_limit(defect):
     image, mask = defect
     for seed in range(10):

@@ -1,0 +1,119 @@
+"""PatchCore settings chosen on a product's normal images only: no benchmark label is read.
+
+Usage: python benchmarks/detector_selection.py [--data ../shared/datasets/mtd] [--threads 1]
+       [--out benchmarks/results/detector_selection.json]
+
+MTD's normal TRAINING images are split (seeded) into a fit part (80%) and a held-out part (20%). Two held-out
+sets are built from the held-out normals, each with one anomalous copy of every normal image: a DRAEM-style
+simulated anomaly (models.anomaly_synthesis: a Perlin mask filled with a procedural texture, image weight
+β ~ U(0, .8), DRAEM's range) in ``simulated``, and the same with β ~ U(.6, .9) in ``faint`` (on the simulated
+set, image AUROC saturates). The masks are the ground truth. Each candidate setting is fitted on the fit part
+and scored on both sets: image AUROC, pixel AUROC, AUPRO. MTD's test images, defect folders and masks are
+never opened, so the winner can be compared honestly on the MTD benchmark afterwards (mtd_detection.py).
+
+Rule, fixed before any run: the candidate with the highest mean of image AUROC and AUPRO over both sets wins;
+within .005 of the current defaults, the defaults stay.
+
+Candidates: per-layer channel handling (``feature_dim`` 128, equal shares; or None, plain concatenation as in
+anomalib), border handling (``border_pad`` 32 or 0) and the image score (``k`` 1, the top patch; or 9, the
+PatchCore Eq. 7 reweighting anomalib uses). Features are extracted once per (feature_dim, border_pad).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomaly_discovery.data import load_image, read_dataset
+from anomaly_discovery.models.anomaly_synthesis import simulate_anomaly
+from anomaly_discovery.models.metrics import aupro, image_auroc, pixel_auroc
+from anomaly_discovery.models.patchcore import PatchCoreDetector
+from machine_info import cpu_model
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results" / "detector_selection.json"
+FEATURE_SETTINGS = ((128, 32), (None, 32), (128, 0), (None, 0))
+IMAGE_SCORES = (1, 9)
+HELD_OUT_SETS = {"simulated": (0.0, 0.8), "faint": (0.6, 0.9)}
+
+
+def held_out_set(images: list[np.ndarray], min_beta: float, max_beta: float,
+                 seed: int) -> tuple[list, np.ndarray, list]:
+    """The held-out normals followed by one simulated-anomaly copy of each: images, labels, masks."""
+    rng = np.random.default_rng(seed)
+    anomalous = [simulate_anomaly(image, rng, min_beta=min_beta, max_beta=max_beta) for image in images]
+    test = images + [image for image, _ in anomalous]
+    masks = [np.zeros(image.shape[:2], bool) for image in images] + [mask for _, mask in anomalous]
+    return test, np.array([0] * len(images) + [1] * len(images)), masks
+
+
+def score(detector: PatchCoreDetector, test, labels, masks) -> dict:
+    start = time.perf_counter()
+    detections = detector.predict(test)
+    maps = [d.anomaly_map for d in detections]
+    return {"image_auroc": round(image_auroc(labels, np.array([d.score for d in detections])), 4),
+            "pixel_auroc": round(pixel_auroc(masks, maps), 4), "aupro": round(aupro(masks, maps), 4),
+            "predict_seconds": round(time.perf_counter() - start, 1)}
+
+
+def selection_score(scores: dict) -> float:
+    """The rule's number: mean of image AUROC and AUPRO over the held-out sets."""
+    return round(float(np.mean([[s["image_auroc"], s["aupro"]] for s in scores.values()])), 4)
+
+
+def chosen(candidates: dict, defaults: str, margin: float = 0.005) -> str:
+    """The best candidate by selection score, unless the defaults are within ``margin`` of it."""
+    best = max(candidates, key=lambda name: candidates[name]["selection_score"])
+    if candidates[best]["selection_score"] - candidates[defaults]["selection_score"] <= margin:
+        return defaults
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "mtd")
+    parser.add_argument("--held-out-fraction", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    normals = [s for s in read_dataset(args.data, "mtd", check=False).samples if s.is_normal and s.split == "train"]
+    order = np.random.default_rng(args.seed).permutation(len(normals))
+    n_held_out = int(round(len(normals) * args.held_out_fraction))
+    fit_images = [load_image(normals[i].image_path) for i in order[n_held_out:]]
+    held_out = [load_image(normals[i].image_path) for i in order[:n_held_out]]
+    sets = {name: held_out_set(held_out, *betas, args.seed) for name, betas in HELD_OUT_SETS.items()}
+    result = {"benchmark": "detector_selection", "data": str(args.data),
+              "protocol": {"fit_images": len(fit_images), "held_out_normal": n_held_out,
+                           "anomalous_copies_per_set": n_held_out, "beta_ranges": HELD_OUT_SETS,
+                           "seed": args.seed, "labels_read": "none: MTD normal training images only"},
+              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": args.threads},
+              "candidates": {}}
+    for feature_dim, border_pad in FEATURE_SETTINGS:
+        detector = PatchCoreDetector(feature_dim=feature_dim, border_pad=border_pad, progress=False)
+        start = time.perf_counter()
+        detector.fit(fit_images)
+        fit_seconds = round(time.perf_counter() - start, 1)
+        for k in IMAGE_SCORES:
+            detector.k = k
+            name = f"feature_dim={feature_dim} border_pad={border_pad} k={k}"
+            scores = {set_name: score(detector, *held) for set_name, held in sets.items()}
+            result["candidates"][name] = {"feature_dim": feature_dim, "border_pad": border_pad, "k": k,
+                                          "fit_seconds": fit_seconds, **scores,
+                                          "selection_score": selection_score(scores)}
+            print(name, result["candidates"][name], flush=True)
+            args.out.write_text(json.dumps(result, indent=1))
+    result["chosen"] = chosen(result["candidates"], "feature_dim=128 border_pad=32 k=1")
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"chosen: {result['chosen']}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
