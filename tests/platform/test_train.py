@@ -18,11 +18,11 @@ from anomaly_discovery.models.discovery_checkpoints import CheckpointError, late
 from anomaly_discovery.models.discovery_config import DiscoveryConfig
 from anomaly_discovery.models.discovery_predict import DiscoveryPredictor
 from anomaly_discovery.models.metrics import clustering_report
+from anomaly_discovery.models.model_selection import selection_score
 from anomaly_discovery.platform.discover import DiscoverJobConfig
 from anomaly_discovery.platform.evaluate import evaluate_output
 from anomaly_discovery.platform.train import (ClusterConfig, EpochEvent, add_train_arguments, load_train_data,
-                                              restore_checkpoint, run_train, run_train_cli, selection_score,
-                                              worker_cause)
+                                              restore_checkpoint, run_train, run_train_cli, worker_cause)
 from tests.platform.ray_cluster import ray_session  # noqa: F401  (the session's Ray)
 from tests.platform.ray_cluster import TINY_SETTINGS, coloured_regions, write_detect_output
 
@@ -213,9 +213,3 @@ def test_cluster_config_picks_nccl_for_gpu_workers_and_refuses_bad_values():
         ClusterConfig(workers=0)
     with pytest.raises(ValueError, match="--max-failures"):
         ClusterConfig(max_failures=-2)
-
-
-def test_selection_score_reads_base_accuracy_and_clipped_silhouette():
-    assert selection_score(0.8, 0.4) == pytest.approx(0.6)
-    assert selection_score(None, -0.3) == 0.0
-    assert selection_score(0.5, None) == 0.5
