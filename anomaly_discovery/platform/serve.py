@@ -30,7 +30,7 @@ decompression bombs included since the size is read from the header first), a JS
 → 415, stale versions → 409, unknown ids → 404. Model swap without downtime: each replica polls the store's
 active model version every ``model_poll_s`` seconds (and at once after ``POST /v1/models``), loads the new
 predictor beside the old one, and swaps the reference atomically; requests in flight finish on the old one.
-Image decoding, mask encoding and the body limit live in ``serve_io``.
+Image decoding, mask encoding and the body limit live in ``serve_io``; the review routes in ``serve_review``.
 """
 
 from __future__ import annotations
@@ -62,12 +62,12 @@ from anomaly_discovery.platform.loop_types import ArrivedImage, LoopConfig, Regi
 from anomaly_discovery.platform.predictor import MANIFEST, PredictedImage, RegionPredictor, build_predictor
 from anomaly_discovery.platform.review import LIVE
 from anomaly_discovery.platform.serve_io import BodyLimitMiddleware, bad_request, decode_image, encode_mask
-from anomaly_discovery.platform.serve_schemas import (ClassDecision, ClassOut, DecisionOut, ErrorOut, Health,
-                                                      ImagePredictionOut, IngestedImageOut, IngestedRegionOut,
-                                                      IngestResponse, ModelOut, ModelRegistration, MoveRequest,
-                                                      PredictResponse, ProposalDecision, ProposalOut, RegionOut)
+from anomaly_discovery.platform.serve_review import review_router
+from anomaly_discovery.platform.serve_schemas import (ErrorOut, Health, ImagePredictionOut, IngestedImageOut,
+                                                      IngestedRegionOut, IngestResponse, ModelOut, ModelRegistration,
+                                                      PredictResponse, RegionOut)
 from anomaly_discovery.platform.store import ConflictError, Store, active_model_version, add_model_version
-from anomaly_discovery.platform.store_models import ModelVersion, ProposalStatus
+from anomaly_discovery.platform.store_models import ModelVersion
 
 logger = logging.getLogger(__name__)
 MULTIPART_ROUTES = ("/v1/predict", "/v1/images")
@@ -318,67 +318,7 @@ def create_app(core: ServiceCore, predict: PredictFn | None = None) -> FastAPI:
                                         anomaly_score=prediction.score, regions=regions))
         return IngestResponse(model_version=core.predictor.model_version, images=out)
 
-    @app.get("/v1/classes", response_model=list[ClassOut])
-    def list_classes(all: bool = False) -> list[ClassOut]:
-        core.maybe_sync()
-        sizes = core.loop.class_sizes()
-        return [ClassOut(id=c.id, name=c.name, status=c.status.value, version=c.version, size=sizes.get(c.id, 0),
-                         parent_id=c.parent_id, merged_into_id=c.merged_into_id)
-                for c in sorted(core.loop.classes.values(), key=lambda c: c.id) if all or c.status in LIVE]
-
-    @app.get("/v1/proposals", response_model=list[ProposalOut])
-    def list_proposals(status: Literal["open", "confirmed", "rejected", "superseded", "all"] = "open"
-                       ) -> list[ProposalOut]:
-        core.maybe_sync()
-        statuses = list(ProposalStatus) if status == "all" else [ProposalStatus(status)]
-        classes = core.loop.classes
-        return [ProposalOut(id=p.id, class_id=p.class_id, name=classes[p.class_id].name if p.class_id in classes
-                            else "", status=p.status.value, version=p.version, size=p.size, cohesion=p.cohesion,
-                            representative_region_ids=p.representative_region_ids)
-                for p in core.loop.list_proposals(statuses)]
-
-    def decided(result) -> DecisionOut:
-        return DecisionOut(decision_id=result.decision_id, action=result.action, class_ids=result.class_ids,
-                           n_regions=result.n_regions, seconds=result.seconds)
-
-    def needs(value, what: str, action: str):
-        if value is None:
-            raise bad_request(422, f"action {action!r} needs {what}")
-        return value
-
-    @app.post("/v1/proposals/{proposal_id}/decision", response_model=DecisionOut, dependencies=write)
-    def decide_proposal(proposal_id: int, body: ProposalDecision) -> DecisionOut:
-        loop = core.loop
-        if body.action == "confirm":
-            return decided(loop.confirm(proposal_id, needs(body.name, "a 'name'", body.action),
-                                        expected_version=body.expected_version, reviewer=body.reviewer))
-        if body.action == "reject":
-            return decided(loop.reject(proposal_id, expected_version=body.expected_version, reviewer=body.reviewer))
-        return decided(loop.merge_proposal(proposal_id, needs(body.target_class_id, "a 'target_class_id'", body.action),
-                                           expected_version=body.expected_version, target_version=body.target_version,
-                                           reviewer=body.reviewer))
-
-    @app.post("/v1/classes/{class_id}/decision", response_model=DecisionOut, dependencies=write)
-    def decide_class(class_id: int, body: ClassDecision) -> DecisionOut:
-        loop, version = core.loop, body.expected_version
-        if body.action == "rename":
-            return decided(loop.rename(class_id, needs(body.name, "a 'name'", body.action), expected_version=version,
-                                       reviewer=body.reviewer))
-        if body.action == "split":
-            return decided(loop.split(class_id, needs(body.k, "'k' (parts, >= 2)", body.action),
-                                      expected_version=version, reviewer=body.reviewer))
-        return decided(loop.merge(class_id, needs(body.target_class_id, "a 'target_class_id'", body.action),
-                                  expected_version=version, target_version=body.target_version,
-                                  reviewer=body.reviewer))
-
-    @app.post("/v1/regions/move", response_model=DecisionOut, dependencies=write)
-    def move_regions(body: MoveRequest) -> DecisionOut:
-        return decided(core.loop.move(body.region_ids, body.class_id, expected_version=body.expected_version,
-                                      reviewer=body.reviewer))
-
-    @app.post("/v1/undo", response_model=DecisionOut, dependencies=write)
-    def undo(reviewer: str = "api") -> DecisionOut:
-        return decided(core.loop.undo(reviewer=reviewer))
+    app.include_router(review_router(core, write))
 
     @app.get("/v1/models/active", response_model=ModelOut)
     def active_model() -> ModelOut:
