@@ -185,6 +185,8 @@ def main() -> None:
                 for guidance in ("none", "hard", "amga"):
                     ablations[f"guidance={guidance}"] = discover_and_score(regions, truth, base,
                                                                            replace(config, guidance=guidance))
+                    print("ablation", guidance, ablations[f"guidance={guidance}"], flush=True)
+                    write_result(args.out, result)
                 prior_free, _ = regions_for(chosen, [detections[s.image_path] for s in chosen], "none")
                 ablations["object-prior=none"] = discover_and_score(prior_free, truth, base, config)
                 ablations["object-prior=fallback"] = ablations["guidance=amga"]
@@ -193,6 +195,7 @@ def main() -> None:
             if setting == "semi" and protocol == "defects-5" and "loco" in parts:
                 result["leave_one_class_out"] = leave_one_class_out(regions, truth, base, config)
                 print("loco", result["leave_one_class_out"], flush=True)
+                write_result(args.out, result)
     write_result(args.out, result)
     print(f"wrote {args.out}")
 
