@@ -155,7 +155,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--grounding-config", type=Path, default=None)
     p.add_argument("--grounding-checkpoint", type=Path, default=None)
     p.add_argument("--text-encoder", type=Path, default=None, help="local BERT folder for GroundingDINO")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="detector input side in pixels (default: the detector's own: PatchCore 320, zero-shot and "
+                        "PRN 256)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

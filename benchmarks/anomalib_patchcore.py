@@ -8,11 +8,12 @@ settings) on its last stdout line and writes each test image's anomaly map, at t
 
 Backbone: anomalib's ``PatchcoreModel`` accepts a torch module (it taps nodes with torchvision FX), so it
 gets torchvision's MobileNetV2 with the same offline ImageNet file and the same taps (``features.6``,
-``features.13``) as the project's detector; anomalib's own defaults otherwise (256 px resize, 3×3 average
-pooling, plain channel concatenation, 9 neighbours for the score reweighting, σ = 4 blur); the coreset ratio
-is ``--coreset-ratio`` (anomalib's default 0.1; ``mtd_detection.py`` passes the project's). Timed like ours:
-fit = feature extraction + coreset; predict = resize/normalise + ``PatchcoreModel.forward`` + resizing each map to
-its image's size (images are decoded before the clocks start).
+``features.13``) as the project's detector, at the same input size (``--image-size``, default anomalib's
+256 px); anomalib's own defaults otherwise (bilinear resize, 3×3 average pooling, plain channel concatenation,
+9 neighbours for the score reweighting, σ = 4 blur); the coreset ratio is ``--coreset-ratio`` (anomalib's
+default 0.1; ``mtd_detection.py`` passes the project's). Timed like ours: fit = feature extraction + coreset;
+predict = resize/normalise + ``PatchcoreModel.forward`` + resizing each map to its image's size (images are
+decoded before the clocks start).
 
 Coreset: anomalib's ``KCenterGreedy`` takes one full pass over all N patch features per selected point, so
 on a CPU it is out of reach for MTD (N ≈ 780 k patches, tens of thousands of points); its cost is measured on ``--probe-iterations``
@@ -97,6 +98,7 @@ def main() -> None:
                         help="for --coreset adisc; 0 = no projection")
     parser.add_argument("--probe-iterations", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=256, help="square input side (anomalib's default 256)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -110,7 +112,7 @@ def main() -> None:
     manifest = json.loads(args.manifest.read_text())
     train = [load_rgb(p) for p in manifest["train"]]
     test = [load_rgb(p) for p in manifest["test"]]
-    transform = Patchcore.configure_pre_processor().transform
+    transform = Patchcore.configure_pre_processor((args.image_size, args.image_size)).transform
     model = PatchcoreModel(layers=list(LAYERS), backbone=mobilenet_v2(args.weights), pre_trained=False)
 
     start = time.perf_counter()
@@ -175,7 +177,7 @@ def main() -> None:
         "predict_seconds": round(predict_s, 2), "images_per_s": round(len(test) / predict_s, 3),
         "scores": scores,
         "settings": {"backbone": "torchvision mobilenet_v2 (offline ImageNet file) via anomalib's FX extractor",
-                     "layers": list(LAYERS), "image_size": 256,
+                     "layers": list(LAYERS), "image_size": args.image_size,
                      "coreset_ratio": round(len(model.memory_bank) / len(embedding), 4),
                      "coreset": args.coreset, "num_neighbors": model.num_neighbors, "batch_size": args.batch_size},
         "notes": notes,

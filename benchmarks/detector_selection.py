@@ -16,7 +16,9 @@ within .005 of the current defaults, the defaults stay.
 
 Candidates: per-layer channel handling (``feature_dim`` 128, equal shares; or None, plain concatenation as in
 anomalib), border handling (``border_pad`` 32 or 0) and the image score (``k`` 1, the top patch; or 9, the
-PatchCore Eq. 7 reweighting anomalib uses). Features are extracted once per (feature_dim, border_pad).
+PatchCore Eq. 7 reweighting anomalib uses); then, on the defaults, a finer input (``image_size`` 320) and a
+larger memory bank (``coreset_ratio`` .1). The detector is fitted once per fit setting and scored with each k.
+Candidates already in ``--out`` (same protocol) are kept, not rerun.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ from machine_info import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "detector_selection.json"
-FEATURE_SETTINGS = ((128, 32), (None, 32), (128, 0), (None, 0))
+DEFAULT_FIT = {"feature_dim": 128, "border_pad": 32}
+FIT_SETTINGS = (DEFAULT_FIT, {"feature_dim": None, "border_pad": 32}, {"feature_dim": 128, "border_pad": 0},
+                {"feature_dim": None, "border_pad": 0}, {**DEFAULT_FIT, "image_size": 320},
+                {**DEFAULT_FIT, "coreset_ratio": 0.1})
 IMAGE_SCORES = (1, 9)
 HELD_OUT_SETS = {"simulated": (0.0, 0.8), "faint": (0.6, 0.9)}
 
@@ -75,6 +80,10 @@ def chosen(candidates: dict, defaults: str, margin: float = 0.005) -> str:
     return best
 
 
+def candidate_name(fit_setting: dict, k: int) -> str:
+    return " ".join(f"{key}={value}" for key, value in {**fit_setting, "k": k}.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "mtd")
@@ -90,27 +99,29 @@ def main() -> None:
     fit_images = [load_image(normals[i].image_path) for i in order[n_held_out:]]
     held_out = [load_image(normals[i].image_path) for i in order[:n_held_out]]
     sets = {name: held_out_set(held_out, *betas, args.seed) for name, betas in HELD_OUT_SETS.items()}
-    result = {"benchmark": "detector_selection", "data": str(args.data),
-              "protocol": {"fit_images": len(fit_images), "held_out_normal": n_held_out,
-                           "anomalous_copies_per_set": n_held_out, "beta_ranges": HELD_OUT_SETS,
-                           "seed": args.seed, "labels_read": "none: MTD normal training images only"},
+    protocol = {"fit_images": len(fit_images), "held_out_normal": n_held_out, "anomalous_copies_per_set": n_held_out,
+                "beta_ranges": {name: list(betas) for name, betas in HELD_OUT_SETS.items()}, "seed": args.seed,
+                "labels_read": "none: MTD normal training images only"}
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result = {"benchmark": "detector_selection", "data": str(args.data), "protocol": protocol,
               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": args.threads},
-              "candidates": {}}
-    for feature_dim, border_pad in FEATURE_SETTINGS:
-        detector = PatchCoreDetector(feature_dim=feature_dim, border_pad=border_pad, progress=False)
+              "candidates": previous.get("candidates", {}) if previous.get("protocol") == protocol else {}}
+    for fit_setting in FIT_SETTINGS:
+        names = {k: candidate_name(fit_setting, k) for k in IMAGE_SCORES}
+        if all(name in result["candidates"] for name in names.values()):
+            continue
+        detector = PatchCoreDetector(**fit_setting, progress=False)
         start = time.perf_counter()
         detector.fit(fit_images)
         fit_seconds = round(time.perf_counter() - start, 1)
-        for k in IMAGE_SCORES:
+        for k, name in names.items():
             detector.k = k
-            name = f"feature_dim={feature_dim} border_pad={border_pad} k={k}"
             scores = {set_name: score(detector, *held) for set_name, held in sets.items()}
-            result["candidates"][name] = {"feature_dim": feature_dim, "border_pad": border_pad, "k": k,
-                                          "fit_seconds": fit_seconds, **scores,
+            result["candidates"][name] = {**fit_setting, "k": k, "fit_seconds": fit_seconds, **scores,
                                           "selection_score": selection_score(scores)}
             print(name, result["candidates"][name], flush=True)
             args.out.write_text(json.dumps(result, indent=1))
-    result["chosen"] = chosen(result["candidates"], "feature_dim=128 border_pad=32 k=1")
+    result["chosen"] = chosen(result["candidates"], candidate_name(DEFAULT_FIT, 1))
     args.out.write_text(json.dumps(result, indent=1))
     print(f"chosen: {result['chosen']}; wrote {args.out}")
 

@@ -173,7 +173,8 @@ def run_anomalib(python: str, train: list[Sample], test: list[Sample], threads: 
                    "--weights", str(find_mobilenet_v2_weights()), "--threads", str(threads)]
         np.save(Path(folder) / "positions.npy", ours.coreset_indices_.numpy())
         command += ["--coreset", "indices", "--coreset-indices", str(Path(folder) / "positions.npy"),
-                    "--coreset-ratio", str(ours.coreset_ratio), "--batch-size", str(ours.batch_size)]
+                    "--coreset-ratio", str(ours.coreset_ratio), "--batch-size", str(ours.batch_size),
+                    "--image-size", str(ours.image_size)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         load_before = load_average()
         process = subprocess.run(command, capture_output=True, text=True, env=env)

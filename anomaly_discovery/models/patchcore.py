@@ -13,15 +13,20 @@
 4. Map: patch scores upsampled to the network input, Gaussian-blurred (σ = 4 px at that input resolution),
    then resized to each image's own size.
 
-Defaults, chosen on generated data only (anomaly_discovery.data.synthetic, metal plate and bottle, 60 and 200
+Defaults, chosen on generated data (anomaly_discovery.data.synthetic, metal plate and bottle, 60 and 200
 normal training images; never on a benchmark's labels): MobileNetV2 taps 6 and 13 (strides 8 and 16; adding
-tap 10 or 17 or dropping tap 6 did not help), 256 px input (224 lost AUPRO; 320 gained ≈ .008 at 1.6× the
-cost), ``feature_dim`` 128 (equal channel shares per layer: AUPRO +.007 / +.002 over plain concatenation at
-the same size), ``coreset_ratio`` .03 (pixel AUROC within .002 of .1 at a third of the bank; .01 lost .005 more),
+tap 10 or 17 or dropping tap 6 did not help), ``feature_dim`` 128 (equal channel shares per layer: AUPRO
++.007 / +.002 over plain concatenation at the same size), ``coreset_ratio`` .03 (pixel AUROC within .002 of .1 at a third of the bank; .01 lost .005 more),
 greedy distances in a 32-d projection (same scores as 128-d, up to 10× faster selection), k = 1 (Eq. 7
 reweighting with k = 3 or 9 changed nothing measurable). ``border_pad`` 32 (reflect padding, see
 :func:`patch_feature_batches`): on 240 generated images AUPRO .966 → .972 (bottle) and .967 → .974 (metal plate),
 image AUROC .991 → 1.0 and .936 → 1.0, for 1.56× the backbone's pixels.
+
+``image_size`` 320 was chosen on MTD's NORMAL TRAINING images (benchmarks/detector_selection.py: fit on 80%,
+score the other 20% plus simulated anomalies at two strengths; no MTD test image or label read): against 256,
+AUPRO .725 → .777 and .643 → .696, image AUROC .995 → .997 and .971 → .978, for ≈ 1.6× the cost (on generated
+data 224 had lost AUPRO and 320 gained ≈ .008). The same runs confirmed ``feature_dim`` 128, ``border_pad`` 32,
+k = 1 and ``coreset_ratio`` .03 (.1: no gain at 3× the fit time).
 """
 
 from __future__ import annotations
@@ -159,7 +164,7 @@ class PatchCoreDetector:
     name = "patchcore"
 
     def __init__(self, backbone: str = "mobilenet_v2", weights: str | Path | None = None,
-                 layers: Sequence[int] | Sequence[str] | None = None, image_size: int = 256,
+                 layers: Sequence[int] | Sequence[str] | None = None, image_size: int = 320,
                  coreset_ratio: float = 0.03, k: int = 1, feature_dim: int | None = 128,
                  coreset_projection_dim: int | None = 32, batch_size: int = 16, border_pad: int = 32,
                  device: str | None = "auto", seed: int = 0, progress: bool = True):

@@ -44,7 +44,7 @@ def run_demo(out: Path, n_images: int = 240, seed: int = 0, quick: bool = False,
     t = _stage(f"detect + localise on '{DISCOVERED_PRODUCT}': PatchCore-style kNN, MEBin, object prior, crops")
     detect_config = DetectConfig(data=out / "data" / DISCOVERED_PRODUCT, out=out / "detect", format="mvtec",
                                  detector="patchcore", backbone="tiny" if quick else "mobilenet_v2",
-                                 image_size=128 if quick else 256, object_prior="fallback", seed=seed,
+                                 image_size=128 if quick else None, object_prior="fallback", seed=seed,
                                  progress=not quick)
     detection = run_detect(detect_config)
     print(detection.describe())

@@ -43,7 +43,7 @@ class DetectConfig:
     grounding_config: Path | None = None
     grounding_checkpoint: Path | None = None
     text_encoder: Path | None = None
-    image_size: int = 256
+    image_size: int | None = None
     batch_size: int = 16
     device: str = "auto"
     skip_bad: bool = False
@@ -60,7 +60,7 @@ class DetectConfig:
             raise ValueError("--detector maps needs --maps FOLDER (the maps another tool wrote)")
         if self.prn_model is not None and self.detector != "prn":
             raise ValueError(f"--prn-model is a saved PRN detector: use it with --detector prn, not {self.detector}")
-        if self.image_size < 32:
+        if self.image_size is not None and self.image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {self.image_size}")
 
 
@@ -86,6 +86,14 @@ class DetectSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: int = 0
     detector: object = None
+
+    @property
+    def detector_image_size(self) -> int | None:
+        """The input side the detector ran at (its own default unless the config set one; None for maps)."""
+        if self.config.image_size is not None:
+            return self.config.image_size
+        return getattr(self.detector, "image_size", None) or getattr(getattr(self.detector, "config", None),
+                                                                     "image_size", None)
 
     def describe(self) -> str:
         n_regions = sum(len(r.crops) for r in self.results)
@@ -125,25 +133,25 @@ def split_for_detector(samples: list[Sample], detector: str) -> tuple[list[Sampl
 
 
 def build_detector(config: DetectConfig):
+    """The configured detector; ``image_size`` None keeps the detector's own default input size."""
+    sizing = {} if config.image_size is None else {"image_size": config.image_size}
     if config.detector == "patchcore":
         from ..models.patchcore import PatchCoreDetector
 
-        return PatchCoreDetector(backbone=config.backbone, weights=config.weights, image_size=config.image_size,
-                                 batch_size=config.batch_size, device=config.device, seed=config.seed,
-                                 progress=config.progress)
+        return PatchCoreDetector(backbone=config.backbone, weights=config.weights, batch_size=config.batch_size,
+                                 device=config.device, seed=config.seed, progress=config.progress, **sizing)
     if config.detector == "zero-shot":
         from ..models.mutual_scoring import MutualScoringDetector
 
-        return MutualScoringDetector(backbone=config.backbone, weights=config.weights,
-                                     image_size=config.image_size, batch_size=config.batch_size,
-                                     device=config.device, seed=config.seed, progress=config.progress)
+        return MutualScoringDetector(backbone=config.backbone, weights=config.weights, batch_size=config.batch_size,
+                                     device=config.device, seed=config.seed, progress=config.progress, **sizing)
     if config.detector == "prn":
         from ..models.prn import PRNConfig, PRNDetector
 
         if config.prn_model is not None:
             return PRNDetector.load(config.prn_model, device=config.device)
-        return PRNDetector(PRNConfig(encoder=config.backbone, image_size=config.image_size, device=config.device,
-                                     seed=config.seed, progress=config.progress))
+        return PRNDetector(PRNConfig(encoder=config.backbone, device=config.device, seed=config.seed,
+                                     progress=config.progress, **sizing))
     from ..models.external_maps import ExternalMapDetector
 
     layout = "anomalib" if any(p.is_dir() for p in Path(config.maps).iterdir()) else "flat"
@@ -226,6 +234,7 @@ def write_outputs(summary: DetectSummary, data_format: str) -> Path:
     payload = {
         "kind": "detect",
         "config": config_to_dict(summary.config) | {"format": data_format},
+        "detector_image_size": summary.detector_image_size,
         "object_prior": summary.prior_used,
         "n_fit_images": summary.n_fit_images,
         "held_out_for_training": [str(s.image_path) for s in summary.held_out],

@@ -44,7 +44,7 @@ class DiscoverJobConfig:
     format: str = "auto"
     detector: str = "patchcore"
     detect_backbone: str = "mobilenet_v2"
-    detect_image_size: int = 256
+    detect_image_size: int | None = None
     object_prior: str = "auto"
     detections: Path | None = None
     k: int | str = "auto"

@@ -33,6 +33,17 @@ def test_detect_writes_maps_masks_crops_and_summary(bottle_data, tmp_path):
     assert all((tmp_path / "out" / region["crop"]).is_file() for region in record["regions"])
     assert np.load(folder / "anomaly_map.npy").shape == (256, 256)
     assert "fit" in written["seconds"] and written["config"]["detector"] == "patchcore"
+    assert written["detector_image_size"] == 96
+
+
+@pytest.mark.parametrize("detector, own_size", [("patchcore", 320), ("zero-shot", 256), ("prn", 256)])
+def test_detectors_keep_their_own_input_size_unless_one_is_given(bottle_data, tmp_path, detector, own_size):
+    from anomaly_discovery.platform.detect import build_detector
+
+    built = build_detector(_config(bottle_data, tmp_path, detector=detector, image_size=None))
+    assert (built.config.image_size if detector == "prn" else built.image_size) == own_size
+    given = build_detector(_config(bottle_data, tmp_path, detector=detector, image_size=64))
+    assert (given.config.image_size if detector == "prn" else given.image_size) == 64
 
 
 def test_detect_never_reads_labels_of_the_images(bottle_data, tmp_path):
