@@ -16,11 +16,11 @@
 Defaults, chosen on generated data (anomaly_discovery.data.synthetic, metal plate and bottle, 60 and 200
 normal training images; never on a benchmark's labels): MobileNetV2 taps 6 and 13 (strides 8 and 16; adding
 tap 10 or 17 or dropping tap 6 did not help), ``feature_dim`` 128 (equal channel shares per layer: AUPRO
-+.007 / +.002 over plain concatenation at the same size), ``coreset_ratio`` .03 (pixel AUROC within .002 of .1 at a third of the bank; .01 lost .005 more),
-greedy distances in a 32-d projection (same scores as 128-d, up to 10× faster selection), k = 1 (Eq. 7
-reweighting with k = 3 or 9 changed nothing measurable). ``border_pad`` 32 (reflect padding, see
-:func:`patch_feature_batches`): on 240 generated images AUPRO .966 → .972 (bottle) and .967 → .974 (metal plate),
-image AUROC .991 → 1.0 and .936 → 1.0, for 1.56× the backbone's pixels.
++.007 / +.002 over plain concatenation at the same size), ``coreset_ratio`` .03 (pixel AUROC within .002 of .1
+at a third of the bank; .01 lost .005 more), greedy distances in a 32-d projection (same scores as 128-d, up to
+10× faster selection), k = 1 (Eq. 7 reweighting with k = 3 or 9 changed nothing measurable). ``border_pad`` 32
+(reflect padding, see :func:`patch_feature_batches`): on 240 generated images AUPRO .966 → .972 (bottle) and
+.967 → .974 (metal plate), image AUROC .991 → 1.0 and .936 → 1.0, for 1.56× the backbone's pixels.
 
 ``image_size`` 320 was chosen on MTD's NORMAL TRAINING images (benchmarks/detector_selection.py: fit on 80%,
 score the other 20% plus simulated anomalies at two strengths; no MTD test image or label read): against 256,
