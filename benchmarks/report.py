@@ -193,8 +193,9 @@ def section_discovery() -> str:
     lines += end_to_end_line()
     lines += [
         "How the hyper-parameters were chosen: every discovery, MEBin, crop and detector default is the library's, "
-        "chosen on generated data (anomaly_discovery.data.synthetic) and, for the detectors' border padding, on "
-        "NEU-DET boxes and MTD's normal training images with simulated anomalies (`detector_selection.py`); "
+        "chosen on generated data (anomaly_discovery.data.synthetic) and, for the detectors' border padding and "
+        "PatchCore's input size, on NEU-DET boxes and MTD's normal training images with simulated anomalies "
+        "(`detector_selection.py`); "
         "nothing was tuned on MTD's labels. The runs use `DiscoveryConfig` defaults with `k=auto` unless a row "
         "says otherwise.", "",
         machine(r)]
