@@ -12,11 +12,12 @@ and scored on both sets: image AUROC, pixel AUROC, AUPRO. MTD's test images, def
 never opened, so the winner can be compared honestly on the MTD benchmark afterwards (mtd_detection.py).
 
 Rule, fixed before any run: the candidate with the highest mean of image AUROC and AUPRO over both sets wins;
-within .005 of the current defaults, the defaults stay.
+within .005 of the baseline (PatchCore's defaults when this ran: feature_dim 128, border_pad 32, 256 px, k 1),
+the baseline stays.
 
 Candidates: per-layer channel handling (``feature_dim`` 128, equal shares; or None, plain concatenation as in
 anomalib), border handling (``border_pad`` 32 or 0) and the image score (``k`` 1, the top patch; or 9, the
-PatchCore Eq. 7 reweighting anomalib uses); then, on the defaults, a finer input (``image_size`` 320) and a
+PatchCore Eq. 7 reweighting anomalib uses); then, on the baseline, a finer input (``image_size`` 320) and a
 larger memory bank (``coreset_ratio`` .1). The detector is fitted once per fit setting and scored with each k.
 Candidates already in ``--out`` (same protocol) are kept, not rerun.
 """
@@ -40,10 +41,10 @@ from machine_info import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "detector_selection.json"
-DEFAULT_FIT = {"feature_dim": 128, "border_pad": 32}
-FIT_SETTINGS = (DEFAULT_FIT, {"feature_dim": None, "border_pad": 32}, {"feature_dim": 128, "border_pad": 0},
-                {"feature_dim": None, "border_pad": 0}, {**DEFAULT_FIT, "image_size": 320},
-                {**DEFAULT_FIT, "coreset_ratio": 0.1})
+BASELINE_FIT = {"feature_dim": 128, "border_pad": 32, "image_size": 256}
+FIT_SETTINGS = (BASELINE_FIT, {**BASELINE_FIT, "feature_dim": None}, {**BASELINE_FIT, "border_pad": 0},
+                {**BASELINE_FIT, "feature_dim": None, "border_pad": 0}, {**BASELINE_FIT, "image_size": 320},
+                {**BASELINE_FIT, "coreset_ratio": 0.1})
 IMAGE_SCORES = (1, 9)
 HELD_OUT_SETS = {"simulated": (0.0, 0.8), "faint": (0.6, 0.9)}
 
@@ -121,7 +122,7 @@ def main() -> None:
                                           "selection_score": selection_score(scores)}
             print(name, result["candidates"][name], flush=True)
             args.out.write_text(json.dumps(result, indent=1))
-    result["chosen"] = chosen(result["candidates"], candidate_name(DEFAULT_FIT, 1))
+    result["chosen"] = chosen(result["candidates"], candidate_name(BASELINE_FIT, 1))
     args.out.write_text(json.dumps(result, indent=1))
     print(f"chosen: {result['chosen']}; wrote {args.out}")
 

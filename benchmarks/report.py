@@ -131,9 +131,9 @@ def section_detector_selection() -> str:
         f"MTD's normal training images only: fit on {protocol['fit_images']}, score {protocol['held_out_normal']} "
         f"held-out normals plus one simulated-anomaly copy of each ({ranges}; β is the image's weight in the "
         "blend). No MTD test image, defect folder or mask is read. Rule, fixed before the first run: highest mean "
-        "of image AUROC and AUPRO over both sets; the defaults stay unless beaten by more than .005. The first run "
-        "held the feature, border and image-score candidates (the defaults won); the input-size and memory-bank "
-        "candidates were added in a second run under the same rule. Fit seconds were measured with other jobs on "
+        "of image AUROC and AUPRO over both sets; the baseline (the defaults then, first row) stays unless beaten "
+        "by more than .005. The first run held the feature, border and image-score candidates (the baseline won); "
+        "the input-size and memory-bank candidates were added in a second run under the same rule. Fit seconds were measured with other jobs on "
         "the 2 cores.", "",
         table(["candidate", *header, "selection score", "fit s"], rows), "",
         f"Chosen: **{r.get('chosen', 'run incomplete')}**; `PatchCoreDetector`'s defaults follow it (the zero-shot "
@@ -146,12 +146,12 @@ def anomalib_setting_note() -> list[str]:
     ours, theirs = detection.get("detectors", {}).get("patchcore"), detection.get("anomalib", {})
     if not ours or not theirs.get("ran"):
         return []
-    return [f"The row closest to anomalib's own setting (feature_dim=None border_pad=0 k=9, 256 px) ranks last here, "
-            f"yet on MTD's real defects anomalib's image AUROC is {fmt(theirs['image_auroc'])} against our "
-            f"{fmt(ours['image_auroc'])} (AUPRO {fmt(theirs['aupro'])} against {fmt(ours['aupro'])}; both at "
-            f"{ours['settings']['image_size']} px in `mtd_detection.py`): simulated "
-            "anomalies do not predict the image-level ranking on real defects. The defaults were not switched "
-            "on that evidence, since it comes from the benchmark's labels.", ""]
+    return ["The row closest to anomalib's own setting (feature_dim=None border_pad=0 image_size=256 k=9) ranks "
+            f"last here, yet on MTD's real defects anomalib's image AUROC is {fmt(theirs['image_auroc'])} against "
+            f"our {fmt(ours['image_auroc'])} (AUPRO {fmt(theirs['aupro'])} against {fmt(ours['aupro'])}; both at "
+            f"{ours['settings']['image_size']} px in `mtd_detection.py`): simulated anomalies do not predict the "
+            "image-level ranking on real defects. The defaults were not switched on that evidence, since it comes "
+            "from the benchmark's labels.", ""]
 
 
 def section_discovery() -> str:
