@@ -133,8 +133,8 @@ def section_detector_selection() -> str:
         "blend). No MTD test image, defect folder or mask is read. Rule, fixed before the first run: highest mean "
         "of image AUROC and AUPRO over both sets; the baseline (the defaults then, first row) stays unless beaten "
         "by more than .005. The first run held the feature, border and image-score candidates (the baseline won); "
-        "the input-size and memory-bank candidates were added in a second run under the same rule. Fit seconds were measured with other jobs on "
-        "the 2 cores.", "",
+        "the input-size and memory-bank candidates were added in a second run under the same rule. Fit seconds "
+        "were measured with other jobs on the 2 cores.", "",
         table(["candidate", *header, "selection score", "fit s"], rows), "",
         f"Chosen: **{r.get('chosen', 'run incomplete')}**; `PatchCoreDetector`'s defaults follow it (the zero-shot "
         "and PRN detectors were not evaluated here and keep their own).", "", *anomalib_setting_note(), machine(r)])
