@@ -91,3 +91,28 @@ def test_external_maps_feed_the_same_pipeline(bottle_data, tmp_path):
 def test_detect_cli_reports_a_missing_folder_clearly(tmp_path, capsys):
     assert main(["detect", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quiet"]) == 1
     assert "nope" in capsys.readouterr().err
+
+
+def test_zero_shot_detect_runs_on_a_neu_det_subset_through_the_cli(tmp_path):
+    """NEU-DET has no normal images: the zero-shot detector maps every image (skipped without ../shared)."""
+    import shutil
+
+    from anomaly_discovery.data import load_image
+    from tests.conftest import shared_dataset
+
+    root = shared_dataset("neu-det")
+    subset = tmp_path / "neu"
+    for kind in ("IMAGES", "ANNOTATIONS"):
+        (subset / kind).mkdir(parents=True)
+    for cls in ("crazing", "inclusion", "scratches"):
+        for number in (1, 2, 3):
+            shutil.copy(root / "IMAGES" / f"{cls}_{number}.jpg", subset / "IMAGES")
+            shutil.copy(root / "ANNOTATIONS" / f"{cls}_{number}.xml", subset / "ANNOTATIONS")
+    assert main(["detect", "--data", str(subset), "--format", "neu", "--detector", "zero-shot", "--backbone", "tiny",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert len(written["images"]) == 9 and written["n_fit_images"] == 0
+    assert written["detector_image_size"] == 256
+    for record in written["images"]:
+        height, width = load_image(record["image"]).shape[:2]
+        assert np.load(tmp_path / "out" / "images" / record["id"] / "anomaly_map.npy").shape == (height, width)
