@@ -274,6 +274,19 @@ def novel_prototypes(trained: TrainedModel, embeddings: np.ndarray, config: Disc
     return torch.cat([prototypes[:n_base], novel]), estimate
 
 
+def run_notes(config: DiscoveryConfig, estimate: Optional[ClassCountEstimate], threshold: Optional[float]
+              ) -> list[str]:
+    """Warnings a user should read with the result: an estimated K at the k_max ceiling, no outlier threshold."""
+    notes = []
+    if estimate is not None and estimate.k >= config.k_max:
+        notes.append(f"the estimated K ({estimate.k}) is the ceiling k_max = {config.k_max}: the {estimate.method} "
+                     "criterion found no smaller K it prefers, so there may be more classes, or no clear grouping; "
+                     "raise k_max in the settings or give --k")
+    if threshold is None:
+        notes.append("no base validation crops: outlier scores are given but no threshold is set")
+    return notes
+
+
 def label_free_metrics(trained: TrainedModel, predictions: RegionPredictions, val_embeddings: torch.Tensor,
                        val_scores: np.ndarray, threshold: Optional[float]) -> dict:
     """Metrics that read no label of the discovered images: final losses, base validation accuracy, silhouette."""
@@ -318,8 +331,7 @@ def train_discovery(config: DiscoveryConfig, novel: Sequence[Region], base: Opti
     images = merge_images(novel, predictions.probs)
     ids = [r.image_id for r in novel]
     metrics = label_free_metrics(trained, predictions, val_embeddings, val_scores, threshold)
-    if threshold is None:
-        metrics["notes"] = ["no base validation crops: outlier scores are given but no threshold is set"]
+    metrics["notes"] = run_notes(config, estimate, threshold)
     return DiscoveryArtifacts(
         predictor, predictions, ids, images, {i: float(p.probs.max()) for i, p in images.items()},
         image_outlier_score(ids, predictions.outlier_score, "max"),

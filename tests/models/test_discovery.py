@@ -6,7 +6,8 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from anomaly_discovery.models.discovery import TrainHooks, predict_regions, train_discovery
+from anomaly_discovery.models.class_count import ClassCountEstimate
+from anomaly_discovery.models.discovery import TrainHooks, predict_regions, run_notes, train_discovery
 from anomaly_discovery.models.discovery_checkpoints import CheckpointError, latest_checkpoint
 from anomaly_discovery.models.discovery_config import DiscoveryConfig
 from anomaly_discovery.models.discovery_model import build_model, normalise_images
@@ -84,8 +85,16 @@ def test_training_without_a_base_set_skips_the_outlier_threshold(novel):
     artifacts = train_discovery(DiscoveryConfig(**TINY), novel)
     assert artifacts.predictor.base_classes == []
     assert artifacts.predictor.outlier_threshold is None and artifacts.regions.is_outlier is None
-    assert "no base validation crops" in artifacts.metrics["notes"][0]
+    assert any("no base validation crops" in note for note in artifacts.metrics["notes"])
     assert artifacts.regions.outlier_score.shape == (len(novel),)
+
+
+def test_an_estimated_k_at_the_k_max_ceiling_is_flagged_and_a_smaller_one_is_not():
+    config = DiscoveryConfig(k_max=6)
+    at_ceiling = run_notes(config, ClassCountEstimate(6, {k: 0.0 for k in range(2, 7)}, "gap"), threshold=0.5)
+    assert len(at_ceiling) == 1 and "ceiling k_max = 6" in at_ceiling[0] and "--k" in at_ceiling[0]
+    assert run_notes(config, ClassCountEstimate(4, {k: 0.0 for k in range(2, 7)}, "gap"), threshold=0.5) == []
+    assert run_notes(dataclasses.replace(config, k=3), None, threshold=0.5) == []
 
 
 def test_online_augmentation_path_trains_too(novel, base):
