@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from anomaly_discovery.platform.store_models import ClassStatus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mtd_discovery as chain  # noqa: E402  (benchmarks/ is not a package)
+from machine_info import cpu_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = (0, 5, 10, 25, 50)
@@ -239,7 +239,7 @@ def main() -> None:
                   + (", epochs=3" if args.smoke else ""), "base": "generated bottle crops" if args.smoke
                   else f"NEU-DET, {args.base_per_class} images per class", "store": "sqlite (temp file)"},
         "final_confusion_regions": final,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(),
                     "torch_threads": args.threads, "load_average": list(os.getloadavg()), "gpu": "none"},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

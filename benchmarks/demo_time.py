@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import socket
@@ -24,6 +23,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from machine_info import cpu_model
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "benchmarks" / "results" / "demo_time.json"
@@ -96,7 +97,7 @@ def main() -> None:
         "benchmark": "demo_time", "command": "adisc demo (default settings)", "target_s": TARGET_S,
         "seconds_until_serving": round(serving_s, 1), "seconds_until_published": finished,
         "stage_seconds": stages, "meets_target": serving_s < TARGET_S,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "gpu": "none",
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "gpu": "none",
                     "load_average_before": load_before, "load_average_after": list(os.getloadavg())},
     }
     args.out.write_text(json.dumps(result, indent=1))

@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from anomaly_discovery.platform.index import IndexConfig, PrototypeIndex
+from machine_info import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "index_scale.json"
 N_CLUSTERS = 1000
@@ -155,7 +156,7 @@ def main() -> None:
     result = {
         "benchmark": "index_scale",
         "machine": {
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "processor": cpu_model(), "cpu_count": os.cpu_count(),
             "platform": platform.platform(), "faiss": faiss.__version__, "numpy": np.__version__,
             "faiss_threads": args.threads, "gpus": faiss.get_num_gpus(),
             "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],

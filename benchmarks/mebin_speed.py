@@ -19,6 +19,7 @@ import numpy as np
 
 from anomaly_discovery.models.crops import anomaly_crops
 from anomaly_discovery.models.mebin import MEBinConfig, mebin, normalise_jointly, select_stable_run
+from machine_info import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mebin_speed.json"
 
@@ -101,7 +102,7 @@ def main() -> None:
     result = {
         "benchmark": "mebin_speed",
         "machine": {
-            "processor": platform.processor() or platform.machine(),
+            "processor": cpu_model(),
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
             "opencv_threads": cv2.getNumThreads(),

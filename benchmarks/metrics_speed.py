@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from anomaly_discovery.models.metrics import aupro, pixel_auroc
+from machine_info import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "metrics_speed.json"
 
@@ -75,7 +76,7 @@ def main() -> None:
     result = {
         "benchmark": "metrics_speed",
         "machine": {
-            "processor": platform.processor() or platform.machine(),
+            "processor": cpu_model(),
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

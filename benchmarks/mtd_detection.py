@@ -46,6 +46,7 @@ from anomaly_discovery.models.mutual_scoring import MutualScoringDetector
 from anomaly_discovery.models.patchcore import PatchCoreDetector
 from anomaly_discovery.models.prn import PRNConfig, PRNDetector
 from anomaly_discovery.models.prn_training import select_real_anomalies
+from machine_info import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
@@ -56,10 +57,7 @@ BORDER_PX = 16
 
 
 def machine(threads: int) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "torch_threads": threads, "faiss": faiss.__version__, "cuda": torch.cuda.is_available(),
             "gpu": "none in this run (CPU only)" if not torch.cuda.is_available() else torch.cuda.get_device_name()}
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import time
 from dataclasses import replace
@@ -38,6 +37,7 @@ from anomaly_discovery.models.priors import build_object_prior
 from anomaly_discovery.models.regions import novel_regions
 from anomaly_discovery.platform.detect import localise
 from anomaly_discovery.platform.discover import neu_base_regions
+from machine_info import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("defects-5", "with-good-6")
@@ -153,7 +153,7 @@ def main() -> None:
     if args.epochs is not None:
         config = replace(config, epochs=args.epochs)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    result["machine"] = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    result["machine"] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(),
                          "torch_threads": args.threads, "load_average": list(os.getloadavg()), "gpu": "none"}
     result["settings"] = {"detector_semi": "patchcore (mobilenet_v2, defaults)", "detector_zero_shot":
                           "mutual scoring (mobilenet_v2, defaults)", "discovery": "DiscoveryConfig defaults, k=auto",

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPOSITORY))
 
 from anomaly_discovery.ui.launch import APP, dashboard_environment, free_port, streamlit_command  # noqa: E402
 from tests.ui.review_world import build_review_world, copy_world  # noqa: E402
+from machine_info import cpu_model  # noqa: E402
 
 RESULTS = REPOSITORY / "benchmarks" / "results" / "proposals_page.json"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -138,7 +139,7 @@ def main() -> int:
     shown = browser.get("cached", script["cached"])
     result = {
         "benchmark": "proposals_page",
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "machine": {"processor": cpu_model(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform(),
                     "load_average_1m_before_after": [load_before, round(os.getloadavg()[0], 2)]},
         "crops": CROPS, "images_per_kind": args.per_kind, "setup_s": round(setup_s, 1),

@@ -29,6 +29,7 @@ import numpy as np
 from anomaly_discovery.platform.loop import DiscoveryLoop
 from anomaly_discovery.platform.loop_types import DiscoveredImage, DiscoveredRegion
 from anomaly_discovery.platform.store import Store
+from machine_info import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "review_actions.json"
 
@@ -119,7 +120,7 @@ def main() -> None:
                    "under_1s": max(values) < 1.0} for name, values in times.items()}
     result = {
         "benchmark": "review_actions",
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "machine": {"processor": cpu_model(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "faiss_threads": args.threads,
                     "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
         "store": "sqlite (temp file)" if args.store is None else url.split(":")[0],

@@ -41,6 +41,7 @@ from anomaly_discovery.platform.loop_types import DiscoveredImage, DiscoveredReg
 from anomaly_discovery.platform.predictor import PixelStatsConfig, build_predictor, write_pixel_stats_model
 from anomaly_discovery.platform.serve import ServeSettings, bound_service
 from anomaly_discovery.platform.store import Store
+from machine_info import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"
 TOKEN_VARIABLE = "ADISC_BENCH_TOKEN"
@@ -228,7 +229,7 @@ def main() -> None:
         ray.shutdown()
     result = {
         "benchmark": "serve_load",
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "machine": {"processor": cpu_model(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform(), "ray": ray.__version__,
                     "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
         "predictor": "pixel-stats (training-free baseline of platform/predictor.py, 64-d embeddings); the trained "
