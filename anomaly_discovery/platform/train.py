@@ -22,6 +22,7 @@ never a label of the images being discovered. Ray Tune ranks trials by it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -165,6 +166,21 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, np.floating)) and v is not None}
 
 
+def scratch_key(run_path: str) -> str:
+    """The key of the run at ``run_path`` (``<storage>/<name>``) for its workers' scratch folders: the same for
+    every attempt of the run."""
+    return hashlib.sha1(run_path.encode()).hexdigest()[:16]
+
+
+def worker_scratch(prefix: str, key: str, rank: int) -> Path:
+    """This worker's empty scratch folder, at the same path on every attempt of one run: a restarted attempt
+    clears what a killed one (SIGKILL, node loss: no ``finally`` ran) left there."""
+    folder = Path(tempfile.gettempdir()) / f"{prefix}-{key}-rank{rank}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def restore_checkpoint(folder: Path, into: Path) -> Optional[int]:
     """Copy a reported epoch checkpoint into ``into/epoch_NNNN`` and check it loads; returns its epoch, or None
     for a final (artifacts) checkpoint. A corrupt or foreign checkpoint is a CheckpointError naming it."""
@@ -247,7 +263,7 @@ def discovery_train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     novel, base = ray.get(plan.regions)
-    local = Path(tempfile.mkdtemp(prefix=f"adisc-train-rank{rank}-"))
+    local = worker_scratch("adisc-train", loop_config["scratch_key"], rank)
     try:
         resumed_from = None
         checkpoint = ray.train.get_checkpoint()
@@ -335,7 +351,8 @@ def build_trainer(plan: Any, cluster: ClusterConfig, storage: str, name: str, ca
 
     return TorchTrainer(
         train_loop,
-        train_loop_config={"plan": plan, "overrides": overrides or {}} | ({"sample": sample} if sample else {}),
+        train_loop_config={"plan": plan, "overrides": overrides or {}, "scratch_key": scratch_key(f"{storage}/{name}")}
+        | ({"sample": sample} if sample else {}),
         scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.gpus_per_worker > 0,
                                      resources_per_worker=cluster.resources_per_worker()),
         torch_config=TorchConfig(backend=cluster.backend),

@@ -22,7 +22,6 @@ Artifact: rank 0 saves the detector with ``PRNDetector.save`` into the final che
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .train import (FINAL_CHECKPOINT, ClusterConfig, EpochEvent, _report, build_trainer, cluster_from_args, connect,
-                    fit_to_folder, scalar_metrics)
+                    fit_to_folder, scalar_metrics, worker_scratch)
 
 if TYPE_CHECKING:
     from ..models.prn import PRNConfig
@@ -112,7 +111,7 @@ def prn_train_loop(loop_config: dict) -> None:
                 return
             state = load_state(Path(folder) / STATE_FILE)
     resumed_from = len(state["history"]) - 1 if state is not None else None
-    local = Path(tempfile.mkdtemp(prefix=f"adisc-train-prn-rank{rank}-"))
+    local = worker_scratch("adisc-train-prn", loop_config["scratch_key"], rank)
     try:
         def report(epoch: int, metrics: dict, epoch_state: dict) -> None:
             folder = local / f"epoch_{epoch:04d}" if rank == 0 else None

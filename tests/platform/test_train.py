@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from anomaly_discovery.models.model_selection import selection_score
 from anomaly_discovery.platform.discover import DiscoverJobConfig
 from anomaly_discovery.platform.evaluate import evaluate_output
 from anomaly_discovery.platform.train import (ClusterConfig, EpochEvent, add_train_arguments, load_train_data,
-                                              restore_checkpoint, run_train, run_train_cli, worker_cause)
+                                              restore_checkpoint, run_train, run_train_cli, scratch_key,
+                                              worker_cause, worker_scratch)
 from tests.platform.ray_cluster import ray_session  # noqa: F401  (the session's Ray)
 from tests.platform.ray_cluster import TINY_SETTINGS, coloured_regions, write_detect_output
 
@@ -142,6 +144,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes(killed
     assert [epoch for _, epoch, resumed in reports if resumed is not None] == list(range(start + 1, 3))
     summary = json.loads((run.out / "summary.json").read_text())
     assert [h["epoch"] for h in summary["history"]] == [0, 1, 2]
+    assert not list(Path(tempfile.gettempdir()).glob(f"adisc-train-{scratch_key(run.run_path)}-rank*"))
 
 
 def test_the_resumed_one_worker_run_equals_the_uninterrupted_single_process_path(killed_one_worker_run,
@@ -213,3 +216,13 @@ def test_cluster_config_picks_nccl_for_gpu_workers_and_refuses_bad_values():
         ClusterConfig(workers=0)
     with pytest.raises(ValueError, match="--max-failures"):
         ClusterConfig(max_failures=-2)
+
+
+def test_a_worker_scratch_folder_is_the_same_per_run_and_rank_and_starts_empty(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    key = scratch_key("/storage/run")
+    first = worker_scratch("adisc-train", key, 0)
+    (first / "left-by-a-killed-attempt").write_text("partial")
+    again = worker_scratch("adisc-train", key, 0)
+    assert again == first and again.parent == tmp_path and not any(again.iterdir())
+    assert worker_scratch("adisc-train", key, 1) != first and scratch_key("/storage/other") != key

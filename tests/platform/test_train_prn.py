@@ -1,6 +1,8 @@
 import contextlib
 import io
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from anomaly_discovery.cli import build_parser, main
 from anomaly_discovery.data import load_image, read_dataset
 from anomaly_discovery.data.synthetic import generate_dataset
 from anomaly_discovery.models.prn import DEFAULT_LAYERS, CheckpointError, PRNConfig, PRNDetector
-from anomaly_discovery.platform.train import ClusterConfig
+from anomaly_discovery.platform.train import ClusterConfig, scratch_key
 from anomaly_discovery.platform.train_prn import PRNTrainJob, load_state, prn_settings, run_prn_train
 from tests.platform.ray_cluster import ray_session  # noqa: F401  (the session's Ray)
 from tests.platform.test_train import KillWorkerOnce, RecordEpochs
@@ -66,6 +68,7 @@ def test_a_killed_worker_resumes_both_workers_from_the_latest_checkpoint(killed_
         resumed_epochs = [epoch for r, epoch, resumed in reports if r == rank and resumed is not None]
         assert resumed_epochs == list(range(start + 1, EPOCHS))
     assert run.metrics["epochs_done"] == EPOCHS
+    assert not list(Path(tempfile.gettempdir()).glob(f"adisc-train-prn-{scratch_key(run.run_path)}-rank*"))
 
 
 def test_the_run_keeps_only_the_final_checkpoint(killed_two_worker_run):
