@@ -16,8 +16,8 @@ predict = resize/normalise + ``PatchcoreModel.forward`` + resizing each map to i
 decoded before the clocks start).
 
 Coreset: anomalib's ``KCenterGreedy`` takes one full pass over all N patch features per selected point, so
-on a CPU it is out of reach for MTD (N ≈ 780 k patches, tens of thousands of points); its cost is measured on ``--probe-iterations``
-steps and extrapolated. ``--coreset indices --coreset-indices FILE.npy`` (what ``mtd_detection.py`` uses)
+on a CPU it is out of reach for MTD (N ≈ 780 k patches, tens of thousands of points); its cost is measured on
+``--probe-iterations`` steps and extrapolated. ``--coreset indices --coreset-indices FILE.npy`` (what ``mtd_detection.py`` uses)
 keeps the patch positions that the project's detector picked on the same images (same grid, same order),
 taken from anomalib's own features; ``--coreset adisc`` runs the project's greedy k-center on anomalib's
 features; ``--coreset anomalib`` runs anomalib's sampler.

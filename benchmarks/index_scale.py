@@ -39,7 +39,8 @@ def embedding_like(n: int, dim: int, rng: np.random.Generator, centres: np.ndarr
     for start in range(0, n, 100_000):
         stop = min(n, start + 100_000)
         labels = rng.integers(0, len(centres), stop - start)
-        vectors[start:stop] = centres[labels] + rng.standard_normal((stop - start, dim), dtype=np.float32) / np.sqrt(dim)
+        noise = rng.standard_normal((stop - start, dim), dtype=np.float32) / np.sqrt(dim)
+        vectors[start:stop] = centres[labels] + noise
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors
 

@@ -96,8 +96,8 @@ def discover_and_score(regions, truth: dict, base, config: DiscoveryConfig) -> d
     return {"nmi": report["nmi"], "ari": report["ari"], "f1": report["f1"], "f1_macro": report["f1_macro"],
             "k_estimated": artifacts.k_estimated if artifacts.k_estimated is not None else artifacts.k,
             "k_true": report["n_classes_true"], "n_images": len(ids), "n_regions": len(regions),
-            "epochs": config.epochs,
-            "seconds": round(seconds, 1), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "epochs": config.epochs, "seconds": round(seconds, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
 def leave_one_class_out(regions, truth: dict, base, config: DiscoveryConfig, seed: int = 0) -> dict:

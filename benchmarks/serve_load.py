@@ -213,8 +213,8 @@ def main() -> None:
         for clients in args.concurrency:
             phases[str(clients)] = asyncio.run(closed_loop(url, payloads, clients, args.requests, args.max_seconds))
             row = phases[str(clients)]
-            print(f"{clients:>3} clients: {row['throughput']:7.1f} req/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms"
-                  f"  errors {row['errors']}", flush=True)
+            print(f"{clients:>3} clients: {row['throughput']:7.1f} req/s  p50 {row['p50_ms']} ms  "
+                  f"p99 {row['p99_ms']} ms  errors {row['errors']}", flush=True)
         saturation = max(row["throughput"] for row in phases.values())
         half = asyncio.run(open_loop(url, payloads, saturation / 2, args.open_seconds))
         print(f"half saturation ({saturation / 2:.1f} req/s): p50 {half['p50_ms']} ms p99 {half['p99_ms']} ms "

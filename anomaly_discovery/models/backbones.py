@@ -153,7 +153,8 @@ def _mobilenet_v2(weights: Path | None, taps: Sequence[int]) -> FeatureExtractor
     features = list(model.features)
     channels = {3: 24, 6: 32, 10: 64, 13: 96, 17: 320}
     strides = {3: 4, 6: 8, 10: 16, 13: 16, 17: 32}
-    return StagedFeatureExtractor("mobilenet_v2", features, taps, [channels[t] for t in taps], [strides[t] for t in taps])
+    return StagedFeatureExtractor("mobilenet_v2", features, taps, [channels[t] for t in taps],
+                                  [strides[t] for t in taps])
 
 
 class _EfficientNetStem(nn.Module):

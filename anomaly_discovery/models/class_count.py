@@ -74,7 +74,8 @@ def _silhouette_scores(points: np.ndarray, ks: range, seed: int) -> dict[int, fl
             for k in ks}
 
 
-def _gap_scores(points: np.ndarray, ks: range, seed: int, n_references: int = 5) -> tuple[dict[int, float], dict[int, float]]:
+def _gap_scores(points: np.ndarray, ks: range, seed: int,
+                n_references: int = 5) -> tuple[dict[int, float], dict[int, float]]:
     """Gap(k) = mean_b log W*_kb − log W_k and its standard error s_k = sd_b · sqrt(1 + 1/B)."""
     rng = np.random.default_rng(seed)
     centred = points - points.mean(axis=0)

@@ -67,7 +67,8 @@ class DiscoveryPredictor:
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
                   str(folder / MODEL_FILE))
         save_file({"prototypes": self.prototypes.contiguous(),
-                   "reference_embeddings": self.reference_embeddings.contiguous()}, str(folder / "discovery.safetensors"))
+                   "reference_embeddings": self.reference_embeddings.contiguous()},
+                  str(folder / "discovery.safetensors"))
         meta = {"config": self.config.fingerprint(), "base_classes": self.base_classes,
                 "n_head_classes": self.model.head.n_classes, "outlier_threshold": self.outlier_threshold}
         (folder / "model.json").write_text(json.dumps(meta, indent=1))

@@ -282,7 +282,8 @@ def create_app(core: ServiceCore, predict: PredictFn | None = None) -> FastAPI:
         loop = core.loop
         return Health(status="ok", model_version=core.predictor.model_version, regions=loop.mirror.count(),
                       classes=sum(c.status in LIVE for c in loop.classes.values()),
-                      open_proposals=len(loop.open_proposals), index=loop.recovery, writes_enabled=core.token is not None)
+                      open_proposals=len(loop.open_proposals), index=loop.recovery,
+                      writes_enabled=core.token is not None)
 
     @app.post("/v1/predict", response_model=PredictResponse)
     async def predict_images(images: list[UploadFile] = File(..., description="image files"),
@@ -409,7 +410,8 @@ def run_serve(args: Mapping[str, Any] | Any) -> int:
         ray.init(include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(bound_service(settings, replicas), name="adisc", route_prefix="/", blocking=False)
-    token_state = "set" if os.environ.get(settings.token_env) else f"NOT set: writes answer 503 until {settings.token_env} is"
+    token_state = ("set" if os.environ.get(settings.token_env)
+                   else f"NOT set: writes answer 503 until {settings.token_env} is")
     print(f"adisc serve: http://{host}:{port} (docs at /docs); token variable {settings.token_env} {token_state}; "
           "Ctrl-C stops", flush=True)
     try:

@@ -120,7 +120,8 @@ class GeneratedDataset:
 
     def summary(self) -> str:
         """One line per product: where the images went and how many of each kind."""
-        lines = [f"{self.n_images} images of {self.image_size} px in {self.out_dir} ({self.seconds:.1f}s, seed {self.seed})"]
+        lines = [f"{self.n_images} images of {self.image_size} px in {self.out_dir} "
+                 f"({self.seconds:.1f}s, seed {self.seed})"]
         for product, folders in self.counts.items():
             lines.append(f"  {product}: " + ", ".join(f"{folder} {n}" for folder, n in sorted(folders.items())))
         return "\n".join(lines)
