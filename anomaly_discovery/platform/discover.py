@@ -141,7 +141,8 @@ def regions_from_detection(config: DiscoverJobConfig) -> tuple[list[Region], dic
     return regions, paths, config_to_dict(detect_config)
 
 
-def _subset_by_class(items: list, label_of, per_class: int, seed: int) -> list:
+def subset_by_class(items: list, label_of, per_class: int, seed: int) -> list:
+    """At most ``per_class`` items of each label (``label_of(item)``), chosen at random with ``seed``, in order."""
     rng = np.random.default_rng(seed)
     chosen = []
     for label in sorted({label_of(item) for item in items}):
@@ -154,7 +155,7 @@ def neu_base_regions(root: Path, per_class: int, seed: int, progress: bool = Tru
     """NEU-DET crops around the labelled boxes (≤ 2 per image) of ``per_class`` images per class."""
     samples: list[Sample] = read_dataset(root, "neu", check=False).samples
     regions = []
-    for sample in tqdm(_subset_by_class(samples, lambda s: s.label, per_class, seed), desc="base crops (NEU-DET)",
+    for sample in tqdm(subset_by_class(samples, lambda s: s.label, per_class, seed), desc="base crops (NEU-DET)",
                        disable=not progress):
         regions += base_regions_from_boxes(load_image(sample.image_path), sample.boxes, str(sample.image_path))
     return regions
@@ -187,7 +188,7 @@ def synthetic_base_regions(root: Path, data: Path, per_class: int, seed: int, pr
         raise ValueError(f"base product {product!r} is the product being discovered ({data})")
     records = [r for r in metadata["images"] if r["product"] == product and r.get("mask_path")]
     regions = []
-    for record in tqdm(_subset_by_class(records, lambda r: r["label"], per_class, seed),
+    for record in tqdm(subset_by_class(records, lambda r: r["label"], per_class, seed),
                        desc=f"base crops ({product})", disable=not progress):
         objects = (load_image(root / record["object_mask_path"], mode="L") > 0
                    if record.get("object_mask_path") else None)
