@@ -7,7 +7,8 @@ normal test images). Settings: ``semi`` (PatchCore fitted on the 761 normal trai
 protocols), ``zero-shot``, ``ablations`` (guidance none / hard / amga, object prior none / fallback on semi
 defects-5), ``loco`` (leave one class out: unseen-class AUROC and FPR at 95% TPR) and ``k-known`` (semi with the
 number of classes given, the protocol of AnomalyNCD's anchors; that count is all it reads from the labels).
-Hyper-parameters are the library defaults, chosen on synthetic data; nothing here is tuned on MTD.
+Hyper-parameters are the library defaults, chosen on synthetic data and NEU-DET (discovery_selection.py);
+nothing here is tuned on MTD.
 
     .venv/bin/python benchmarks/mtd_discovery.py --parts main
 """
