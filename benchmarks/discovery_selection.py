@@ -9,7 +9,7 @@ images) gives their anomaly maps, MEBin their crops, with the offline object pri
 generated metal-plate defects (anomaly_discovery.data.synthetic), ``--base-per-class`` images per defect type.
 Each candidate trains ``train_discovery`` with k="auto" (so the class-count estimate is part of the score) and
 is scored against the NEU-DET class of each image. The crops are cached in ``--cache`` so candidates can run
-in parallel processes; each row is merged into ``--out`` under a file lock.
+in parallel processes; each row is merged into ``--out`` holding a lock on its folder.
 
 Rule, fixed before any run: the candidate with the highest mean of NMI, ARI and F1 wins; within .01 of the
 baseline (``DiscoveryConfig`` defaults when this ran, pinned in ``BASELINE``: depth was then 4), the

@@ -237,6 +237,11 @@ class PRNDetector:
     def __init__(self, config: PRNConfig | None = None):
         self.config = config or PRNConfig()
 
+    @property
+    def image_size(self) -> int:
+        """The network's input side in pixels, as the other detectors expose it."""
+        return self.config.image_size
+
     def _build(self, device: torch.device, prototypes: Sequence[torch.Tensor]) -> None:
         cfg = self.config
         encoder = build_backbone(cfg.encoder, cfg.weights, cfg.layers).to(device).requires_grad_(False)

@@ -92,8 +92,7 @@ class DetectSummary:
         """The input side the detector ran at (its own default unless the config set one; None for maps)."""
         if self.config.image_size is not None:
             return self.config.image_size
-        return getattr(self.detector, "image_size", None) or getattr(getattr(self.detector, "config", None),
-                                                                     "image_size", None)
+        return getattr(self.detector, "image_size", None)
 
     def describe(self) -> str:
         n_regions = sum(len(r.crops) for r in self.results)

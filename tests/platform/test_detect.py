@@ -41,9 +41,9 @@ def test_detectors_keep_their_own_input_size_unless_one_is_given(bottle_data, tm
     from anomaly_discovery.platform.detect import build_detector
 
     built = build_detector(_config(bottle_data, tmp_path, detector=detector, image_size=None))
-    assert (built.config.image_size if detector == "prn" else built.image_size) == own_size
+    assert built.image_size == own_size
     given = build_detector(_config(bottle_data, tmp_path, detector=detector, image_size=64))
-    assert (given.config.image_size if detector == "prn" else given.image_size) == 64
+    assert given.image_size == 64
 
 
 def test_detect_never_reads_labels_of_the_images(bottle_data, tmp_path):
