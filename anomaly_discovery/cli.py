@@ -19,7 +19,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from .platform.detect import DetectConfig, run_detect
+    from .platform.jobs.detect import DetectConfig, run_detect
 
     config = DetectConfig(data=args.data, format=args.format, detector=args.detector, out=args.out,
                           backbone=args.backbone, weights=args.weights, maps=args.maps,
@@ -35,7 +35,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .platform.evaluate import evaluate_output
+    from .platform.jobs.evaluate import evaluate_output
 
     report = evaluate_output(args.output, data=args.data, format=args.format, split_file=args.split_file)
     print(report.describe())
@@ -43,14 +43,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
-    from .platform.discover import run_discover_cli
+    from .platform.jobs.discover import run_discover_cli
 
     return run_discover_cli(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .platform.paths import ServicePaths
-    from .platform.serve import run_serve
+    from .platform.storage.paths import ServicePaths
+    from .platform.service.app import run_serve
 
     paths = ServicePaths(args.workdir)
     return run_serve({"store": args.store or paths.store_url, "index": str(args.index or paths.index),
@@ -60,22 +60,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.model == "prn":
-        from .platform.train_prn import run_prn_train_cli
+        from .platform.ray.train_prn import run_prn_train_cli
 
         return run_prn_train_cli(args)
-    from .platform.train import run_train_cli
+    from .platform.ray.train import run_train_cli
 
     return run_train_cli(args)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .platform.tune import run_tune_cli
+    from .platform.ray.tune import run_tune_cli
 
     return run_tune_cli(args)
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from .platform.retrain import run_retrain_cli
+    from .platform.ray.retrain import run_retrain_cli
 
     return run_retrain_cli(args)
 
@@ -87,7 +87,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .platform.demo import run_demo
+    from .platform.jobs.demo import run_demo
 
     return run_demo(out=args.out, n_images=args.n, seed=args.seed, quick=args.quick,
                     serve=not (args.no_serve or args.quick), port=args.port)
@@ -207,8 +207,8 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                                      "Train TorchTrainer: DDP workers, checkpoints every epoch, restart from the "
                                      "latest checkpoint when a worker is lost.")
     if verb == "train":
-        from .platform.train import add_train_arguments
-        from .platform.train_prn import add_prn_arguments
+        from .platform.ray.train import add_train_arguments
+        from .platform.ray.train_prn import add_prn_arguments
 
         add_train_arguments(p)
         add_prn_arguments(p)
@@ -218,7 +218,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                          description="Search discovery settings with Ray Tune over TorchTrainer trials; trials are "
                                      "ranked without the labels of the images being discovered.")
     if verb == "tune":
-        from .platform.tune import add_tune_arguments
+        from .platform.ray.tune import add_tune_arguments
 
         add_tune_arguments(p)
     p.set_defaults(handler=cmd_tune)
@@ -227,7 +227,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                          description="Turn confirmed classes (from the store or a labels file) into labelled "
                                      "classes and fine-tune on the cluster, producing a new model version.")
     if verb == "retrain":
-        from .platform.retrain import add_retrain_arguments
+        from .platform.ray.retrain import add_retrain_arguments
 
         add_retrain_arguments(p)
     p.set_defaults(handler=cmd_retrain)

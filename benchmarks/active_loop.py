@@ -42,15 +42,15 @@ import torch
 
 from anomaly_discovery.data import read_dataset
 from anomaly_discovery.data.synthetic import generate_dataset
-from anomaly_discovery.models.discovery import DiscoveryConfig, train_discovery
-from anomaly_discovery.models.discovery_predict import merge_images
+from anomaly_discovery.models.discovery.training import DiscoveryConfig, train_discovery
+from anomaly_discovery.models.discovery.predict import merge_images
 from anomaly_discovery.models.metrics import clustering_report
-from anomaly_discovery.platform.discover import neu_base_regions, synthetic_base_regions
-from anomaly_discovery.platform.loop import DiscoveryLoop
-from anomaly_discovery.platform.loop_types import DiscoveredImage, DiscoveredRegion
-from anomaly_discovery.platform.publish import file_hash
-from anomaly_discovery.platform.store import Store
-from anomaly_discovery.platform.store_models import ClassStatus
+from anomaly_discovery.platform.jobs.discover import neu_base_regions, synthetic_base_regions
+from anomaly_discovery.platform.review.loop import DiscoveryLoop
+from anomaly_discovery.platform.review.types import DiscoveredImage, DiscoveredRegion
+from anomaly_discovery.platform.jobs.publish import file_hash
+from anomaly_discovery.platform.storage.store import Store
+from anomaly_discovery.platform.storage.models import ClassStatus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mtd_discovery as chain  # noqa: E402  (benchmarks/ is not a package)

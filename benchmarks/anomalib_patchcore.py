@@ -142,7 +142,7 @@ def main() -> None:
                          "picked by greedy k-center on the same images (coreset time is in the project's fit)")
         else:
             sys.path.insert(0, str(args.repo))
-            from anomaly_discovery.models.coreset import coreset_size, greedy_coreset_indices
+            from anomaly_discovery.models.features.coreset import coreset_size, greedy_coreset_indices
 
             chosen = greedy_coreset_indices(embedding, coreset_size(len(embedding), args.coreset_ratio),
                                             args.coreset_projection_dim or None, args.seed)

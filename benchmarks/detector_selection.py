@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from anomaly_discovery.data import load_image, read_dataset
-from anomaly_discovery.models.anomaly_synthesis import simulate_anomaly
+from anomaly_discovery.models.detectors.anomaly_synthesis import simulate_anomaly
 from anomaly_discovery.models.metrics import aupro, image_auroc, pixel_auroc
-from anomaly_discovery.models.patchcore import PatchCoreDetector
+from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from machine_info import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]

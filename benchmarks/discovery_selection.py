@@ -40,14 +40,12 @@ import torch
 
 from anomaly_discovery.data import load_image, read_dataset
 from anomaly_discovery.data.synthetic import generate_dataset
-from anomaly_discovery.models.crops import CropConfig
-from anomaly_discovery.models.discovery import DiscoveryConfig, train_discovery
+from anomaly_discovery.models.discovery.training import DiscoveryConfig, train_discovery
 from anomaly_discovery.models.metrics import clustering_report
-from anomaly_discovery.models.mutual_scoring import MutualScoringDetector
-from anomaly_discovery.models.priors import build_object_prior
-from anomaly_discovery.models.regions import novel_regions
-from anomaly_discovery.platform.detect import localise
-from anomaly_discovery.platform.discover import subset_by_class, synthetic_base_regions
+from anomaly_discovery.models.detectors.mutual_scoring import MutualScoringDetector
+from anomaly_discovery.models.localisation.priors.factory import build_object_prior
+from anomaly_discovery.models.localisation.localise import image_regions, localise_set
+from anomaly_discovery.platform.jobs.discover import subset_by_class, synthetic_base_regions
 from machine_info import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,11 +78,11 @@ def neu_task(neu: Path, per_class: int, base_per_class: int, seed: int, cache: P
     images = [load_image(s.image_path) for s in samples]
     detections = MutualScoringDetector(progress=False).predict(images)
     prior, _ = build_object_prior("fallback")
-    binarised, object_masks, crops = localise(samples, detections, prior, CropConfig(), progress=False)
+    localised = localise_set(images, [d.anomaly_map for d in detections], prior)
     regions, truth = [], {}
-    for index, (image, result, masks, image_crops) in enumerate(zip(images, binarised, object_masks, crops)):
+    for index, (image, result) in enumerate(zip(images, localised)):
         truth[f"image{index}"] = samples[index].label
-        regions += novel_regions(f"image{index}", image, image_crops, result.normalised_map, masks)
+        regions += image_regions(f"image{index}", image, result)
     with tempfile.TemporaryDirectory() as folder:
         generate_dataset(folder, n_images=8 * base_per_class * 2, seed=seed, products=("metal_plate",),
                          progress=False)

@@ -25,7 +25,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from anomaly_discovery.platform.index import IndexConfig, PrototypeIndex
+from anomaly_discovery.platform.storage.index import IndexConfig, PrototypeIndex
 from machine_info import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "index_scale.json"

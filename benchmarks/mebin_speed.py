@@ -17,8 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from anomaly_discovery.models.crops import anomaly_crops
-from anomaly_discovery.models.mebin import MEBinConfig, mebin, normalise_jointly, select_stable_run
+from anomaly_discovery.models.localisation.crops import anomaly_crops
+from anomaly_discovery.models.localisation.mebin import MEBinConfig, mebin, normalise_jointly, select_stable_run
 from machine_info import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mebin_speed.json"

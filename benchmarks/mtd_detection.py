@@ -40,12 +40,12 @@ import numpy as np
 import torch
 
 from anomaly_discovery.data import Sample, load_image, load_mask, read_dataset
-from anomaly_discovery.models.backbones import find_mobilenet_v2_weights
+from anomaly_discovery.models.features.backbones import find_mobilenet_v2_weights
 from anomaly_discovery.models.metrics import aupro, image_auroc, pixel_auroc
-from anomaly_discovery.models.mutual_scoring import MutualScoringDetector
-from anomaly_discovery.models.patchcore import PatchCoreDetector
-from anomaly_discovery.models.prn import PRNConfig, PRNDetector
-from anomaly_discovery.models.prn_training import select_real_anomalies
+from anomaly_discovery.models.detectors.mutual_scoring import MutualScoringDetector
+from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
+from anomaly_discovery.models.detectors.prn import PRNConfig, PRNDetector
+from anomaly_discovery.models.detectors.prn_training import select_real_anomalies
 from machine_info import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]

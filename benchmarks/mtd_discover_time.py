@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from anomaly_discovery.platform.evaluate import evaluate_output
+from anomaly_discovery.platform.jobs.evaluate import evaluate_output
 from machine_info import cpu_model
 
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -27,17 +27,15 @@ import numpy as np
 import torch
 
 from anomaly_discovery.data import load_image, read_dataset
-from anomaly_discovery.models.crops import CropConfig
-from anomaly_discovery.models.detector import Detection
-from anomaly_discovery.models.discovery import DiscoveryConfig, predict_regions, train_discovery
+from anomaly_discovery.models.detectors.protocol import Detection
+from anomaly_discovery.models.discovery.training import DiscoveryConfig, predict_regions, train_discovery
 from anomaly_discovery.models.metrics import clustering_report
-from anomaly_discovery.models.mutual_scoring import MutualScoringDetector
-from anomaly_discovery.models.outliers import evaluate_outlier_scores, knn_distance_score
-from anomaly_discovery.models.patchcore import PatchCoreDetector
-from anomaly_discovery.models.priors import build_object_prior
-from anomaly_discovery.models.regions import novel_regions
-from anomaly_discovery.platform.detect import localise
-from anomaly_discovery.platform.discover import neu_base_regions
+from anomaly_discovery.models.detectors.mutual_scoring import MutualScoringDetector
+from anomaly_discovery.models.discovery.outliers import evaluate_outlier_scores, knn_distance_score
+from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
+from anomaly_discovery.models.localisation.priors.factory import build_object_prior
+from anomaly_discovery.models.localisation.localise import image_regions, localise_set
+from anomaly_discovery.platform.jobs.discover import neu_base_regions
 from machine_info import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,12 +77,12 @@ def regions_for(samples, detections, prior_kind: str):
     """Novel regions of a protocol's images (MEBin over that set) and, for the scorer only, their labels by id.
     Ids carry no label: ``image<N>``."""
     prior, _ = build_object_prior(prior_kind)
-    binarised, object_masks, crops = localise(samples, detections, prior, CropConfig(), progress=False)
+    localised = localise_set((load_image(s.image_path) for s in samples), [d.anomaly_map for d in detections], prior)
     regions, truth = [], {}
-    for index, (sample, result, masks, image_crops) in enumerate(zip(samples, binarised, object_masks, crops)):
+    for index, (sample, result) in enumerate(zip(samples, localised)):
         image_id = f"image{index}"
         truth[image_id] = sample.label
-        regions += novel_regions(image_id, load_image(sample.image_path), image_crops, result.normalised_map, masks)
+        regions += image_regions(image_id, load_image(sample.image_path), result)
     return regions, truth
 
 

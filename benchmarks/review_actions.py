@@ -26,9 +26,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from anomaly_discovery.platform.loop import DiscoveryLoop
-from anomaly_discovery.platform.loop_types import DiscoveredImage, DiscoveredRegion
-from anomaly_discovery.platform.store import Store
+from anomaly_discovery.platform.review.loop import DiscoveryLoop
+from anomaly_discovery.platform.review.types import DiscoveredImage, DiscoveredRegion
+from anomaly_discovery.platform.storage.store import Store
 from machine_info import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "review_actions.json"

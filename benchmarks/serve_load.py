@@ -36,11 +36,11 @@ from ray import serve
 
 from anomaly_discovery.data import load_image
 from anomaly_discovery.data.synthetic import generate_dataset
-from anomaly_discovery.platform.loop import DiscoveryLoop
-from anomaly_discovery.platform.loop_types import DiscoveredImage, DiscoveredRegion
+from anomaly_discovery.platform.review.loop import DiscoveryLoop
+from anomaly_discovery.platform.review.types import DiscoveredImage, DiscoveredRegion
 from anomaly_discovery.platform.predictor import PixelStatsConfig, build_predictor, write_pixel_stats_model
-from anomaly_discovery.platform.serve import ServeSettings, bound_service
-from anomaly_discovery.platform.store import Store
+from anomaly_discovery.platform.service.app import ServeSettings, bound_service
+from anomaly_discovery.platform.storage.store import Store
 from machine_info import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.json"

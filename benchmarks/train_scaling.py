@@ -34,10 +34,11 @@ import cv2
 import numpy as np
 import torch
 
-from anomaly_discovery.models.discovery import DiscoveryConfig, train_discovery
-from anomaly_discovery.models.regions import crop_region
-from anomaly_discovery.platform.discover import DiscoverJobConfig
-from anomaly_discovery.platform.train import ClusterConfig, EpochEvent, TrainData, run_train
+from anomaly_discovery.models.discovery.training import DiscoveryConfig, train_discovery
+from anomaly_discovery.models.localisation.regions import crop_region
+from anomaly_discovery.platform.jobs.discover import DiscoverJobConfig
+from anomaly_discovery.platform.ray.cluster import ClusterConfig, EpochEvent
+from anomaly_discovery.platform.ray.train import TrainData, run_train
 from machine_info import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_scaling.json"

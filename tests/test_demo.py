@@ -1,6 +1,6 @@
 from anomaly_discovery.cli import main
-from anomaly_discovery.platform.paths import ServicePaths
-from anomaly_discovery.platform.store import Store, proposals
+from anomaly_discovery.platform.storage.paths import ServicePaths
+from anomaly_discovery.platform.storage.store import Store, proposals
 
 
 def test_quick_demo_runs_every_stage_and_leaves_proposals_for_review(tmp_path, capsys):

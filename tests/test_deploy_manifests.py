@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from anomaly_discovery.cli import build_parser
-from anomaly_discovery.platform.retrain import add_retrain_arguments
-from anomaly_discovery.platform.train import add_train_arguments
-from anomaly_discovery.platform.tune import add_tune_arguments
+from anomaly_discovery.platform.ray.retrain import add_retrain_arguments
+from anomaly_discovery.platform.ray.train import add_train_arguments
+from anomaly_discovery.platform.ray.tune import add_tune_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -102,7 +102,7 @@ def test_every_import_path_imports(path):
 
 def test_the_rayservice_serves_the_same_application_as_serve_config_with_valid_arguments():
     pytest.importorskip("ray.serve")
-    from anomaly_discovery.platform.serve import ServeSettings
+    from anomaly_discovery.platform.service.app import ServeSettings
 
     def applications(path):
         return [app for d in ALL[path] if isinstance(d, dict) for app in d.get("applications", [])]

@@ -11,7 +11,8 @@ where it says nothing). ``model_version`` names the weights; ``embedding_dim`` f
   components, a fixed random projection of each region's colour/shape/gradient statistics). Used by the tests
   and the load benchmark; ``write_pixel_stats_model`` writes its folder.
 * ``"discovery"``: :class:`DiscoveryRegionPredictor`, the real pipeline — a fitted PatchCore detector, the
-  discovery run's map scale and binarisation level (``fit_localisation``), anomaly-centred crops, and the trained
+  discovery run's map scale and binarisation level (``localisation.localise.Localisation``), its object prior,
+  anomaly-centred crops, and the trained
   discovery model (embeddings, novel cluster, confidence, k-NN outlier score); ``write_discovery_model`` writes it.
 """
 
@@ -25,7 +26,13 @@ from typing import Protocol, Sequence, runtime_checkable
 import cv2
 import numpy as np
 
-from anomaly_discovery.models.detector import as_rgb
+from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
+from anomaly_discovery.models.detectors.protocol import as_rgb
+from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
+from anomaly_discovery.models.discovery.training import predict_regions
+from anomaly_discovery.models.localisation.localise import Localisation, image_regions, localise_image
+from anomaly_discovery.models.localisation.priors.base import NoObjectPrior, ObjectPrior
+from anomaly_discovery.models.localisation.priors.factory import build_object_prior
 
 MANIFEST = "predictor.json"
 Box = tuple[int, int, int, int]
@@ -146,63 +153,28 @@ class PixelStatsPredictor:
         return [self._predict_one(image) for image in images]
 
 
-@dataclass(frozen=True)
-class Localisation:
-    """How one served image is binarised like the discovery run's set: raw map values ``low``..``high`` (the run's
-    joint min-max, MEBin step 0) scale to 0..255, pixels above ``threshold`` on that scale are defect, then
-    MEBin's ``erosion``×``erosion`` erosion (MEBin's stability sweep needs a whole set, so a served image takes the
-    run's typical threshold)."""
-
-    low: float
-    high: float
-    threshold: int
-    erosion: int = 6
-
-    def __post_init__(self) -> None:
-        if not self.high > self.low or not 0 <= self.threshold < 255 or self.erosion < 1:
-            raise ValueError(f"Localisation needs high > low, threshold in [0, 255) and erosion >= 1, got {self}")
-
-    def scale(self, anomaly_map: np.ndarray) -> np.ndarray:
-        values = (np.asarray(anomaly_map, np.float32) - self.low) * (255.0 / (self.high - self.low))
-        return np.clip(np.rint(values), 0, 255).astype(np.uint8)
-
-
-def fit_localisation(raw_maps: Sequence[np.ndarray], thresholds: Sequence[int], erosion: int = 6) -> Localisation:
-    """The run's joint map range and the median MEBin threshold of its images that had regions."""
-    if not len(raw_maps) or not len(thresholds):
-        raise ValueError("fit_localisation needs the run's raw maps and at least one MEBin threshold")
-    low = min(float(np.min(m)) for m in raw_maps)
-    high = max(float(np.max(m)) for m in raw_maps)
-    return Localisation(low, high, int(np.median(thresholds)), erosion)
-
-
 class DiscoveryRegionPredictor:
-    """Detector → map → the run's scale and threshold → anomaly-centred crops → discovery model."""
+    """Detector → map → the run's scale and threshold, its object prior and crops (``localise_image``, the
+    localisation of the detect job for one image) → discovery model."""
 
-    def __init__(self, detector, discovery, localisation: Localisation, name: str | None = None):
+    def __init__(self, detector, discovery, localisation: Localisation, name: str | None = None,
+                 object_prior: ObjectPrior | None = None):
         self.detector, self.discovery, self.localisation = detector, discovery, localisation
+        self.object_prior = object_prior or NoObjectPrior()
         self.embedding_dim = int(discovery.prototypes.shape[1])
         self.class_names = [f"novel_{i}" for i in range(discovery.prototypes.shape[0] - discovery.n_base)]
         self.model_version = name or "discovery"
 
     def predict(self, images: Sequence[np.ndarray]) -> list[PredictedImage]:
-        from anomaly_discovery.models.crops import anomaly_crops
-        from anomaly_discovery.models.discovery import predict_regions
-        from anomaly_discovery.models.mebin import MEBinResult
-        from anomaly_discovery.models.regions import novel_regions
-
         images = [as_rgb(np.asarray(image)) for image in images]
-        kernel = np.ones((self.localisation.erosion,) * 2, np.uint8)
         results, regions, owners = [], [], []
         for position, (image, detection) in enumerate(zip(images, self.detector.predict(images))):
-            scaled = self.localisation.scale(detection.anomaly_map)
-            mask = cv2.erode((scaled > self.localisation.threshold).astype(np.uint8), kernel).astype(bool)
-            n_regions = cv2.connectedComponents(mask.astype(np.uint8))[0] - 1
-            binarised = MEBinResult(mask, self.localisation.threshold, n_regions, scaled, np.zeros(0, np.int64))
-            crops = anomaly_crops(image, binarised)
-            regions += novel_regions(f"image{position}", image, crops, scaled, None)
-            owners += [position] * len(crops)
-            results.append(PredictedImage(float(detection.score), detection.anomaly_map.astype(np.float32), mask))
+            localised = localise_image(image, detection.anomaly_map, self.localisation, self.object_prior)
+            image_regions_ = image_regions(f"image{position}", image, localised)
+            regions += image_regions_
+            owners += [position] * len(image_regions_)
+            results.append(PredictedImage(float(detection.score), detection.anomaly_map.astype(np.float32),
+                                          localised.mebin.mask))
         if regions:
             predicted = predict_regions(self.discovery, regions)
             for i, (region, owner) in enumerate(zip(regions, owners)):
@@ -213,26 +185,26 @@ class DiscoveryRegionPredictor:
 
 
 def write_discovery_model(folder: str | Path, discovery, detector, localisation: Localisation,
-                          name: str | None = None) -> Path:
+                          name: str | None = None, object_prior: dict | None = None) -> Path:
     """Save a serving folder: the discovery model (``discovery/``), the PatchCore bank (``detector.safetensors``)
-    and ``predictor.json`` with the localisation settings."""
+    and ``predictor.json`` with the localisation settings and the object prior the run used (the keyword
+    arguments of ``build_object_prior``; none when not given)."""
     folder = Path(folder)
     discovery.save(folder / "discovery")
     detector.save(folder / "detector.safetensors")
     manifest = {"kind": "discovery", "name": name, "discovery": "discovery", "detector": "detector.safetensors",
-                "localisation": localisation.__dict__}
+                "localisation": localisation.__dict__, "object_prior": object_prior or {"kind": "none"}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return folder
 
 
 def _load_discovery(folder: Path, manifest: dict) -> DiscoveryRegionPredictor:
-    from anomaly_discovery.models.discovery_predict import DiscoveryPredictor
-    from anomaly_discovery.models.patchcore import PatchCoreDetector
-
     discovery = DiscoveryPredictor.load(folder / manifest.get("discovery", "discovery"), device="cpu")
     detector = PatchCoreDetector.load(folder / manifest.get("detector", "detector.safetensors"), device="cpu",
                                       progress=False)
-    return DiscoveryRegionPredictor(detector, discovery, Localisation(**manifest["localisation"]), manifest.get("name"))
+    prior, _ = build_object_prior(**manifest.get("object_prior", {"kind": "none"}))
+    return DiscoveryRegionPredictor(detector, discovery, Localisation(**manifest["localisation"]), manifest.get("name"),
+                                    prior)
 
 
 def write_pixel_stats_model(folder: str | Path, config: PixelStatsConfig = PixelStatsConfig(),

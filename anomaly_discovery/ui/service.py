@@ -4,7 +4,7 @@ The dashboard talks to the store directly, through the same :class:`DiscoveryLoo
 reviewer action is a loop method (``service.loop.confirm(...)`` and so on), which checks versions, audits and
 keeps the index consistent; this module only reads (classes, proposals, regions, decisions, arrivals), runs the
 predictor for the Inspect page and scores the current assignments against known labels for the Evaluation page.
-Several processes may share one store and index folder (see ``platform/loop.py``), so the dashboard and a
+Several processes may share one store and index folder (see ``platform/review/loop.py``), so the dashboard and a
 running ``adisc serve`` can review the same data; ``refresh`` catches up with the others' changes.
 """
 
@@ -22,17 +22,17 @@ from sqlalchemy import select
 
 from anomaly_discovery.data.images import decode_upload
 from anomaly_discovery.models.metrics import clustering_report
-from anomaly_discovery.platform.embedding_file import HEADER, MAGIC
-from anomaly_discovery.platform.evaluate import ground_truth
-from anomaly_discovery.platform.index import read_index_metadata
-from anomaly_discovery.platform.loop import DiscoveryLoop
-from anomaly_discovery.platform.loop_mirror import embeddings_path
-from anomaly_discovery.platform.loop_types import LoopConfig, RegionLabel
+from anomaly_discovery.platform.storage.embedding_file import HEADER, MAGIC
+from anomaly_discovery.platform.jobs.evaluate import ground_truth
+from anomaly_discovery.platform.storage.index import read_index_metadata
+from anomaly_discovery.platform.review.loop import DiscoveryLoop
+from anomaly_discovery.platform.review.mirror import embeddings_path
+from anomaly_discovery.platform.review.types import LoopConfig, RegionLabel
 from anomaly_discovery.platform.predictor import MANIFEST, PredictedImage, RegionPredictor, build_predictor
-from anomaly_discovery.platform.review import LIVE, REFERENCE
-from anomaly_discovery.platform.store import Store, active_model_version
-from anomaly_discovery.platform.store_models import (ClassStatus, Dataset, Decision, DefectClass, Image, Proposal,
-                                                     ProposalStatus, Region)
+from anomaly_discovery.platform.review.actions import LIVE, REFERENCE
+from anomaly_discovery.platform.storage.store import Store, active_model_version
+from anomaly_discovery.platform.storage.models import (ClassStatus, Dataset, Decision, DefectClass, Image, Proposal,
+                                                       ProposalStatus, Region)
 from anomaly_discovery.ui.settings import UISettings
 
 JOB_STATUS_FILE = "job_status.json"

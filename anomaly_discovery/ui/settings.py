@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from anomaly_discovery.platform.loop_mirror import embeddings_path
-from anomaly_discovery.platform.paths import ServicePaths
+from anomaly_discovery.platform.review.mirror import embeddings_path
+from anomaly_discovery.platform.storage.paths import ServicePaths
 
 ENVIRONMENT = {"store": "ADISC_UI_STORE", "index": "ADISC_UI_INDEX", "workdir": "ADISC_UI_WORKDIR",
                "model": "ADISC_UI_MODEL", "data": "ADISC_UI_DATA"}

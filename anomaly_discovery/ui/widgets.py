@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from anomaly_discovery.platform.loop import LoopError
-from anomaly_discovery.platform.store import ConflictError
+from anomaly_discovery.platform.review.loop import LoopError
+from anomaly_discovery.platform.storage.store import ConflictError
 from anomaly_discovery.ui.service import ClassRow, RegionRow, ReviewService
 from anomaly_discovery.ui.settings import UISettings
 from anomaly_discovery.ui.thumbnails import OVERLAYS, region_thumbnail

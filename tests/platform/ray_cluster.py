@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from anomaly_discovery.models.regions import Region, crop_region
+from anomaly_discovery.models.localisation.regions import Region, crop_region
 
 RAY_CPUS = 2
 OBJECT_STORE_BYTES = 200 * 1024 * 1024

@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from anomaly_discovery.platform.loop import DiscoveryLoop
-from anomaly_discovery.platform.loop_types import DiscoveredImage, DiscoveredRegion
+from anomaly_discovery.platform.review.loop import DiscoveryLoop
+from anomaly_discovery.platform.review.types import DiscoveredImage, DiscoveredRegion
 from anomaly_discovery.platform.predictor import PixelStatsConfig, build_predictor, write_pixel_stats_model
-from anomaly_discovery.platform.store import Store
+from anomaly_discovery.platform.storage.store import Store
 
 KINDS = ("rust", "stain", "crack", "hole")
 KNOWN_KINDS = ("rust", "stain")

@@ -7,12 +7,13 @@ import cv2
 import numpy as np
 import pytest
 
-from anomaly_discovery.models.discovery import train_discovery
-from anomaly_discovery.models.discovery_config import DiscoveryConfig
-from anomaly_discovery.models.patchcore import PatchCoreDetector
-from anomaly_discovery.models.regions import crop_region
-from anomaly_discovery.platform.predictor import (Localisation, PixelStatsConfig, RegionPredictor, build_predictor,
-                                                  fit_localisation, write_discovery_model, write_pixel_stats_model)
+from anomaly_discovery.models.discovery.training import train_discovery
+from anomaly_discovery.models.discovery.config import DiscoveryConfig
+from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
+from anomaly_discovery.models.localisation.regions import crop_region
+from anomaly_discovery.models.localisation.localise import Localisation, fit_localisation
+from anomaly_discovery.platform.predictor import (PixelStatsConfig, RegionPredictor, build_predictor,
+                                                  write_discovery_model, write_pixel_stats_model)
 from tests.platform.serve_world import defect_image
 
 TINY = dict(cnn="tiny", image_size=64, depth=1, embed_dim=32, attention_heads=2, projection_hidden=64,

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from anomaly_discovery.data import save_image
-from anomaly_discovery.platform.loop import DiscoveryLoop
-from anomaly_discovery.platform.loop_types import DiscoveredImage, DiscoveredRegion
+from anomaly_discovery.platform.review.loop import DiscoveryLoop
+from anomaly_discovery.platform.review.types import DiscoveredImage, DiscoveredRegion
 from anomaly_discovery.platform.predictor import PixelStatsConfig, build_predictor, write_pixel_stats_model
-from anomaly_discovery.platform.paths import ServicePaths
-from anomaly_discovery.platform.store import Store
+from anomaly_discovery.platform.storage.paths import ServicePaths
+from anomaly_discovery.platform.storage.store import Store
 from anomaly_discovery.ui.settings import UISettings
 from tests.platform.serve_world import DIM, KINDS, KNOWN_KINDS, defect_image
 

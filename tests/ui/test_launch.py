@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from anomaly_discovery.platform.paths import ServicePaths
+from anomaly_discovery.platform.storage.paths import ServicePaths
 from anomaly_discovery.ui.launch import APP, free_port, run_ui, streamlit_command
 from anomaly_discovery.ui.settings import UISettings
 

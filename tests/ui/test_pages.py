@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from anomaly_discovery.platform.loop import DiscoveryLoop
-from anomaly_discovery.platform.store import Store, classes, current_assignments, decisions, proposals
-from anomaly_discovery.platform.store_models import ClassStatus, ProposalStatus
+from anomaly_discovery.platform.review.loop import DiscoveryLoop
+from anomaly_discovery.platform.storage.store import Store, classes, current_assignments, decisions, proposals
+from anomaly_discovery.platform.storage.models import ClassStatus, ProposalStatus
 from anomaly_discovery.ui.service import JOB_STATUS_FILE, MAX_UPLOAD_PIXELS
 from tests.platform.serve_world import DIM, defect_image, png_bytes
 from tests.ui.conftest import APP

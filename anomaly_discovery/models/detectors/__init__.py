@@ -1,0 +1,1 @@
+"""Anomaly detectors: the protocol, PatchCore, zero-shot mutual scoring, PRN and maps from other tools."""

@@ -1,0 +1,1 @@
+"""Novel-class discovery: AMGA network, prototypes, losses, training, class count, region merging and outliers."""

@@ -1,0 +1,339 @@
+"""Discovery training (methods.md §1 steps 5–7, §2): AMGA backbone + projector + multi-head cosine prototypes.
+
+``train_discovery(config, novel, base)`` is a plain function (no globals; Ray Train wraps it through
+:class:`TrainHooks`). Every epoch draws two views of each crop, balances base and novel crops 50/50 when a base
+set is given, and minimises ``total_discovery_loss`` (SupCon + CE on base crops; InfoNCE, cross-view
+self-distillation with the teacher-temperature staircase, mean-entropy and prototype separation on novel crops;
+base columns masked in the teacher; optional pseudo-label correction by region score). The head with the
+lowest mean cluster loss in the last epoch is kept.
+
+Speed: when the patch embedding is frozen (the hybrid with ``trainable_cnn_stages=0``) the CNN feature map of
+``cached_views`` views per crop is computed once (view 0 un-augmented, the others paired augmentations) and
+every step trains the transformer and heads on a random pair of cached views (``forward_features``,
+identical to the full forward on the same view).
+
+Reproducibility: each epoch's sampling and augmentation come from a generator seeded by (seed, epoch), so a
+run resumed from its epoch checkpoint (safetensors weights, optimizer state read with ``weights_only=True``,
+JSON history) ends with exactly the same weights as an uninterrupted one.
+
+After training (``train_discovery``): unit embeddings of every novel crop, the best head's prototypes (with
+``k="auto"``: K estimated on the embeddings and the novel prototypes replaced by k-means centres), assignments
+and confidences, image labels by area-weighted merging, kNN / energy outlier scores with the threshold that
+accepts 95% of held-out base crops, and metrics that read no label of the discovered images.
+
+The parts live beside this training loop: settings in ``discovery_config``, the network in ``discovery_model``
+(backbones in ``discovery_net``), tensors / view cache / epoch plan in ``discovery_data``, epoch checkpoints in
+``discovery_checkpoints``, and embedding, scoring, merging and the saved predictor in ``discovery_predict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
+
+from .augment import augment_views
+from ..features.backbones import autocast_for, resolve_device
+from .class_count import ClassCountEstimate, estimate_class_count
+from .checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import DiscoveryConfig
+from .data import RegionTensors, ViewCache, build_view_cache, epoch_plan, split_base
+from .model import DiscoveryModel, build_model, normalise_images
+from .predict import DiscoveryPredictor, RegionPredictions, embed, merge_images, score_embeddings
+from .losses import (DiscoveryLossWeights, hard_label_ratio_schedule, teacher_temperature_schedule,
+                     total_discovery_loss)
+from .outliers import OutlierThreshold, image_outlier_score, knn_distance_score
+from .region_merging import ImagePrediction
+from ..localisation.regions import Region
+
+
+@dataclass
+class TrainHooks:
+    """Injection points for a distributed runner (Ray Train): ``wrap_model`` (e.g. prepare_model),
+    ``wrap_loader`` (e.g. prepare_data_loader), ``report(epoch, metrics, checkpoint_dir)`` after each epoch's
+    checkpoint, and ``save_checkpoints`` (False on non-chief workers). The defaults are the single-process path."""
+
+    wrap_model: Callable[[nn.Module], nn.Module] = lambda model: model
+    wrap_loader: Callable[[DataLoader], DataLoader] = lambda loader: loader
+    report: Optional[Callable[[int, dict, Optional[Path]], None]] = None
+    save_checkpoints: bool = True
+
+
+def learning_rate(config: DiscoveryConfig, step: int, total_steps: int) -> float:
+    """Cosine schedule from ``lr`` to ``lr·min_lr_ratio`` over all steps."""
+    low = config.lr * config.min_lr_ratio
+    return low + 0.5 * (config.lr - low) * (1 + math.cos(math.pi * step / max(1, total_steps)))
+
+
+def build_optimizer(model: nn.Module, config: DiscoveryConfig) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW over the trainable parameters; no weight decay on biases, norms and tokens."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+@dataclass
+class TrainedModel:
+    """What the training loop hands to the results stage."""
+
+    model: DiscoveryModel
+    classes: list[str]
+    data: RegionTensors
+    cache: Optional[ViewCache]
+    n_novel: int
+    n_base_train: int
+    history: list[dict]
+    seconds: float
+
+
+def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, data: RegionTensors,
+                 cache: Optional[ViewCache], config: DiscoveryConfig, epoch: int, step: int, total_steps: int,
+                 n_base: int, device: torch.device) -> tuple[dict, int]:
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch + 7)
+    weights = DiscoveryLossWeights(config.supervised_weight, config.entropy_weight, config.separation_weight)
+    tau_t = teacher_temperature_schedule(epoch, config.epochs, *config.teacher_temperature,
+                                         n_values=min(10, max(1, round(0.8 * config.epochs))))
+    ratio = 0.0 if config.hard_label_start is None else hard_label_ratio_schedule(epoch, config.epochs,
+                                                                                     config.hard_label_start)
+    sums: dict[str, float] = {}
+    cluster_sum, novel_count, n_batches = None, 0, 0
+    model.train()
+    for (plan,) in loader:
+        plan = plan.cpu()
+        index = plan[:, 0]
+        if cache is not None:
+            first, second = cache.views(index, plan[:, 1], device), cache.views(index, plan[:, 2], device)
+            inputs, maps, masks = (torch.cat([a, b]) for a, b in zip(first, second))
+        else:
+            images, anomaly, objects = data.floats(index, torch.device("cpu"))
+            views = [augment_views(images, anomaly, objects, generator, config.augment) for _ in range(2)]
+            inputs, maps, masks = (torch.cat([a, b]).to(device) for a, b in zip(*views))
+            inputs = normalise_images(inputs)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step, total_steps)
+        with autocast_for(device):
+            _, projections, logits, prototypes = model(inputs, maps, masks, from_cnn_features=cache is not None)
+        parts = total_discovery_loss(
+            projections.float(), logits.float(), data.labels[index].to(device), n_base, tau_t,
+            prototypes=prototypes.float(), region_scores=data.scores[index].to(device), weights=weights,
+            student_temperature=config.temperature, pseudo_label_correction=config.pseudo_label_correction,
+            hard_label_ratio=ratio)
+        optimizer.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        optimizer.step()
+        step += 1
+        n_batches += 1
+        for key in ("total", "rep", "rep_base", "cls_base", "cls_novel", "reg_novel", "sep"):
+            sums[key] = sums.get(key, 0.0) + parts[key].item()
+        novel = int(parts["n_novel"])
+        weighted = parts["cluster_per_head"].cpu().double() * novel
+        cluster_sum = weighted if cluster_sum is None else cluster_sum + weighted
+        novel_count += novel
+    metrics = {key: value / max(1, n_batches) for key, value in sums.items()}
+    metrics["cluster_per_head"] = (cluster_sum / max(1, novel_count)).tolist() if cluster_sum is not None else []
+    metrics.update(teacher_temperature=tau_t, lr=learning_rate(config, step, total_steps), batches=n_batches)
+    return metrics, step
+
+
+def _check_inputs(novel: Sequence[Region], base: Optional[Sequence[Region]]) -> None:
+    if not novel:
+        raise ValueError("train_discovery needs at least one novel region")
+    if any(r.is_base for r in novel):
+        raise ValueError("novel regions must not carry a class_name (their labels are never used)")
+    if base and any(not r.is_base for r in base):
+        raise ValueError("every base region needs its class_name")
+
+
+def fit_discovery_model(config: DiscoveryConfig, novel: Sequence[Region], base: Sequence[Region],
+                        hooks: TrainHooks, report_fn: Optional[Callable] = None) -> TrainedModel:
+    """The training loop: data tensors, view cache, epochs with checkpoints, resume, head selection."""
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    base_train, base_val = split_base(base, config.base_val_fraction, config.seed)
+    classes = sorted({r.class_name for r in base})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_model(config, len(classes) + config.n_novel_prototypes).to(device)
+    regions = list(novel) + base_train + base_val
+    data = RegionTensors.build(regions, config.image_size, classes)
+    cache = None
+    if config.uses_cache:
+        cache = build_view_cache(model.backbone, data, config.cached_views, config, device)
+    optimizer = build_optimizer(model, config)
+    history: list[dict] = []
+    checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    fingerprint = config.fingerprint() | {"n_novel": len(novel), "n_base": len(base)}
+    latest = latest_checkpoint(checkpoint_dir) if config.resume else None
+    if latest is not None:
+        state = load_checkpoint(latest, model, optimizer)
+        if state.get("fingerprint") != fingerprint:
+            changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
+            raise CheckpointError(f"checkpoint {latest} was written with other settings or data "
+                                  f"(differs in: {', '.join(changed)}); use a fresh checkpoint_dir")
+        history = state["history"]
+    wrapped = hooks.wrap_model(model)
+    if config.compile and device.type == "cuda":
+        wrapped = torch.compile(wrapped)
+    steps_per_epoch = None
+    bar = tqdm(range(len(history), config.epochs), desc="discovery", unit="epoch", disable=not config.progress)
+    for epoch in bar:
+        epoch_started = time.perf_counter()
+        plan = epoch_plan(len(novel), len(base_train), config.cached_views if cache is not None else 0,
+                          config.seed, epoch)
+        loader = hooks.wrap_loader(DataLoader(TensorDataset(plan), batch_size=config.batch_size, shuffle=False,
+                                              drop_last=len(plan) >= 2 * config.batch_size))
+        steps_per_epoch = steps_per_epoch or len(loader)
+        metrics, _ = _train_epoch(wrapped, loader, optimizer, data, cache, config, epoch, epoch * steps_per_epoch,
+                                  config.epochs * steps_per_epoch, len(classes), device)
+        metrics.update(epoch=epoch, seconds=time.perf_counter() - epoch_started)
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['total']:.3f}")
+        saved = None
+        if checkpoint_dir is not None and hooks.save_checkpoints:
+            saved = save_checkpoint(checkpoint_dir, epoch, model, optimizer,
+                                    {"fingerprint": fingerprint, "history": history}, config.keep_checkpoints)
+        for callback in (hooks.report, report_fn):
+            if callback is not None:
+                callback(epoch, metrics, saved)
+    if history and history[-1]["cluster_per_head"]:
+        model.head.select_best_head(history[-1]["cluster_per_head"])
+    model.eval()
+    return TrainedModel(model, classes, data, cache, len(novel), len(base_train), history,
+                        time.perf_counter() - started)
+
+
+@torch.no_grad()
+def predict_regions(artifacts: "DiscoveryArtifacts | DiscoveryPredictor", regions: Sequence[Region]
+                    ) -> RegionPredictions:
+    """Label new regions with a trained model: cluster, confidence, outlier scores (full forward, no cache)."""
+    predictor = artifacts.predictor if isinstance(artifacts, DiscoveryArtifacts) else artifacts
+    if not regions:
+        raise ValueError("predict_regions: no regions")
+    device = next(predictor.model.parameters()).device
+    data = RegionTensors.build([dataclasses.replace(r, class_name=None) for r in regions],
+                               predictor.config.image_size, predictor.base_classes)
+    embeddings = embed(predictor.model, data, torch.arange(len(regions)), None, device)
+    return score_embeddings(predictor, embeddings)
+
+
+@dataclass
+class DiscoveryArtifacts:
+    """Results of ``train_discovery``: the predictor, the novel regions' predictions (input order), image labels
+    merged by area (``images[id].label`` novel class, ``.region_labels`` every region's), per-image confidence and
+    outlier score, the class count (``k``, and ``k_estimated`` with the criterion per k for ``k="auto"``),
+    label-free metrics and the per-epoch history."""
+
+    predictor: DiscoveryPredictor
+    regions: RegionPredictions
+    image_ids: list[str]
+    images: dict[str, ImagePrediction]
+    image_confidence: dict[str, float]
+    image_outlier_scores: dict[str, float]
+    k: int
+    k_estimated: Optional[int]
+    k_scores: Optional[dict[int, float]]
+    metrics: dict
+    history: list[dict]
+
+
+def novel_prototypes(trained: TrainedModel, embeddings: np.ndarray, config: DiscoveryConfig
+                     ) -> tuple[torch.Tensor, Optional[ClassCountEstimate]]:
+    """The best head's prototypes, base first. With ``assign="kmeans"`` (or ``k="auto"``, which estimates K on
+    the embeddings first) the novel prototypes are the unit k-means centres of the novel embeddings."""
+    prototypes = trained.model.head.prototypes()[int(trained.model.head.best_head)].detach().cpu()
+    n_base = len(trained.classes)
+    estimate = None
+    k = config.n_novel_prototypes
+    if config.k == "auto":
+        k_max = min(config.k_max, len(embeddings) - 1)
+        estimate = (ClassCountEstimate(1, {1: 0.0}, config.k_method) if k_max < 2 else
+                    estimate_class_count(embeddings, k_min=2, k_max=k_max, method=config.k_method, seed=config.seed,
+                                         prototypes=prototypes[n_base:].numpy(), temperature=config.temperature))
+        k = estimate.k
+    elif config.assign == "head" or k > len(embeddings):
+        return prototypes, None
+    centres = KMeans(k, n_init=10, random_state=config.seed).fit(embeddings).cluster_centers_
+    novel = F.normalize(torch.from_numpy(centres).float(), dim=-1)
+    return torch.cat([prototypes[:n_base], novel]), estimate
+
+
+def run_notes(config: DiscoveryConfig, estimate: Optional[ClassCountEstimate], threshold: Optional[float]
+              ) -> list[str]:
+    """Warnings a user should read with the result: an estimated K at the k_max ceiling, no outlier threshold."""
+    notes = []
+    if estimate is not None and estimate.k >= config.k_max:
+        notes.append(f"the estimated K ({estimate.k}) is the ceiling k_max = {config.k_max}: the {estimate.method} "
+                     "criterion found no smaller K it prefers, so there may be more classes, or no clear grouping; "
+                     "raise k_max in the settings or give --k")
+    if threshold is None:
+        notes.append("no base validation crops: outlier scores are given but no threshold is set")
+    return notes
+
+
+def label_free_metrics(trained: TrainedModel, predictions: RegionPredictions, val_embeddings: torch.Tensor,
+                       val_scores: np.ndarray, threshold: Optional[float]) -> dict:
+    """Metrics that read no label of the discovered images: final losses, base validation accuracy, silhouette."""
+    last = trained.history[-1] if trained.history else {}
+    metrics: dict[str, Any] = {"loss": last.get("total"), "cluster_loss_per_head": last.get("cluster_per_head"),
+                               "best_head": int(trained.model.head.best_head), "train_seconds": trained.seconds,
+                               "n_novel": trained.n_novel, "n_base_train": trained.n_base_train,
+                               "n_base_val": len(val_embeddings),
+                               "n_clusters_used": int(len(np.unique(predictions.clusters)))}
+    if len(val_embeddings):
+        head = trained.model.head.head_logits(val_embeddings)[:, :len(trained.classes)]
+        val_labels = trained.data.labels[trained.n_novel + trained.n_base_train:]
+        metrics["base_val_accuracy"] = float((head.argmax(1) == val_labels).float().mean())
+        metrics["outlier_threshold"] = threshold
+        metrics["base_val_accept_rate"] = float((val_scores <= threshold).mean())
+    used = metrics["n_clusters_used"]
+    if 2 <= used < len(predictions.clusters):
+        metrics["silhouette"] = float(silhouette_score(predictions.embeddings, predictions.clusters, metric="cosine"))
+    return metrics
+
+
+def train_discovery(config: DiscoveryConfig, novel: Sequence[Region], base: Optional[Sequence[Region]] = None,
+                    report_fn: Optional[Callable[[int, dict, Optional[Path]], None]] = None,
+                    hooks: Optional[TrainHooks] = None) -> DiscoveryArtifacts:
+    """Train on ``novel`` regions (their labels are never read) and, optionally, labelled ``base`` regions;
+    then embed, assign, merge per image and score outliers. ``report_fn(epoch, metrics, checkpoint_dir)`` is
+    called after every epoch."""
+    _check_inputs(novel, base)
+    trained = fit_discovery_model(config, novel, list(base or []), hooks or TrainHooks(), report_fn)
+    device = next(trained.model.parameters()).device
+    n_train = trained.n_novel + trained.n_base_train
+    all_embeddings = embed(trained.model, trained.data, torch.arange(len(trained.data.labels)), trained.cache, device)
+    novel_embeddings = all_embeddings[:trained.n_novel]
+    prototypes, estimate = novel_prototypes(trained, novel_embeddings.numpy(), config)
+    val_embeddings = all_embeddings[n_train:]
+    references = all_embeddings[:n_train]
+    val_scores = knn_distance_score(val_embeddings, references, k=min(config.outlier_k, n_train)) \
+        if len(val_embeddings) else np.zeros(0)
+    threshold = OutlierThreshold(config.outlier_accept_rate).fit(val_scores).threshold_ if len(val_scores) else None
+    predictor = DiscoveryPredictor(config, trained.model.cpu(), trained.classes, prototypes, references, threshold)
+    predictions = score_embeddings(predictor, novel_embeddings, exclude_self=True)
+    images = merge_images(novel, predictions.probs)
+    ids = [r.image_id for r in novel]
+    metrics = label_free_metrics(trained, predictions, val_embeddings, val_scores, threshold)
+    metrics["notes"] = run_notes(config, estimate, threshold)
+    return DiscoveryArtifacts(
+        predictor, predictions, ids, images, {i: float(p.probs.max()) for i, p in images.items()},
+        image_outlier_score(ids, predictions.outlier_score, "max"),
+        prototypes.shape[0] - len(trained.classes), estimate.k if estimate else None,
+        estimate.scores_by_k if estimate else None, metrics, trained.history)

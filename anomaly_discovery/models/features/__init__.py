@@ -1,0 +1,1 @@
+"""Frozen ImageNet feature extractors and coreset subsampling."""

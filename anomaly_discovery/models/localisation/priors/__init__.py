@@ -1,0 +1,1 @@
+"""Object priors: the offline statistical fallback and Grounded SAM from user checkpoints."""

@@ -1,0 +1,1 @@
+"""The batch jobs behind the CLI verbs: detect, discover, evaluate, publish, demo."""

@@ -1,0 +1,76 @@
+"""Hand a discovery run to the service: a serving model folder, the store, the index and the first proposals.
+
+A work folder holds one product line's service state, laid out by :class:`ServicePaths`, so that ``adisc serve``
+and ``adisc ui`` need no settings after ``adisc demo``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from anomaly_discovery.models.localisation.localise import fit_localisation
+from anomaly_discovery.platform.predictor import write_discovery_model
+from anomaly_discovery.platform.review.loop import DiscoveryLoop
+from anomaly_discovery.platform.review.types import DiscoveredImage, DiscoveredRegion
+from anomaly_discovery.platform.storage.paths import ServicePaths
+from anomaly_discovery.platform.storage.store import Store
+
+from .detect import DetectSummary
+from .discover import DiscoverSummary
+
+
+@dataclass
+class PublishResult:
+    paths: ServicePaths
+    model_version: str
+    n_regions: int
+    proposal_ids: list[int]
+
+    def describe(self) -> str:
+        return (f"model {self.model_version} published: {self.n_regions} regions in the store and index, "
+                f"{len(self.proposal_ids)} new-class proposals waiting for review\n"
+                f"store {self.paths.store_url}\nindex {self.paths.index}\nserving model {self.paths.model}")
+
+
+def file_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def publish_discovery(detection: DetectSummary, discovery: DiscoverSummary, workdir: str | Path,
+                      model_version: str | None = None) -> PublishResult:
+    """Write the serving model (detector + the run's map scale and MEBin level + discovery model), load the
+    run's images and regions (with their learned embeddings) into the store and index, and propose classes."""
+    paths = ServicePaths(Path(workdir))
+    paths.service.mkdir(parents=True, exist_ok=True)
+    if detection.detector is None or not hasattr(detection.detector, "save"):
+        raise ValueError(f"the {detection.config.detector} detector cannot be saved for serving; use patchcore")
+    version = model_version or f"discovery-{Path(discovery.config.out).name}"
+    localisation = fit_localisation([r.detection.anomaly_map for r in detection.results],
+                                    [r.mebin.threshold for r in detection.results if r.mebin.n_regions > 0]
+                                    or [r.mebin.threshold for r in detection.results])
+    prior = {"kind": detection.config.object_prior, "sam_checkpoint": detection.config.sam_checkpoint,
+             "grounding_config": detection.config.grounding_config,
+             "grounding_checkpoint": detection.config.grounding_checkpoint,
+             "text_encoder_path": detection.config.text_encoder, "prompt": detection.config.prior_prompt}
+    write_discovery_model(paths.model, discovery.artifacts.predictor, detection.detector, localisation, version,
+                          {k: str(v) if isinstance(v, Path) else v for k, v in prior.items() if v is not None})
+
+    embeddings = discovery.artifacts.regions.embeddings
+    images = [DiscoveredImage(image_id, path, file_hash(path), "test")
+              for image_id, path in discovery.image_paths.items()]
+    images_dir = Path(detection.config.out) / "images"
+    regions = [DiscoveredRegion(region.image_id, tuple(int(v) for v in region.box), float(region.score),
+                                embeddings[i], mask_path=str(images_dir / region.image_id / "mebin_mask.png"))
+               for i, region in enumerate(discovery.regions)]
+    loop = DiscoveryLoop(Store(paths.store_url), paths.index, dim=embeddings.shape[1])
+    try:
+        loop.ingest_discovery(images, regions, model_version=version, artifact_path=str(paths.model),
+                              metrics={k: v for k, v in discovery.artifacts.metrics.items()
+                                       if isinstance(v, (int, float))})
+        proposal_ids = sorted(loop.open_proposals)
+        loop.flush()
+    finally:
+        loop.close()
+    return PublishResult(paths, version, len(regions), proposal_ids)

@@ -1,0 +1,1 @@
+"""Ray Train and Ray Tune around the plain training functions of models/."""

@@ -1,0 +1,56 @@
+"""The Ray Tune search space of discovery (issue 5 item 2) and how one trial's sample becomes settings.
+
+Learning rate, student and final teacher temperatures, the loss weights that guide discovery (entropy, prototype
+separation, and the supervised weight when a base set exists), the number of AMGA-guided blocks L, the
+over-clustering factor of K (``k_max`` with ``k="auto"``) and the crop setting of the views (smallest random-crop
+area).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+from ray import tune
+
+from anomaly_discovery.models.discovery.config import DiscoveryConfig
+
+
+def search_space(base: DiscoveryConfig, has_base_set: bool) -> dict[str, Any]:
+    """The Tune search space around ``base`` (keys are read by :func:`trial_overrides`)."""
+    space = {
+        "lr": tune.loguniform(base.lr / 4, base.lr * 2),
+        "temperature": tune.uniform(0.05, 0.2),
+        "teacher_temperature_end": tune.uniform(0.02, 0.06),
+        "entropy_weight": tune.uniform(1.0, 6.0),
+        "separation_weight": tune.loguniform(0.01, 0.5),
+        "n_guided_blocks": tune.randint(1, base.depth + 1),
+        "crop_scale_min": tune.uniform(0.3, 0.8),
+    }
+    if base.k == "auto":
+        space["overcluster_factor"] = tune.choice([1.0, 1.5, 2.0])
+    if has_base_set:
+        space["supervised_weight"] = tune.uniform(0.1, 1.0)
+    return space
+
+
+def trial_overrides(base: DiscoveryConfig, sample: dict[str, Any]) -> dict[str, Any]:
+    """DiscoveryConfig fields of one trial's sample (unknown keys are an error naming them)."""
+    sample = dict(sample)
+    overrides: dict[str, Any] = {}
+    if "teacher_temperature_end" in sample:
+        end = float(sample.pop("teacher_temperature_end"))
+        overrides["teacher_temperature"] = (max(end, base.teacher_temperature[0]), end)
+    if "crop_scale_min" in sample:
+        overrides["augment"] = replace(base.augment, scale=(float(sample.pop("crop_scale_min")), 1.0))
+    if "overcluster_factor" in sample:
+        overrides["k_max"] = max(2, math.ceil(float(sample.pop("overcluster_factor")) * base.k_max))
+    for name in ("lr", "temperature", "entropy_weight", "separation_weight", "supervised_weight"):
+        if name in sample:
+            overrides[name] = float(sample.pop(name))
+    if "n_guided_blocks" in sample:
+        overrides["n_guided_blocks"] = int(sample.pop("n_guided_blocks"))
+    if sample:
+        raise ValueError(f"unknown search-space keys {sorted(sample)}")
+    return overrides

@@ -1,0 +1,1 @@
+"""The review loop: store, index and embeddings kept consistent under reviewer actions."""

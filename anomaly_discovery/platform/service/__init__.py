@@ -1,0 +1,1 @@
+"""The HTTP service: Ray Serve deployment, FastAPI routes, schemas and I/O."""

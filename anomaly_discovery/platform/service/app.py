@@ -1,0 +1,287 @@
+"""The prediction and review API (issue 6 items 4–5): a FastAPI app served by Ray Serve.
+
+``create_app(core, predict)`` builds the FastAPI app around a :class:`ServiceCore` (store + review loop +
+predictor); ``DiscoveryService`` is the Serve deployment (``@serve.ingress``) whose model call is batched with
+``@serve.batch``; ``build_app(args)`` is the application builder named in ``deploy/serve_config.yaml``;
+``run_serve(args)`` starts it locally (``adisc serve``).
+
+Endpoints (OpenAPI at ``/docs``; every error is ``{"detail": "<message>"}`` with a 4xx status):
+
+=================================  =====  ===============================================================
+``GET  /healthz``                         liveness, model version, counts
+``POST /v1/predict``                      multipart ``images`` (1..max_images files): score, mask, labelled regions
+``GET  /v1/classes``                      live classes (``?all=true``: every class) with sizes and versions
+``GET  /v1/proposals``                    proposals (``?status=open`` by default)
+``POST /v1/proposals/{id}/decision``  W  confirm / reject / merge a proposal (``expected_version`` required)
+``POST /v1/classes/{id}/decision``    W  rename / merge / split a class
+``POST /v1/regions/move``             W  move single regions to a class (or unassigned)
+``POST /v1/undo``                     W  undo the newest reviewer action
+``POST /v1/images``                   W  ingest new arrivals (stored, labelled, proposals updated)
+``POST /v1/models``                   W  register + activate a new model folder; replicas swap to it
+``GET  /v1/models/active``                the model this replica serves
+=================================  =====  ===============================================================
+
+W = needs ``Authorization: Bearer <token>``; the token is read from the environment variable named by
+``token_env`` (default ``ADISC_API_TOKEN``) when a replica starts; without it every write answers 503.
+
+Bad input never reaches the store: the request body is capped (``max_body_mb``, 413), files are decoded
+fully before anything is written (not an image → 415, truncated/corrupt → 400, over ``max_pixels`` → 413,
+decompression bombs included since the size is read from the header first), a JSON body on a multipart route
+→ 415, stale versions → 409, unknown ids → 404. Model swap without downtime: each replica polls the store's
+active model version every ``model_poll_s`` seconds (and at once after ``POST /v1/models``), loads the new
+predictor beside the old one, and swaps the reference atomically; requests in flight finish on the old one.
+Image decoding, mask encoding and the body limit live in ``serve_io``; the review routes in ``serve_review``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Header, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+import ray
+from ray import serve
+from ray.serve import Application
+
+from anomaly_discovery.platform.predictor import MANIFEST, PredictedImage
+from anomaly_discovery.platform.review.actions import LIVE
+from anomaly_discovery.platform.review.loop import DiscoveryLoop, InvalidActionError, NotFoundError
+from anomaly_discovery.platform.review.types import ArrivedImage, RegionLabel
+from anomaly_discovery.platform.service.core import ServeSettings, ServiceCore
+from anomaly_discovery.platform.service.io import BodyLimitMiddleware, bad_request, decode_image, encode_mask
+from anomaly_discovery.platform.service.routes import review_router
+from anomaly_discovery.platform.service.schemas import (ErrorOut, Health, ImagePredictionOut, IngestedImageOut,
+                                                        IngestedRegionOut, IngestResponse, ModelOut, ModelRegistration,
+                                                        PredictResponse, RegionOut)
+from anomaly_discovery.platform.storage.store import ConflictError, add_model_version
+from anomaly_discovery.platform.storage.models import ModelVersion
+
+logger = logging.getLogger(__name__)
+MULTIPART_ROUTES = ("/v1/predict", "/v1/images")
+ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 422, 503)}
+
+
+PredictFn = Callable[[list[np.ndarray]], Awaitable[list[PredictedImage]]]
+
+
+def region_out(loop: DiscoveryLoop, region, label: RegionLabel) -> dict:
+    proposal_id = loop.open_proposals.get(label.class_id) if label.kind == "new" else None
+    return {"box": region.box, "anomaly_score": region.anomaly_score, "label": label.name, "kind": label.kind,
+            "class_id": label.class_id, "proposal_id": proposal_id, "outlier_score": label.outlier_score,
+            "similarity": label.similarity, "model_outlier_score": region.outlier_score,
+            "model_confidence": region.confidence}
+
+
+async def read_images(files: list[UploadFile], settings: ServeSettings
+                      ) -> list[tuple[str, bytes, np.ndarray, str]]:
+    if not files:
+        raise bad_request(422, "send at least one file in the multipart field 'images'")
+    if len(files) > settings.max_images:
+        raise bad_request(413, f"{len(files)} images in one request; the limit is {settings.max_images}")
+    decoded = []
+    for position, upload in enumerate(files):
+        name = upload.filename or f"image {position}"
+        data = await upload.read()
+        array, extension = await run_in_threadpool(decode_image, data, name, settings.max_pixels)
+        decoded.append((name, data, array, extension))
+    return decoded
+
+
+def create_app(core: ServiceCore, predict: PredictFn | None = None) -> FastAPI:
+    """The FastAPI app of one replica; ``predict`` (default: the predictor in a worker thread) is how the
+    model is called — the Serve deployment passes its ``@serve.batch`` method."""
+    settings = core.settings
+    predict = predict or (lambda images: run_in_threadpool(core.predict, images))
+    app = FastAPI(title="anomaly-discovery", version="1", description=__doc__.split("\n\n")[0],
+                  responses=ERRORS)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 1024 * 1024))
+
+    @app.exception_handler(ConflictError)
+    async def conflict(_: Request, exc: ConflictError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(NotFoundError)
+    async def not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc.args[0]) if exc.args else str(exc)}, status_code=404)
+
+    @app.exception_handler(InvalidActionError)
+    async def invalid(_: Request, exc: InvalidActionError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if request.url.path in MULTIPART_ROUTES and not content_type.startswith("multipart/form-data"):
+            return JSONResponse({"detail": f"{request.url.path} takes multipart/form-data with one or more 'images' "
+                                           f"file parts, got content type {content_type or 'none'!r}"},
+                                status_code=415)
+        problems = "; ".join(f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors())
+        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
+
+    def require_token(authorization: Optional[str] = Header(None)) -> None:
+        if core.token is None:
+            raise bad_request(503, f"writes are disabled: the server's environment variable {settings.token_env} "
+                                   "holds no token")
+        scheme, _, presented = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            raise HTTPException(401, "this endpoint needs an 'Authorization: Bearer <token>' header",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(presented.strip().encode(), core.token.encode()):
+            raise HTTPException(403, "the bearer token is not valid", headers={"WWW-Authenticate": "Bearer"})
+
+    write = [Depends(require_token)]
+
+    @app.get("/healthz", response_model=Health)
+    def healthz() -> Health:
+        loop = core.loop
+        return Health(status="ok", model_version=core.predictor.model_version, regions=loop.mirror.count(),
+                      classes=sum(c.status in LIVE for c in loop.classes.values()),
+                      open_proposals=len(loop.open_proposals), index=loop.recovery,
+                      writes_enabled=core.token is not None)
+
+    @app.post("/v1/predict", response_model=PredictResponse)
+    async def predict_images(images: list[UploadFile] = File(..., description="image files"),
+                             mask_format: Literal["png", "rle"] = "png") -> PredictResponse:
+        decoded = await read_images(images, settings)
+        predictions = await predict([array for _, _, array, _ in decoded])
+        await run_in_threadpool(core.maybe_sync)
+        out = []
+        for (name, _, array, _), prediction in zip(decoded, predictions):
+            vectors = np.stack([r.embedding for r in prediction.regions]) if prediction.regions else np.zeros((0, 1))
+            labels = await run_in_threadpool(core.loop.label_embeddings, vectors) if prediction.regions else []
+            out.append(ImagePredictionOut(
+                filename=name, width=array.shape[1], height=array.shape[0], anomaly_score=prediction.score,
+                mask=encode_mask(prediction.mask, mask_format),
+                regions=[RegionOut(**region_out(core.loop, r, lab)) for r, lab in zip(prediction.regions, labels)]))
+        return PredictResponse(model_version=core.predictor.model_version, images=out)
+
+    @app.post("/v1/images", response_model=IngestResponse, dependencies=write)
+    async def ingest(images: list[UploadFile] = File(..., description="image files")
+                     ) -> IngestResponse:
+        decoded = await read_images(images, settings)
+        predictions = await predict([array for _, _, array, _ in decoded])
+        arrived = []
+        for _, data, _, extension in decoded:
+            path, digest = await run_in_threadpool(core.store_image, data, extension)
+            arrived.append(ArrivedImage(path, digest))
+        results = await run_in_threadpool(core.loop.ingest_predictions, arrived, predictions)
+        out = []
+        for (name, *_), prediction, result in zip(decoded, predictions, results):
+            regions = [IngestedRegionOut(region_id=rid, **region_out(core.loop, r, lab))
+                       for rid, r, lab in zip(result.region_ids, prediction.regions, result.labels)]
+            out.append(IngestedImageOut(filename=name, image_id=result.image_id, duplicate=result.duplicate,
+                                        anomaly_score=prediction.score, regions=regions))
+        return IngestResponse(model_version=core.predictor.model_version, images=out)
+
+    app.include_router(review_router(core, write))
+
+    @app.get("/v1/models/active", response_model=ModelOut)
+    def active_model() -> ModelOut:
+        name, _ = core.active_model_folder()
+        return ModelOut(model_version=core.predictor.model_version, embedding_dim=core.predictor.embedding_dim,
+                        store_active_version=name)
+
+    @app.post("/v1/models", response_model=ModelOut, dependencies=write)
+    def register_model(body: ModelRegistration) -> ModelOut:
+        if not (Path(body.artifact_path) / MANIFEST).is_file():
+            raise bad_request(422, f"{body.artifact_path} holds no {MANIFEST}: not a predictor folder")
+        try:
+            predictor = core.load_model(body.artifact_path)
+        except (OSError, ValueError) as exc:
+            raise bad_request(422, f"model {body.artifact_path} cannot be loaded: {exc}") from exc
+        with core.store.session() as session:
+            if session.query(ModelVersion.id).filter(ModelVersion.name == body.name).first() is not None:
+                raise bad_request(409, f"a model version named {body.name!r} already exists")
+            add_model_version(session, body.name, body.artifact_path)
+        return ModelOut(model_version=predictor.model_version, embedding_dim=predictor.embedding_dim,
+                        store_active_version=body.name)
+
+    return app
+
+
+
+@serve.deployment(name="DiscoveryService", max_ongoing_requests=32, health_check_period_s=10)
+@serve.ingress()
+class DiscoveryService:
+    """One replica: a :class:`ServiceCore`, the FastAPI app around it, and the batched model call."""
+
+    def __init__(self, args: dict):
+        self.core = ServiceCore(ServeSettings.from_args(args))
+        self.predict_batch.set_max_batch_size(self.core.settings.batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(self.core.settings.batch_wait_s)
+        self.core.start_polling()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.core, self.predict_many)
+
+    async def predict_many(self, images: list[np.ndarray]) -> list[PredictedImage]:
+        return list(await asyncio.gather(*(self.predict_batch(image) for image in images)))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, images: list[np.ndarray]) -> list[PredictedImage]:
+        """The model call, batched across concurrent requests, off the replica's event loop."""
+        return await asyncio.to_thread(self.core.predict, images)
+
+    def check_health(self) -> None:
+        self.core.loop.sync()
+
+    def __del__(self) -> None:
+        self.core.close()
+
+
+def bound_service(settings: ServeSettings, num_replicas: int | None = None) -> Application:
+    """The deployment bound to its arguments: ``replica_cpus`` CPUs per replica and, when the cluster has GPUs,
+    ``gpu_fraction`` of one; ``num_replicas`` fixed when given (else the config's replicas / autoscaling)."""
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    actor_options: dict[str, float] = {"num_cpus": settings.replica_cpus}
+    if settings.gpu_fraction > 0 and gpus > 0:
+        actor_options["num_gpus"] = settings.gpu_fraction
+    options: dict[str, Any] = {"ray_actor_options": actor_options}
+    if num_replicas is not None:
+        options["num_replicas"] = num_replicas
+    return DiscoveryService.options(**options).bind(asdict(settings))
+
+
+def build_app(args: dict) -> Application:
+    """Application builder for ``serve run`` / ``serve deploy`` (``import_path: anomaly_discovery.platform.service.app:
+    build_app``): validates the arguments and binds the deployment (see ``bound_service``)."""
+    return bound_service(ServeSettings.from_args(args))
+
+
+def run_serve(args: Mapping[str, Any] | Any) -> int:
+    """``adisc serve``: start Ray (if needed) and the application on ``host:port``, block until interrupted.
+
+    Arguments (a mapping or an argparse namespace): ``store`` (--store URL), ``index`` (--index PATH),
+    ``model`` (--model DIR), ``host`` (--host, default 127.0.0.1), ``port`` (--port, default 8000),
+    ``token_env`` (--token-env, default ADISC_API_TOKEN), optionally ``replicas`` (--replicas, default 1) and
+    any other :class:`ServeSettings` field."""
+    values = dict(args if isinstance(args, Mapping) else vars(args))
+    host, port = values.pop("host", None) or "127.0.0.1", int(values.pop("port", None) or 8000)
+    replicas = int(values.pop("replicas", None) or 1)
+    names = {f.name for f in fields(ServeSettings)}
+    settings = ServeSettings.from_args({k: v for k, v in values.items() if k in names and v is not None})
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(bound_service(settings, replicas), name="adisc", route_prefix="/", blocking=False)
+    token_state = ("set" if os.environ.get(settings.token_env)
+                   else f"NOT set: writes answer 503 until {settings.token_env} is")
+    print(f"adisc serve: http://{host}:{port} (docs at /docs); token variable {settings.token_env} {token_state}; "
+          "Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0

@@ -1,0 +1,1 @@
+"""Persistence: SQL store and its migrations, FAISS index, embedding file, paths."""

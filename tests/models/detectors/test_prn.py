@@ -1,0 +1,237 @@
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sklearn.metrics import roc_auc_score
+
+from anomaly_discovery.data.images import save_image
+from anomaly_discovery.data.sample import Sample
+from anomaly_discovery.models.detectors.protocol import Detection, Detector
+from anomaly_discovery.models.detectors.prn import (CheckpointError, MultiScaleFusion, MultiSizeSelfAttention,
+                                                    PRNConfig, PRNDetector, PRNHead)
+from anomaly_discovery.models.detectors.prn_training import (fit_prototypes, focal_loss, prn_loss, prototype_residuals,
+                                                             select_real_anomalies)
+
+SIZE = 64
+
+
+def toy_texture(rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    """Gray stripes plus noise: a toy 'product surface'."""
+    xx = np.arange(SIZE)[None, :]
+    return [np.clip(100 + 20 * np.sin(xx * 0.8 + rng.uniform(0, 6)) + rng.normal(0, 6, (SIZE, SIZE)), 0, 255)
+            .astype(np.uint8) for _ in range(n)]
+
+
+def with_bright_blob(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    y, x = rng.integers(12, SIZE - 12, size=2)
+    radius = rng.integers(4, 8)
+    yy, xx = np.ogrid[:SIZE, :SIZE]
+    mask = (yy - y) ** 2 + (xx - x) ** 2 < radius ** 2
+    out = image.copy()
+    out[mask] = 230
+    return out, mask
+
+
+def tiny_config(**overrides) -> PRNConfig:
+    settings = dict(encoder="tiny", image_size=SIZE, epochs=1, steps_per_epoch=1, batch_size=4, lr=2e-3,
+                    progress=False, device="cpu")
+    settings.update(overrides)
+    return PRNConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def toy_data():
+    rng = np.random.default_rng(0)
+    normals = toy_texture(rng, 20)
+    real = [with_bright_blob(image, rng) for image in toy_texture(rng, 4)]
+    held_out = [with_bright_blob(image, rng) for image in toy_texture(rng, 6)]
+    return normals, real, held_out
+
+
+@pytest.fixture(scope="module")
+def trained(toy_data):
+    normals, real, _ = toy_data
+    return PRNDetector(tiny_config(epochs=10, steps_per_epoch=5, batch_size=8)).fit(normals, real)
+
+
+def test_head_gives_one_logit_map_at_input_resolution():
+    channels, strides = (16, 24, 32), (2, 4, 8)
+    head = PRNHead(channels, strides, coarse_channels=48, decoder_channels=(8, 12, 16), n_msa=2)
+    features = [torch.randn(2, c, SIZE // s, SIZE // s) for c, s in zip(channels, strides)]
+    logits = head(features, [f ** 2 for f in features], torch.randn(2, 48, SIZE // 16, SIZE // 16))
+    assert logits.shape == (2, 1, SIZE, SIZE)
+
+
+def test_fusion_and_attention_keep_each_scale_shape():
+    maps = [torch.randn(2, 8, 16, 16), torch.randn(2, 12, 8, 8), torch.randn(2, 16, 4, 4)]
+    fused = MultiScaleFusion((8, 12, 16), (4, 8, 16))(maps)
+    assert [f.shape for f in fused] == [m.shape for m in maps]
+    assert MultiSizeSelfAttention(8)(maps[0]).shape == maps[0].shape
+    assert MultiSizeSelfAttention.patch_sizes(16) == [16, 8, 4, 2]
+
+
+def test_prototype_count_is_a_tenth_of_the_normal_images_and_at_least_one():
+    assert fit_prototypes(torch.randn(25, 4, 3, 3), seed=0).shape == (2, 4, 3, 3)
+    assert fit_prototypes(torch.randn(5, 4, 3, 3), seed=0).shape == (1, 4, 3, 3)
+
+
+def test_residual_is_the_squared_difference_to_the_nearest_prototype():
+    prototypes = torch.stack([torch.zeros(2, 3, 3), torch.full((2, 3, 3), 10.0)])
+    features = torch.full((1, 2, 3, 3), 9.0)
+    assert torch.allclose(prototype_residuals(features, prototypes), torch.ones(1, 2, 3, 3))
+
+
+def test_focal_loss_matches_its_formula_at_one_point():
+    value = focal_loss(torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1), alpha=0.5, gamma=4.0)
+    assert value.item() == pytest.approx(0.5 * 0.5 ** 4 * np.log(2), rel=1e-5)
+    confident = prn_loss(torch.full((1, 1, 2, 2), -20.0), torch.zeros(1, 1, 2, 2))
+    assert confident.item() < 1e-6
+
+
+def test_predict_gives_a_map_at_each_image_own_size(trained):
+    images = [np.zeros((50, 70), np.uint8), np.full((80, 64, 3), 90, np.uint8)]
+    detections = trained.predict(images)
+    assert isinstance(trained, Detector)
+    assert all(isinstance(d, Detection) for d in detections)
+    assert [d.anomaly_map.shape for d in detections] == [(50, 70), (80, 64)]
+    assert all(0.0 <= d.score <= 1.0 and d.anomaly_map.dtype == np.float32 for d in detections)
+
+
+def test_training_loss_decreases_on_a_toy_set(trained):
+    history = trained.loss_history_
+    assert len(history) == 10
+    assert history[-1] < 0.5 * history[0]
+
+
+def test_defect_pixels_score_higher_than_normal_pixels_on_held_out_images(toy_data, trained):
+    _, _, held_out = toy_data
+    detections = trained.predict([image for image, _ in held_out])
+    maps = np.stack([d.anomaly_map for d in detections])
+    masks = np.stack([mask for _, mask in held_out])
+    assert maps[masks].mean() > maps[~masks].mean() + 0.1
+    assert roc_auc_score(masks.ravel(), maps.ravel()) > 0.95
+    normal_scores = [d.score for d in trained.predict(toy_texture(np.random.default_rng(5), 6))]
+    assert min(d.score for d in detections) > max(normal_scores)
+
+
+def test_more_than_ten_real_anomalies_are_refused(toy_data):
+    normals, real, _ = toy_data
+    with pytest.raises(ValueError, match="11 real anomalies.*max_real_anomalies=10"):
+        PRNDetector(tiny_config()).fit(normals, real * 2 + real[:3])
+
+
+def test_without_real_anomalies_it_trains_on_simulated_ones_only(toy_data, caplog):
+    normals, _, _ = toy_data
+    detector = PRNDetector(tiny_config()).fit(normals[:5])
+    assert detector.sources_ == ("simulated",)
+    assert detector.n_real_anomalies_ == 0
+    assert "simulated anomalies only" in caplog.text
+
+
+def test_with_real_anomalies_it_uses_every_source(trained):
+    assert trained.sources_ == ("real", "extended", "simulated")
+    assert trained.n_real_anomalies_ == 4
+
+
+def test_real_anomaly_with_mismatched_mask_is_refused_by_index(toy_data):
+    normals, real, _ = toy_data
+    image, mask = real[0]
+    with pytest.raises(ValueError, match="real anomaly 1: mask shape"):
+        PRNDetector(tiny_config()).fit(normals, [real[1], (image, mask[:10])])
+
+
+def test_save_and_load_give_identical_predictions(tmp_path, trained, toy_data):
+    path = tmp_path / "prn.safetensors"
+    trained.save(path)
+    loaded = PRNDetector.load(path)
+    images = [image for image, _ in toy_data[2]]
+    for before, after in zip(trained.predict(images), loaded.predict(images)):
+        assert before.score == after.score
+        assert np.array_equal(before.anomaly_map, after.anomaly_map)
+    assert loaded.sources_ == trained.sources_
+    assert loaded.config == trained.config
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_with_its_name(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        PRNDetector.load(path)
+
+
+def test_a_safetensors_file_of_something_else_is_refused(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path), metadata={"format": "someone-else"})
+    with pytest.raises(CheckpointError, match="not a PRN checkpoint"):
+        PRNDetector.load(path)
+
+
+def test_a_checkpoint_with_mismatched_weights_is_refused(tmp_path, trained):
+    path = tmp_path / "prn.safetensors"
+    trained.save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys() if not key.endswith("to_logit.weight")}
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, str(broken), metadata=metadata)
+    with pytest.raises(CheckpointError, match="broken.safetensors.*head weights"):
+        PRNDetector.load(broken)
+
+
+def test_missing_checkpoint_is_refused():
+    with pytest.raises(CheckpointError, match="not found"):
+        PRNDetector.load("/nonexistent/prn.safetensors")
+
+
+def test_predict_before_fit_is_refused():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        PRNDetector(tiny_config()).predict([np.zeros((SIZE, SIZE), np.uint8)])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"image_size": 0}, "image_size"),
+    ({"batch_size": 1}, "batch_size"),
+    ({"layers": (0, 1, 2)}, "4 encoder taps"),
+    ({"encoder": "timm:resnet18"}, "no default PRN layers"),
+])
+def test_bad_config_values_are_refused_by_name(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_image_size_that_cannot_be_patchified_is_refused(toy_data):
+    with pytest.raises(ValueError, match="image_size 112"):
+        PRNDetector(tiny_config(image_size=112)).fit(toy_data[0][:2])
+
+
+@pytest.fixture
+def labelled_samples(tmp_path) -> list[Sample]:
+    samples = []
+    for kind in ("crack", "hole", "stain"):
+        for index in range(5):
+            mask = np.zeros((8, 8), bool)
+            mask[2:4, 2:4] = not (kind == "stain" and index == 0)
+            path = tmp_path / f"{kind}_{index}.png"
+            save_image(path, mask)
+            samples.append(Sample(tmp_path / f"{kind}_{index}.jpg", kind, path, "test", "toy"))
+    samples += [Sample(tmp_path / f"good_{i}.jpg", "good", None, "test", "toy") for i in range(4)]
+    return samples
+
+
+def test_select_real_anomalies_spreads_over_defect_types_and_excludes_them(labelled_samples):
+    selected, rest = select_real_anomalies(labelled_samples, n=10, seed=0)
+    kinds = [s.label for s in selected]
+    assert len(selected) == 10
+    assert {kinds.count(k) for k in ("crack", "hole", "stain")} <= {3, 4}
+    assert not {s.image_path for s in selected} & {s.image_path for s in rest}
+    assert len(selected) + len(rest) == len(labelled_samples)
+    assert all(not s.is_normal for s in selected)
+
+
+def test_select_real_anomalies_skips_empty_masks_and_is_seeded(labelled_samples):
+    first, _ = select_real_anomalies(labelled_samples, n=15, seed=3)
+    again, _ = select_real_anomalies(labelled_samples, n=15, seed=3)
+    assert [s.image_path for s in first] == [s.image_path for s in again]
+    assert len(first) == 14
+    assert all(s.name != "stain_0" for s in first)

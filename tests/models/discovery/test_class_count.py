@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from anomaly_discovery.models.discovery.class_count import (ClassCountEstimate, estimate_class_count,
+                                                            prototype_win_fractions)
+
+
+def sphere_clusters(n_classes: int, seed: int, n_per_class: int = 60, dim: int = 32, sigma: float = 0.2):
+    """Gaussian clusters on the unit sphere around random centres; returns (points, centres, rng)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    points = np.repeat(centres, n_per_class, axis=0) + sigma * rng.normal(size=(n_classes * n_per_class, dim))
+    return points / np.linalg.norm(points, axis=1, keepdims=True), centres, rng
+
+
+def over_clustered_prototypes(centres: np.ndarray, rng: np.random.Generator, k_max: int = 10) -> np.ndarray:
+    """The true centres, one near-duplicate of the first centre, and random (dead) directions up to k_max."""
+    n_classes, dim = centres.shape
+    duplicate = centres[0] + 0.05 * rng.normal(size=dim)
+    dead = rng.normal(size=(k_max - n_classes - 1, dim))
+    return np.concatenate([centres, duplicate[None], dead])
+
+
+@pytest.mark.parametrize("n_classes", [3, 5, 7])
+@pytest.mark.parametrize("method", ["silhouette", "gap"])
+def test_embedding_criteria_recover_k_within_one(method, n_classes):
+    points, _, _ = sphere_clusters(n_classes, seed=n_classes)
+    estimate = estimate_class_count(points, k_min=2, k_max=10, method=method, seed=0)
+    assert abs(estimate.k - n_classes) <= 1
+    assert sorted(estimate.scores_by_k) == list(range(2, 11)) and estimate.method == method
+
+
+@pytest.mark.parametrize("n_classes", [3, 5, 7])
+def test_prototype_wins_recovers_k_from_over_clustered_head(n_classes):
+    points, centres, rng = sphere_clusters(n_classes, seed=10 + n_classes)
+    estimate = estimate_class_count(points, method="prototype_wins",
+                                    prototypes=over_clustered_prototypes(centres, rng))
+    assert estimate.k == n_classes
+
+
+def test_prototype_win_fractions_merge_near_duplicate_prototypes():
+    points, centres, rng = sphere_clusters(3, seed=0)
+    fractions = prototype_win_fractions(points, over_clustered_prototypes(centres, rng))
+    assert len(fractions) == 9
+    assert fractions.sum() == pytest.approx(1.0)
+    assert np.all(fractions[:3] > 0.25) and np.all(fractions[3:] == 0)
+
+
+def test_silhouette_scores_peak_at_true_k_on_well_separated_clusters():
+    points, _, _ = sphere_clusters(4, seed=1, sigma=0.1)
+    estimate = estimate_class_count(points, k_min=2, k_max=8)
+    assert isinstance(estimate, ClassCountEstimate)
+    assert estimate.k == 4 and max(estimate.scores_by_k.values()) == estimate.scores_by_k[4]
+
+
+def test_prototype_wins_requires_prototypes():
+    points, _, _ = sphere_clusters(3, seed=2)
+    with pytest.raises(ValueError, match="prototypes"):
+        estimate_class_count(points, method="prototype_wins")
+
+
+def test_unknown_method_is_named_in_the_error():
+    with pytest.raises(ValueError, match="'elbow'"):
+        estimate_class_count(np.ones((10, 3)), method="elbow")
+
+
+def test_k_max_must_be_below_the_number_of_embeddings():
+    points, _, _ = sphere_clusters(2, seed=3, n_per_class=3)
+    with pytest.raises(ValueError, match="k_max"):
+        estimate_class_count(points, k_max=6)

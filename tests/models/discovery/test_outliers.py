@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+
+from anomaly_discovery.models.discovery.outliers import (OutlierThreshold, energy_score, evaluate_outlier_scores,
+                                                         image_outlier_score, knn_distance_score, max_logit_score,
+                                                         max_softmax_score)
+
+
+@pytest.fixture
+def logits():
+    """Row 0 is a confident known crop, row 1 is ambiguous (cosine logits)."""
+    return torch.tensor([[0.9, 0.1, 0.0], [0.3, 0.3, 0.3]])
+
+
+def test_knn_distance_is_cosine_distance_to_kth_neighbour():
+    references = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    queries = np.array([[2.0, 0.0], [1.0, 1.0]])
+    assert np.allclose(knn_distance_score(queries, references, k=1), [0.0, 1 - np.sqrt(0.5)], atol=1e-6)
+    assert np.allclose(knn_distance_score(queries, references, k=2), [1.0, 1 - np.sqrt(0.5)], atol=1e-6)
+
+
+def test_knn_distance_is_the_same_in_small_batches():
+    rng = np.random.default_rng(0)
+    queries, references = rng.normal(size=(50, 8)), rng.normal(size=(20, 8))
+    assert np.allclose(knn_distance_score(queries, references, k=3, batch_size=7),
+                       knn_distance_score(queries, references, k=3), atol=1e-6)
+
+
+def test_knn_distance_rejects_k_above_reference_count():
+    with pytest.raises(ValueError, match="k must be"):
+        knn_distance_score(np.ones((2, 3)), np.ones((2, 3)), k=3)
+
+
+@pytest.mark.parametrize("score", [max_softmax_score, energy_score, max_logit_score])
+def test_logit_scores_rank_the_ambiguous_crop_higher(score, logits):
+    values = score(logits)
+    assert values.shape == (2,) and values[1] > values[0]
+
+
+def test_max_softmax_score_values(logits):
+    expected = 1 - torch.softmax(logits.double() / 0.1, dim=1).max(dim=1).values
+    assert np.allclose(max_softmax_score(logits, 0.1), expected.numpy())
+    assert max_softmax_score(logits, 0.1)[1] == pytest.approx(2 / 3)
+
+
+def test_energy_score_values(logits):
+    assert energy_score(logits, 0.1)[1] == pytest.approx(-0.1 * (3.0 + np.log(3)))
+
+
+def test_threshold_accepts_95_percent_of_known_scores():
+    known = np.random.default_rng(1).normal(size=1000)
+    threshold = OutlierThreshold(accept_rate=0.95).fit(known)
+    accepted = 1 - threshold.is_outlier(known).mean()
+    assert 0.95 <= accepted <= 0.951
+
+
+def test_threshold_flags_scores_above_it():
+    threshold = OutlierThreshold(accept_rate=0.8).fit(np.arange(10.0))
+    assert threshold.threshold_ == 8.0
+    assert threshold.is_outlier([7.0, 8.0, 8.5]).tolist() == [False, False, True]
+
+
+def test_unfitted_threshold_says_so():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        OutlierThreshold().is_outlier([1.0])
+
+
+@pytest.mark.parametrize(("aggregate", "expected"), [("max", {"a": 0.9, "b": 0.2}), ("mean", {"a": 0.6, "b": 0.2})])
+def test_image_outlier_score_aggregates_regions(aggregate, expected):
+    scores = image_outlier_score(["a", "b", "a"], [0.3, 0.2, 0.9], aggregate=aggregate)
+    assert scores == pytest.approx(expected)
+
+
+def test_separated_distributions_give_auroc_one_and_fpr95_zero():
+    result = evaluate_outlier_scores(np.linspace(0, 1, 50), np.linspace(2, 3, 40))
+    assert result == {"auroc": 1.0, "fpr95": 0.0}
+
+
+def test_fpr95_counts_known_crops_above_the_95_percent_tpr_threshold():
+    unseen = np.arange(1.0, 21.0)          # threshold flagging 19 of 20 (95%) is 2.0
+    known = np.array([0.0, 0.5, 1.5, 2.5, 3.0])
+    result = evaluate_outlier_scores(known, unseen)
+    assert result["fpr95"] == pytest.approx(2 / 5)
+    assert 0.5 < result["auroc"] < 1.0
+
+
+def test_identical_distributions_give_auroc_one_half():
+    scores = np.random.default_rng(2).normal(size=200)
+    assert evaluate_outlier_scores(scores, scores)["auroc"] == pytest.approx(0.5)
