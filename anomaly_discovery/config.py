@@ -25,9 +25,15 @@ def _check_fields(cls: type, values: dict[str, Any], source: str) -> None:
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
-    """Build dataclass ``cls`` from ``values``, refusing unknown keys (nested dataclasses are built too)."""
+    """Build dataclass ``cls`` from ``values``, refusing unknown keys (nested dataclasses are built too). A class
+    with its own ``from_dict`` (one that also reads older layouts of its files) builds itself."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping for {cls.__name__}, got {type(values).__name__}")
+    if hasattr(cls, "from_dict"):
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
     _check_fields(cls, values, source)
     kwargs = {}
     for f in dataclasses.fields(cls):

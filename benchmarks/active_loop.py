@@ -210,7 +210,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="adisc-active-loop-") as folder:
         regions, truth, base, paths = discovery_inputs(args, Path(folder))
-        config = DiscoveryConfig(k="auto", progress=False, **({"epochs": 3} if args.smoke else {}))
+        config = DiscoveryConfig.of(k="auto", progress=False, **({"epochs": 3} if args.smoke else {}))
         started = time.perf_counter()
         artifacts = train_discovery(config, regions, base)
         train_seconds = time.perf_counter() - started

@@ -32,7 +32,6 @@ import pickle
 import resource
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +92,7 @@ def neu_task(neu: Path, per_class: int, base_per_class: int, seed: int, cache: P
 
 
 def run_candidate(name: str, regions, truth: dict, base) -> dict:
-    config = replace(DiscoveryConfig(k="auto", progress=False), **CANDIDATES[name])
+    config = DiscoveryConfig.of(k="auto", progress=False, **CANDIDATES[name])
     start = time.perf_counter()
     artifacts = train_discovery(config, regions, base)
     ids = sorted(artifacts.images)

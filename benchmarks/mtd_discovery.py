@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +94,7 @@ def discover_and_score(regions, truth: dict, base, config: DiscoveryConfig) -> d
     return {"nmi": report["nmi"], "ari": report["ari"], "f1": report["f1"], "f1_macro": report["f1_macro"],
             "k_estimated": artifacts.k_estimated if artifacts.k_estimated is not None else artifacts.k,
             "k_true": report["n_classes_true"], "n_images": len(ids), "n_regions": len(regions),
-            "epochs": config.epochs, "seconds": round(seconds, 1),
+            "epochs": config.optimisation.epochs, "seconds": round(seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
@@ -108,17 +107,17 @@ def leave_one_class_out(regions, truth: dict, base, config: DiscoveryConfig, see
         seen_ids = sorted({r.image_id for r in regions if truth[r.image_id] != held_out})
         known_test = set(rng.choice(seen_ids, size=max(1, len(seen_ids) // 5), replace=False))
         train = [r for r in regions if truth[r.image_id] != held_out and r.image_id not in known_test]
-        artifacts = train_discovery(replace(config, k="auto"), train, base)
+        artifacts = train_discovery(config.replace(k="auto"), train, base)
         reference = torch.as_tensor(artifacts.regions.embeddings)
         scores = {}
         for name, subset in (("known", [r for r in regions if r.image_id in known_test]),
                              ("unseen", [r for r in regions if truth[r.image_id] == held_out])):
             embedded = torch.as_tensor(predict_regions(artifacts, subset).embeddings)
-            scores[name] = knn_distance_score(embedded, reference, k=config.outlier_k)
+            scores[name] = knn_distance_score(embedded, reference, k=config.classes.outlier_k)
         per_class[held_out] = evaluate_outlier_scores(scores["known"], scores["unseen"])
     return {"auroc": float(np.mean([v["auroc"] for v in per_class.values()])),
             "fpr95": float(np.mean([v["fpr95"] for v in per_class.values()])), "per_class": per_class,
-            "epochs": config.epochs}
+            "epochs": config.optimisation.epochs}
 
 
 def write_result(path: Path, result: dict) -> None:
@@ -148,9 +147,9 @@ def main() -> None:
     samples = read_dataset(args.data, "mtd").samples
     normal_train = [s for s in samples if s.split == "train" and s.is_normal]
     base = neu_base_regions(args.neu, args.base_per_class, seed=0, progress=False)
-    config = DiscoveryConfig(k="auto", progress=False)
+    config = DiscoveryConfig.of(k="auto", progress=False)
     if args.epochs is not None:
-        config = replace(config, epochs=args.epochs)
+        config = config.replace(epochs=args.epochs)
     result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     result["machine"] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(),
                          "torch_threads": args.threads, "load_average": list(os.getloadavg()), "gpu": "none"}
@@ -175,7 +174,7 @@ def main() -> None:
                 print(setting, protocol, row, flush=True)
                 write_result(args.out, result)
             if setting == "semi" and "k-known" in parts:
-                row = discover_and_score(regions, truth, base, replace(config, k=len(set(truth.values()))))
+                row = discover_and_score(regions, truth, base, config.replace(k=len(set(truth.values()))))
                 result.setdefault("k_known", {}).setdefault(setting, {})[protocol] = row
                 print("k known", setting, protocol, row, flush=True)
                 write_result(args.out, result)
@@ -183,7 +182,7 @@ def main() -> None:
                 ablations = result.setdefault("ablations", {})
                 for guidance in ("none", "hard", "amga"):
                     ablations[f"guidance={guidance}"] = discover_and_score(regions, truth, base,
-                                                                           replace(config, guidance=guidance))
+                                                                           config.replace(guidance=guidance))
                     print("ablation", guidance, ablations[f"guidance={guidance}"], flush=True)
                     write_result(args.out, result)
                 prior_free, _ = regions_for(chosen, [detections[s.image_path] for s in chosen], "none")

@@ -139,7 +139,7 @@ def ray_train(config: DiscoveryConfig, regions: list, workers: int, folder: Path
     load = os.getloadavg()[0]
     log = folder / f"workers{workers}.jsonl"
     job = DiscoverJobConfig(data=folder, out=folder / f"out{workers}", detections=folder, discovery=config,
-                            k=config.k, device="cpu", progress=False)
+                            k=config.classes.k, device="cpu", progress=False)
     data = TrainData(regions, None, {r.image_id: r.image_id for r in regions}, "none", "folder", {})
     started = time.perf_counter()
     run_train(job, ClusterConfig(workers=workers, cpus_per_worker=1, name=f"scaling-{workers}"), data,
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = DiscoveryConfig(cnn="mobilenet_v2", image_size=args.image_size, depth=2, embed_dim=128,
+    config = DiscoveryConfig.of(cnn="mobilenet_v2", image_size=args.image_size, depth=2, embed_dim=128,
                              attention_heads=4, projection_hidden=256, projection_dim=128, n_heads=2,
                              batch_size=args.batch_size, epochs=args.epochs, cached_views=4, k=6, progress=False)
     regions = generated_crops(args.crops, args.image_size)

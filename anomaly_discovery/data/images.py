@@ -63,6 +63,17 @@ def _decode(path: Path) -> np.ndarray:
     return _to_uint8(array)
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """Gray H×W → H×W×3; RGB passes through. Refuses anything else with the shape named."""
+    if image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=2)
+    if image.ndim == 3 and image.shape[2] == 3:
+        return image
+    if image.ndim == 3 and image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    raise ValueError(f"expected an H×W or H×W×3 image, got shape {image.shape}")
+
+
 def load_image(path: str | Path, mode: str = "RGB") -> np.ndarray:
     """Read an image as uint8: ``mode="RGB"`` gives H×W×3, ``mode="L"`` gives H×W."""
     array = _decode(Path(path))

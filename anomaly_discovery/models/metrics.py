@@ -1,21 +1,23 @@
 """Evaluation metrics: clustering (Hungarian accuracy, NMI, ARI, F1) and detection (AUROC, AUPRO, FPR@TPR).
 
 Clustering follows AnomalyNCD's evaluation (methods.md §1 step 8): predicted clusters are matched to true
-classes by the Hungarian algorithm on the count matrix, accuracy and F1 are read off the mapped predictions,
-NMI and ARI come from scikit-learn. Detection metrics take numpy arrays; per-pixel metrics take lists of
-per-image masks and maps (images may differ in size) and treat every non-zero mask pixel as a defect.
+classes by the Hungarian algorithm (scipy) on the count matrix, accuracy and F1 are read off the mapped
+predictions, NMI and ARI come from scikit-learn. Image-level AUROC and FPR at a TPR are scikit-learn's
+``roc_auc_score`` and ``roc_curve``. Per-pixel metrics take lists of per-image masks and maps (images may differ
+in size) and treat every non-zero mask pixel as a defect; they are written here because no library has them
+at this scale: AUPRO has no library implementation, and pixel AUROC shares its split-and-search machinery
+(scikit-learn's ``roc_auc_score`` on 72 M pixels took 56 s and 4.4 GB here, this one about a second).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score, f1_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_rand_score, f1_score, normalized_mutual_info_score, roc_auc_score, roc_curve
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,8 @@ def _binary_labels_and_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _auroc(negative_scores: np.ndarray, positive_scores: np.ndarray) -> float:
-    """P(positive > negative) + ½·P(tie), the area under the ROC curve, from sorted negatives."""
+    """P(positive > negative) + ½·P(tie), the area under the ROC curve, from sorted negatives (for pixel AUROC,
+    where scikit-learn's sort of every pixel in float64 is too slow and large; equal to ``roc_auc_score``)."""
     negatives = np.sort(negative_scores)
     positives = np.sort(positive_scores)
     below = np.searchsorted(negatives, positives, side="left").sum(dtype=np.int64)
@@ -160,20 +163,19 @@ def _auroc(negative_scores: np.ndarray, positive_scores: np.ndarray) -> float:
 
 
 def image_auroc(labels, scores) -> float:
-    """Image-level AUROC; labels 1 = anomalous, higher score = more anomalous."""
+    """Image-level AUROC (scikit-learn); labels 1 = anomalous, higher score = more anomalous."""
     labels, scores = _binary_labels_and_scores(labels, scores)
-    return _auroc(scores[~labels], scores[labels])
+    return float(roc_auc_score(labels, scores))
 
 
 def fpr_at_tpr(labels, scores, tpr: float = 0.95) -> float:
-    """False-positive rate at the highest threshold whose true-positive rate reaches ``tpr`` (1 = positive)."""
+    """False-positive rate at the highest threshold whose true-positive rate reaches ``tpr`` (1 = positive),
+    read off scikit-learn's ROC curve."""
     if not 0.0 < tpr <= 1.0:
         raise ValueError(f"tpr must be in (0, 1], got {tpr}")
     labels, scores = _binary_labels_and_scores(labels, scores)
-    positives = np.sort(scores[labels])[::-1]
-    n_needed = math.ceil(round(tpr * positives.size, 9))
-    threshold = positives[n_needed - 1]
-    return float(np.mean(scores[~labels] >= threshold))
+    fprs, tprs, _ = roc_curve(labels, scores, drop_intermediate=False)
+    return float(fprs[np.searchsorted(tprs, tpr - 1e-9, side="left")])
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import cv2
 import numpy as np
 
+from anomaly_discovery.data.images import as_rgb
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
-from anomaly_discovery.models.detectors.protocol import as_rgb
 from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
 from anomaly_discovery.models.discovery.training import predict_regions
 from anomaly_discovery.models.localisation.localise import Localisation, image_regions, localise_image

@@ -153,6 +153,14 @@ def test_image_auroc_matches_sklearn_with_ties(rng):
     assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
 
 
+def test_image_auroc_and_fpr_on_a_fixed_hand_case():
+    """The values the hand-written versions gave before scikit-learn replaced them."""
+    labels, scores = [0, 0, 1, 1, 0, 1], [0.1, 0.4, 0.35, 0.8, 0.35, 0.9]
+    assert image_auroc(labels, scores) == pytest.approx(7.5 / 9)
+    assert fpr_at_tpr(labels, scores, 1.0) == pytest.approx(2 / 3)
+    assert fpr_at_tpr(labels, scores, 2 / 3) == pytest.approx(0.0)
+
+
 def test_image_auroc_rejects_a_single_class_and_non_binary_labels():
     with pytest.raises(ValueError, match="both classes"):
         image_auroc([1, 1, 1], [0.1, 0.2, 0.3])

@@ -57,7 +57,7 @@ def test_the_discovery_pipeline_serves_from_its_folder(tmp_path):
     localisation = fit_localisation(maps, [128])
     regions = [crop_region(image, (16, 14, 48, 46), (m - m.min()) / (m.max() - m.min() + 1e-9), None, f"r{i}")
                for i, (image, m) in enumerate(zip(defects, maps))]
-    artifacts = train_discovery(DiscoveryConfig(**TINY), regions * 2)
+    artifacts = train_discovery(DiscoveryConfig.of(**TINY), regions * 2)
     folder = write_discovery_model(tmp_path / "serving", artifacts.predictor, detector, localisation, name="disc-1")
     predictor = build_predictor(folder)
     assert (predictor.model_version, predictor.embedding_dim) == ("disc-1", 32)

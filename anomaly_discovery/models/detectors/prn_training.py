@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from anomaly_discovery.data.images import load_mask
+from anomaly_discovery.data.images import as_rgb, load_mask
 from anomaly_discovery.data.sample import Sample
-from .anomaly_synthesis import extend_anomaly, simulate_anomaly
+
 from ..features.backbones import autocast_for
-from .protocol import as_rgb
+from .anomaly_synthesis import extend_anomaly, simulate_anomaly
 
 ANOMALY_SOURCES = ("real", "extended", "simulated")
 

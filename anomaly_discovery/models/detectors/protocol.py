@@ -39,14 +39,3 @@ def resize_map(anomaly_map: torch.Tensor | np.ndarray, size: tuple[int, int]) ->
         return tensor.reshape(size).cpu().numpy()
     resized = F.interpolate(tensor[None, None], size=size, mode="bilinear", align_corners=False)
     return resized[0, 0].cpu().numpy()
-
-
-def as_rgb(image: np.ndarray) -> np.ndarray:
-    """Gray H×W → H×W×3; RGB passes through. Refuses anything else with the shape named."""
-    if image.ndim == 2:
-        return np.repeat(image[..., None], 3, axis=2)
-    if image.ndim == 3 and image.shape[2] == 3:
-        return image
-    if image.ndim == 3 and image.shape[2] == 1:
-        return np.repeat(image, 3, axis=2)
-    raise ValueError(f"expected an H×W or H×W×3 image, got shape {image.shape}")

@@ -1,12 +1,24 @@
-"""Settings of discovery training (methods.md §1 steps 5–7, §2): :class:`DiscoveryConfig`, shared by the training
-loop, the model builder and a saved predictor."""
+"""Settings of discovery (methods.md §1 steps 5–7, §2): :class:`DiscoveryConfig`, four groups shared by the
+training loop, the model builder and a saved predictor.
+
+* ``model`` (:class:`ModelSettings`): the network — backbone, AMGA guidance, sizes, prototype temperature;
+* ``optimisation`` (:class:`OptimisationSettings`): epochs, optimiser, losses and their weights, view cache,
+  augmentation, the base validation split;
+* ``classes`` (:class:`ClassSettings`): how many novel classes (given or estimated) and how regions are
+  assigned and flagged as unseen outliers;
+* ``runtime`` (:class:`RuntimeSettings`): seed, device, checkpoints, progress bars.
+
+Every setting's name is unique across the groups, so ``DiscoveryConfig.of(epochs=3, k=4)`` and
+``config.replace(lr=0.01)`` take them flat, and a settings file may be flat (as every file before the grouping
+was) or grouped. ``fingerprint()`` is the flat dict of the settings that change results, as before.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from .augment import AugmentConfig
 from .network import DEFAULT_VIT
@@ -14,27 +26,23 @@ from .network import DEFAULT_VIT
 RESULT_FIELDS = ("progress", "checkpoint_dir", "resume", "keep_checkpoints", "device")
 
 
-@dataclass
-class DiscoveryConfig:
-    """Settings of ``train_discovery``. Defaults chosen on SYNTHETIC data (generator, seed 0; see the
-    platform report / docs/benchmarks.md): image_size 128, embed_dim 192, 30 epochs, SGD lr 0.05
-    (momentum 0.9, cosine to lr·1e-3), batch 64, 6 cached views, τ_t 0.07 → 0.04, PLC off (it pulls
-    weakly scored crops of real defects into one cluster when no normal crops are among them). ``depth`` 2
-    (was 4) was chosen on NEU-DET (benchmarks/discovery_selection.py: zero-shot NEU-DET crops as the novel set,
-    selection score .463 against .405 for depth 4, confirmed on a second subset .421 against .352), and
-    halves the training time.
+def _check_choice(owner: object, name: str, allowed: tuple[str, ...]) -> None:
+    if getattr(owner, name) not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(owner, name)!r}")
 
-    ``k``: number of novel classes, or ``"auto"`` (train ``k_max`` prototypes, estimate K with ``k_method``
-    on the learned embeddings, relabel by k-means with K clusters). ``k_method`` "gap": on the demo's task
-    (generated bottle defects, metal-plate classes as the base, seeds 1 and 2) silhouette chose K = 2 both times
-    (NMI .326 / .335), gap and prototype wins K = 4 and 6 (NMI .545 / .609); prototype wins also needs a head
-    confident enough to win assignments, which a short run (the quick demo's 2 epochs) does not have.
-    """
 
-    k: int | str = "auto"
-    k_max: int = 10
-    k_method: str = "gap"
-    assign: str = "kmeans"
+def _check_positive(owner: object, *names: str) -> None:
+    for name in names:
+        if getattr(owner, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(owner, name)}")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The network. ``depth`` 2 (was 4) was chosen on NEU-DET (benchmarks/discovery_selection.py: zero-shot
+    NEU-DET crops as the novel set, selection score .463 against .405 for depth 4, confirmed on a second subset
+    .421 against .352), and halves the training time; image_size 128 and embed_dim 192 on synthetic data."""
+
     backbone: str = "hybrid"
     cnn: str = "mobilenet_v2"
     cnn_weights: Optional[str] = None
@@ -53,6 +61,19 @@ class DiscoveryConfig:
     projection_dim: int = 256
     n_heads: int = 4
     temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "backbone", ("hybrid", "vit"))
+        _check_choice(self, "guidance", ("none", "hard", "amga"))
+        _check_positive(self, "image_size", "n_heads", "depth")
+
+
+@dataclass(frozen=True)
+class OptimisationSettings:
+    """Training. Chosen on synthetic data: 30 epochs, SGD lr 0.05 (momentum 0.9, cosine to lr·1e-3), batch 64,
+    6 cached views, τ_t 0.07 → 0.04, PLC off (it pulls weakly scored crops of real defects into one cluster
+    when no normal crops are among them)."""
+
     epochs: int = 30
     batch_size: int = 64
     optimizer: str = "sgd"
@@ -69,8 +90,52 @@ class DiscoveryConfig:
     cached_views: int = 6
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     base_val_fraction: float = 0.15
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, Mapping):
+            object.__setattr__(self, "augment", AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                                                 for k, v in self.augment.items()}))
+        object.__setattr__(self, "teacher_temperature", tuple(self.teacher_temperature))
+        _check_choice(self, "optimizer", ("sgd", "adamw"))
+        _check_positive(self, "epochs", "batch_size")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (contrastive pairs), got {self.batch_size}")
+        if self.cached_views == 1 or self.cached_views < 0:
+            raise ValueError(f"cached_views must be 0 (augment online) or at least 2, got {self.cached_views}")
+        if not 0 <= self.base_val_fraction < 1:
+            raise ValueError(f"base_val_fraction must lie in [0, 1), got {self.base_val_fraction}")
+
+
+@dataclass(frozen=True)
+class ClassSettings:
+    """How many novel classes and how regions get them. ``k``: a number, or ``"auto"`` (train ``k_max``
+    prototypes, estimate K with ``k_method`` on the learned embeddings, relabel by k-means with K clusters).
+    ``k_method`` "gap": on the demo's task (generated bottle defects, metal-plate classes as the base, seeds 1
+    and 2) silhouette chose K = 2 both times (NMI .326 / .335), gap and prototype wins K = 4 and 6 (NMI .545 /
+    .609). ``outlier_k``: the neighbour of the k-NN outlier score, whose threshold accepts
+    ``outlier_accept_rate`` of held-out base crops."""
+
+    k: int | str = "auto"
+    k_max: int = 10
+    k_method: str = "gap"
+    assign: str = "kmeans"
     outlier_k: int = 5
     outlier_accept_rate: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not (self.k == "auto" or (isinstance(self.k, int) and self.k >= 1)):
+            raise ValueError(f"k must be a positive integer or 'auto', got {self.k!r}")
+        if self.k == "auto" and self.k_max < 2:
+            raise ValueError(f"k_max must be at least 2 with k='auto', got {self.k_max}")
+        _check_choice(self, "k_method", ("silhouette", "gap", "prototype_wins"))
+        _check_choice(self, "assign", ("head", "kmeans"))
+        _check_positive(self, "outlier_k")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Where and how a run executes; only ``seed`` and ``compile`` are part of its fingerprint."""
+
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -80,40 +145,79 @@ class DiscoveryConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.augment, dict):
-            self.augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                            for k, v in self.augment.items()})
-        self.teacher_temperature = tuple(self.teacher_temperature)
-        if not (self.k == "auto" or (isinstance(self.k, int) and self.k >= 1)):
-            raise ValueError(f"k must be a positive integer or 'auto', got {self.k!r}")
-        if self.k == "auto" and self.k_max < 2:
-            raise ValueError(f"k_max must be at least 2 with k='auto', got {self.k_max}")
-        for name, allowed in (("backbone", ("hybrid", "vit")), ("optimizer", ("sgd", "adamw")),
-                              ("guidance", ("none", "hard", "amga")),
-                              ("k_method", ("silhouette", "gap", "prototype_wins")),
-                              ("assign", ("head", "kmeans"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "image_size", "n_heads", "depth", "outlier_k", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2 (contrastive pairs), got {self.batch_size}")
-        if self.cached_views == 1 or self.cached_views < 0:
-            raise ValueError(f"cached_views must be 0 (augment online) or at least 2, got {self.cached_views}")
-        if not 0 <= self.base_val_fraction < 1:
-            raise ValueError(f"base_val_fraction must lie in [0, 1), got {self.base_val_fraction}")
+        _check_positive(self, "keep_checkpoints")
+
+
+GROUPS = {"model": ModelSettings, "optimisation": OptimisationSettings, "classes": ClassSettings,
+          "runtime": RuntimeSettings}
+GROUP_OF = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """Settings of ``train_discovery``, in four groups (module docstring)."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    optimisation: OptimisationSettings = field(default_factory=OptimisationSettings)
+    classes: ClassSettings = field(default_factory=ClassSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+    def __post_init__(self) -> None:
+        for group, cls in GROUPS.items():
+            value = getattr(self, group)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, group, cls(**value))
+            elif not isinstance(value, cls):
+                raise ValueError(f"{group} must be {cls.__name__} settings, got {type(value).__name__}")
+
+    @classmethod
+    def of(cls, **settings: Any) -> "DiscoveryConfig":
+        """Defaults with the given settings, named flat (``DiscoveryConfig.of(epochs=3, k=4)``)."""
+        return cls().replace(**settings)
+
+    def replace(self, **settings: Any) -> "DiscoveryConfig":
+        """A copy with the given settings changed, named flat; an unknown name is an error naming it."""
+        unknown = sorted(set(settings) - set(GROUP_OF))
+        if unknown:
+            raise ValueError(f"unknown discovery setting(s) {', '.join(unknown)}; known: {', '.join(sorted(GROUP_OF))}")
+        groups = {}
+        for group in GROUPS:
+            changes = {name: value for name, value in settings.items() if GROUP_OF[name] == group}
+            if changes:
+                groups[group] = dataclasses.replace(getattr(self, group), **changes)
+        return dataclasses.replace(self, **groups)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "DiscoveryConfig":
+        """Settings as written to a file: grouped (``{"model": {...}, ...}``) or flat (files written before the
+        grouping), or a mix."""
+        flat = {}
+        for key, value in values.items():
+            if key in GROUPS and isinstance(value, Mapping):
+                flat.update(value)
+            else:
+                flat[key] = value
+        return cls.of(**flat)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The settings that change results, grouped, as JSON-ready values: what a settings file or a saved
+        model holds (``from_dict`` reads them back; where a run executes, its device, checkpoints and progress
+        bars, is left out)."""
+        values = json.loads(json.dumps(dataclasses.asdict(self)))
+        return {group: {k: v for k, v in settings.items() if k not in RESULT_FIELDS}
+                for group, settings in values.items()}
 
     @property
     def n_novel_prototypes(self) -> int:
-        return self.k_max if self.k == "auto" else int(self.k)
+        return self.classes.k_max if self.classes.k == "auto" else int(self.classes.k)
 
     @property
     def uses_cache(self) -> bool:
         """Cached views need a frozen patch embedding: the hybrid backbone with a frozen CNN."""
-        return self.cached_views >= 2 and self.backbone == "hybrid" and self.trainable_cnn_stages == 0
+        return (self.optimisation.cached_views >= 2 and self.model.backbone == "hybrid"
+                and self.model.trainable_cnn_stages == 0)
 
     def fingerprint(self) -> dict[str, Any]:
-        """The settings that change results (compared when resuming)."""
-        values = dataclasses.asdict(self)
-        return json.loads(json.dumps({k: v for k, v in values.items() if k not in RESULT_FIELDS}))
+        """The settings that change results, flat (compared when resuming; the same keys as before the
+        grouping, so older checkpoints compare too)."""
+        return {name: value for group in self.to_dict().values() for name, value in group.items()}

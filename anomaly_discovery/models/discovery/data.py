@@ -64,17 +64,18 @@ def _pooled(maps: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
 def build_view_cache(backbone: HybridDiscoveryBackbone, data: RegionTensors, n_views: int, config: DiscoveryConfig,
                      device: torch.device, batch_size: int = 64) -> ViewCache:
     """Compute the frozen CNN features of ``n_views`` views per region once (view 0 un-augmented)."""
-    generator = torch.Generator().manual_seed(config.seed)
-    grid = backbone.patch_grid((config.image_size, config.image_size))
+    generator = torch.Generator().manual_seed(config.runtime.seed)
+    grid = backbone.patch_grid((config.model.image_size, config.model.image_size))
     n = data.labels.shape[0]
     features = maps = masks = None
-    bar = tqdm(total=n * n_views, desc="caching views", unit="view", disable=not config.progress)
+    bar = tqdm(total=n * n_views, desc="caching views", unit="view", disable=not config.runtime.progress)
     for start in range(0, n, batch_size):
         index = torch.arange(start, min(n, start + batch_size))
         images, anomaly, objects = data.floats(index, torch.device("cpu"))
         for view in range(n_views):
             if view:
-                view_images, view_maps, view_masks = augment_views(images, anomaly, objects, generator, config.augment)
+                view_images, view_maps, view_masks = augment_views(images, anomaly, objects, generator,
+                                                                   config.optimisation.augment)
             else:
                 view_images, view_maps, view_masks = images, anomaly, objects
             with autocast_for(device):

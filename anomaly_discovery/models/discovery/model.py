@@ -1,5 +1,5 @@
 """The discovery network (methods.md §1 step 5): AMGA backbone + projector + multi-head cosine prototypes, with
-the guided-pooling skip path of the hybrid; ``build_model`` makes it from a :class:`DiscoveryConfig`."""
+the guided-pooling skip path of the hybrid; ``build_model`` makes it from the :class:`ModelSettings`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..features.backbones import IMAGENET_MEAN, IMAGENET_STD
-from .config import DiscoveryConfig
+from .config import ModelSettings
 from .network import DiscoveryBackbone, HybridDiscoveryBackbone, hybrid_amga, vit_with_amga
 from .prototypes import ProjectionHead, PrototypeHead
 
@@ -36,13 +36,13 @@ class DiscoveryModel(nn.Module):
     transformer alone, trained on a few hundred crops, clusters far worse than the pooled features).
     """
 
-    def __init__(self, backbone: DiscoveryBackbone, n_classes: int, config: DiscoveryConfig):
+    def __init__(self, backbone: DiscoveryBackbone, n_classes: int, settings: ModelSettings):
         super().__init__()
         self.backbone = backbone
-        self.projector = ProjectionHead(backbone.feature_dim, config.projection_hidden, config.projection_dim)
-        self.head = PrototypeHead(backbone.feature_dim, n_classes, config.n_heads, config.temperature)
+        self.projector = ProjectionHead(backbone.feature_dim, settings.projection_hidden, settings.projection_dim)
+        self.head = PrototypeHead(backbone.feature_dim, n_classes, settings.n_heads, settings.temperature)
         self.pooling = None
-        if isinstance(backbone, HybridDiscoveryBackbone) and config.guided_pooling:
+        if isinstance(backbone, HybridDiscoveryBackbone) and settings.guided_pooling:
             self.pooling = GuidedPooling(backbone.proj.in_channels, backbone.feature_dim)
             self.cls_gate = nn.Parameter(torch.zeros(()))
 
@@ -65,18 +65,19 @@ class DiscoveryModel(nn.Module):
         return features, self.projector(features), self.head(features), self.head.prototypes()
 
 
-def build_model(config: DiscoveryConfig, n_classes: int) -> DiscoveryModel:
-    """The backbone named by ``config`` (offline hybrid, or a timm ViT from ``vit_weights``) with its heads."""
-    if config.backbone == "hybrid":
-        backbone = hybrid_amga(cnn=config.cnn, cnn_weights=config.cnn_weights, embed_dim=config.embed_dim,
-                               depth=config.depth, n_heads=config.attention_heads,
-                               n_guided_blocks=config.n_guided_blocks, trainable_cnn_stages=config.trainable_cnn_stages,
-                               guidance=config.guidance, img_size=config.image_size)
+def build_model(settings: ModelSettings, n_classes: int) -> DiscoveryModel:
+    """The backbone named by ``settings`` (offline hybrid, or a timm ViT from ``vit_weights``) with its heads."""
+    if settings.backbone == "hybrid":
+        backbone = hybrid_amga(cnn=settings.cnn, cnn_weights=settings.cnn_weights, embed_dim=settings.embed_dim,
+                               depth=settings.depth, n_heads=settings.attention_heads,
+                               n_guided_blocks=settings.n_guided_blocks,
+                               trainable_cnn_stages=settings.trainable_cnn_stages, guidance=settings.guidance,
+                               img_size=settings.image_size)
     else:
-        backbone = vit_with_amga(config.vit_model, config.vit_weights,
-                                 n_guided_blocks=9 if config.n_guided_blocks is None else config.n_guided_blocks,
-                                 trainable_blocks=config.trainable_blocks, guidance=config.guidance)
-    return DiscoveryModel(backbone, n_classes, config)
+        guided = 9 if settings.n_guided_blocks is None else settings.n_guided_blocks
+        backbone = vit_with_amga(settings.vit_model, settings.vit_weights, n_guided_blocks=guided,
+                                 trainable_blocks=settings.trainable_blocks, guidance=settings.guidance)
+    return DiscoveryModel(backbone, n_classes, settings)
 
 
 def normalise_images(images: torch.Tensor) -> torch.Tensor:

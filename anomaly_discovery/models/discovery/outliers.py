@@ -3,8 +3,8 @@
 Every score is oriented **higher = more anomalous / more likely unseen**. Logit-based scores take the
 head's cosine logits (``PrototypeHead``) and the same temperature as training (0.1):
 
-* ``knn_distance_score``: cosine distance 1 − cos to the k-th nearest reference embedding (brute force;
-  the FAISS index comes with the service).
+* ``knn_distance_score``: cosine distance 1 − cos to the k-th nearest reference embedding (exact FAISS
+  inner-product search).
 * ``max_softmax_score``: 1 − max_c softmax(l/τ)_c (MSP).
 * ``energy_score``: E = −τ · logsumexp_c(l_c/τ) (free energy; low for confident known crops).
 * ``max_logit_score``: −max_c l_c.
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from typing import Hashable, Sequence
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score, roc_curve
+
+from ..metrics import fpr_at_tpr, image_auroc
 
 AGGREGATES = ("max", "mean")
 
@@ -36,10 +38,10 @@ def knn_distance_score(
     embeddings: torch.Tensor | np.ndarray,
     reference_embeddings: torch.Tensor | np.ndarray,
     k: int = 1,
-    batch_size: int = 4096,
 ) -> np.ndarray:
     """(N,) cosine distance of each embedding to its k-th nearest reference (known-class embeddings or
-    prototypes). A query that is itself in the reference set finds itself at distance 0."""
+    prototypes), by an exact FAISS inner-product search over the unit vectors. A query that is itself in the
+    reference set finds itself at distance 0."""
     queries = F.normalize(torch.as_tensor(embeddings).detach().to(torch.float32), dim=-1)
     references = F.normalize(torch.as_tensor(reference_embeddings).detach().to(torch.float32), dim=-1)
     if queries.ndim != 2 or references.ndim != 2 or queries.shape[1] != references.shape[1]:
@@ -47,9 +49,12 @@ def knn_distance_score(
                          "must be (N, D) and (M, D)")
     if not 1 <= k <= references.shape[0]:
         raise ValueError(f"k must be in [1, {references.shape[0]}] (the number of references), got {k}")
-    distances = [1.0 - (chunk @ references.T).topk(k, dim=1).values[:, -1]
-                 for chunk in queries.split(batch_size)]
-    return torch.cat(distances).numpy() if distances else np.zeros(0, dtype=np.float32)
+    if queries.shape[0] == 0:
+        return np.zeros(0, dtype=np.float32)
+    index = faiss.IndexFlatIP(references.shape[1])
+    index.add(np.ascontiguousarray(references.numpy()))
+    similarity, _ = index.search(np.ascontiguousarray(queries.numpy()), k)
+    return (1.0 - similarity[:, k - 1]).astype(np.float32)
 
 
 def max_softmax_score(logits: torch.Tensor | np.ndarray, temperature: float = 0.1) -> np.ndarray:
@@ -122,6 +127,4 @@ def evaluate_outlier_scores(
         raise ValueError(f"need known and unseen scores, got {known.size} known and {unseen.size} unseen")
     truth = np.concatenate([np.zeros(known.size), np.ones(unseen.size)])
     scores = np.concatenate([known, unseen])
-    fpr, tpr, _ = roc_curve(truth, scores, drop_intermediate=False)
-    return {"auroc": float(roc_auc_score(truth, scores)),
-            "fpr95": float(fpr[np.searchsorted(tpr, 0.95, side="left")])}
+    return {"auroc": image_auroc(truth, scores), "fpr95": fpr_at_tpr(truth, scores, 0.95)}

@@ -69,7 +69,7 @@ class DiscoveryPredictor:
         save_file({"prototypes": self.prototypes.contiguous(),
                    "reference_embeddings": self.reference_embeddings.contiguous()},
                   str(folder / "discovery.safetensors"))
-        meta = {"config": self.config.fingerprint(), "base_classes": self.base_classes,
+        meta = {"config": self.config.to_dict(), "base_classes": self.base_classes,
                 "n_head_classes": self.model.head.n_classes, "outlier_threshold": self.outlier_threshold}
         (folder / "model.json").write_text(json.dumps(meta, indent=1))
         return folder
@@ -82,8 +82,11 @@ class DiscoveryPredictor:
             tensors = load_file(str(folder / "discovery.safetensors"))
         except (OSError, ValueError, SafetensorError) as exc:
             raise CheckpointError(f"{folder} is not a saved discovery model ({exc})") from exc
-        config = DiscoveryConfig(**(meta["config"] | {"device": device, "progress": False}))
-        model = build_model(config, meta["n_head_classes"])
+        try:
+            config = DiscoveryConfig.from_dict(meta["config"]).replace(device=device, progress=False)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{folder / 'model.json'} holds settings this version cannot read ({exc})") from exc
+        model = build_model(config.model, meta["n_head_classes"])
         load_weights_file(folder / MODEL_FILE, model)
         return cls(config, model.eval(), meta["base_classes"], tensors["prototypes"],
                    tensors["reference_embeddings"], meta["outlier_threshold"])
@@ -107,11 +110,11 @@ def score_embeddings(predictor: DiscoveryPredictor, embeddings: torch.Tensor, ex
                      ) -> RegionPredictions:
     """Assign unit embeddings to the predictor's novel classes and score them as outliers. ``exclude_self``
     skips the nearest reference (the training crops themselves are references)."""
-    temperature = predictor.config.temperature
+    temperature = predictor.config.model.temperature
     logits = embeddings @ predictor.prototypes.T
     probs = novel_region_probabilities(logits, predictor.n_base, temperature)[:, predictor.n_base:]
     references = predictor.reference_embeddings
-    k = min(predictor.config.outlier_k + int(exclude_self), len(references))
+    k = min(predictor.config.classes.outlier_k + int(exclude_self), len(references))
     distance = knn_distance_score(embeddings, references, k=k)
     flags = None if predictor.outlier_threshold is None else distance > predictor.outlier_threshold
     return RegionPredictions(embeddings.numpy(), probs, probs.argmax(1), probs.max(1), distance,

@@ -43,12 +43,13 @@ class SelectionProbe:
 
     @classmethod
     def build(cls, config: DiscoveryConfig, novel: Sequence[Region], base: Sequence[Region]) -> "SelectionProbe":
-        rng = np.random.default_rng(config.seed)
+        rng = np.random.default_rng(config.runtime.seed)
         chosen = sorted(rng.permutation(len(novel))[:PROBE_LIMIT])
-        _, base_val = split_base(list(base), config.base_val_fraction, config.seed)
+        _, base_val = split_base(list(base), config.optimisation.base_val_fraction, config.runtime.seed)
         classes = sorted({r.class_name for r in base})
         regions = [novel[i] for i in chosen] + base_val[:PROBE_LIMIT]
-        return cls(RegionTensors.build(regions, config.image_size, classes), len(chosen), len(regions) - len(chosen))
+        return cls(RegionTensors.build(regions, config.model.image_size, classes), len(chosen),
+                   len(regions) - len(chosen))
 
     def score(self, model: DiscoveryModel, cluster_per_head: Sequence[float], n_base_classes: int, k: int | str,
               k_max: int, seed: int) -> dict:

@@ -48,7 +48,7 @@ from .augment import augment_views
 from ..features.backbones import autocast_for, resolve_device
 from .class_count import ClassCountEstimate, estimate_class_count
 from .checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import DiscoveryConfig
+from .config import DiscoveryConfig, OptimisationSettings
 from .data import RegionTensors, ViewCache, build_view_cache, epoch_plan, split_base
 from .model import DiscoveryModel, build_model, normalise_images
 from .predict import DiscoveryPredictor, RegionPredictions, embed, merge_images, score_embeddings
@@ -71,22 +71,22 @@ class TrainHooks:
     save_checkpoints: bool = True
 
 
-def learning_rate(config: DiscoveryConfig, step: int, total_steps: int) -> float:
+def learning_rate(settings: OptimisationSettings, step: int, total_steps: int) -> float:
     """Cosine schedule from ``lr`` to ``lr·min_lr_ratio`` over all steps."""
-    low = config.lr * config.min_lr_ratio
-    return low + 0.5 * (config.lr - low) * (1 + math.cos(math.pi * step / max(1, total_steps)))
+    low = settings.lr * settings.min_lr_ratio
+    return low + 0.5 * (settings.lr - low) * (1 + math.cos(math.pi * step / max(1, total_steps)))
 
 
-def build_optimizer(model: nn.Module, config: DiscoveryConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, settings: OptimisationSettings) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over the trainable parameters; no weight decay on biases, norms and tokens."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (no_decay if parameter.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    return torch.optim.AdamW(groups, lr=config.lr)
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum)
+    return torch.optim.AdamW(groups, lr=settings.lr)
 
 
 @dataclass
@@ -106,12 +106,13 @@ class TrainedModel:
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, data: RegionTensors,
                  cache: Optional[ViewCache], config: DiscoveryConfig, epoch: int, step: int, total_steps: int,
                  n_base: int, device: torch.device) -> tuple[dict, int]:
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch + 7)
-    weights = DiscoveryLossWeights(config.supervised_weight, config.entropy_weight, config.separation_weight)
-    tau_t = teacher_temperature_schedule(epoch, config.epochs, *config.teacher_temperature,
-                                         n_values=min(10, max(1, round(0.8 * config.epochs))))
-    ratio = 0.0 if config.hard_label_start is None else hard_label_ratio_schedule(epoch, config.epochs,
-                                                                                     config.hard_label_start)
+    settings = config.optimisation
+    generator = torch.Generator().manual_seed(config.runtime.seed * 100_003 + epoch + 7)
+    weights = DiscoveryLossWeights(settings.supervised_weight, settings.entropy_weight, settings.separation_weight)
+    tau_t = teacher_temperature_schedule(epoch, settings.epochs, *settings.teacher_temperature,
+                                         n_values=min(10, max(1, round(0.8 * settings.epochs))))
+    ratio = 0.0 if settings.hard_label_start is None else hard_label_ratio_schedule(epoch, settings.epochs,
+                                                                                       settings.hard_label_start)
     sums: dict[str, float] = {}
     cluster_sum, novel_count, n_batches = None, 0, 0
     model.train()
@@ -123,17 +124,17 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
             inputs, maps, masks = (torch.cat([a, b]) for a, b in zip(first, second))
         else:
             images, anomaly, objects = data.floats(index, torch.device("cpu"))
-            views = [augment_views(images, anomaly, objects, generator, config.augment) for _ in range(2)]
+            views = [augment_views(images, anomaly, objects, generator, settings.augment) for _ in range(2)]
             inputs, maps, masks = (torch.cat([a, b]).to(device) for a, b in zip(*views))
             inputs = normalise_images(inputs)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step, total_steps)
+            group["lr"] = learning_rate(settings, step, total_steps)
         with autocast_for(device):
             _, projections, logits, prototypes = model(inputs, maps, masks, from_cnn_features=cache is not None)
         parts = total_discovery_loss(
             projections.float(), logits.float(), data.labels[index].to(device), n_base, tau_t,
             prototypes=prototypes.float(), region_scores=data.scores[index].to(device), weights=weights,
-            student_temperature=config.temperature, pseudo_label_correction=config.pseudo_label_correction,
+            student_temperature=config.model.temperature, pseudo_label_correction=settings.pseudo_label_correction,
             hard_label_ratio=ratio)
         optimizer.zero_grad(set_to_none=True)
         parts["total"].backward()
@@ -148,7 +149,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
         novel_count += novel
     metrics = {key: value / max(1, n_batches) for key, value in sums.items()}
     metrics["cluster_per_head"] = (cluster_sum / max(1, novel_count)).tolist() if cluster_sum is not None else []
-    metrics.update(teacher_temperature=tau_t, lr=learning_rate(config, step, total_steps), batches=n_batches)
+    metrics.update(teacher_temperature=tau_t, lr=learning_rate(settings, step, total_steps), batches=n_batches)
     return metrics, step
 
 
@@ -165,22 +166,23 @@ def fit_discovery_model(config: DiscoveryConfig, novel: Sequence[Region], base: 
                         hooks: TrainHooks, report_fn: Optional[Callable] = None) -> TrainedModel:
     """The training loop: data tensors, view cache, epochs with checkpoints, resume, head selection."""
     started = time.perf_counter()
-    device = resolve_device(config.device)
-    base_train, base_val = split_base(base, config.base_val_fraction, config.seed)
+    settings, runtime = config.optimisation, config.runtime
+    device = resolve_device(runtime.device)
+    base_train, base_val = split_base(base, settings.base_val_fraction, runtime.seed)
     classes = sorted({r.class_name for r in base})
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = build_model(config, len(classes) + config.n_novel_prototypes).to(device)
+        torch.manual_seed(runtime.seed)
+        model = build_model(config.model, len(classes) + config.n_novel_prototypes).to(device)
     regions = list(novel) + base_train + base_val
-    data = RegionTensors.build(regions, config.image_size, classes)
+    data = RegionTensors.build(regions, config.model.image_size, classes)
     cache = None
     if config.uses_cache:
-        cache = build_view_cache(model.backbone, data, config.cached_views, config, device)
-    optimizer = build_optimizer(model, config)
+        cache = build_view_cache(model.backbone, data, settings.cached_views, config, device)
+    optimizer = build_optimizer(model, settings)
     history: list[dict] = []
-    checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    checkpoint_dir = Path(runtime.checkpoint_dir) if runtime.checkpoint_dir else None
     fingerprint = config.fingerprint() | {"n_novel": len(novel), "n_base": len(base)}
-    latest = latest_checkpoint(checkpoint_dir) if config.resume else None
+    latest = latest_checkpoint(checkpoint_dir) if runtime.resume else None
     if latest is not None:
         state = load_checkpoint(latest, model, optimizer)
         if state.get("fingerprint") != fingerprint:
@@ -189,26 +191,26 @@ def fit_discovery_model(config: DiscoveryConfig, novel: Sequence[Region], base: 
                                   f"(differs in: {', '.join(changed)}); use a fresh checkpoint_dir")
         history = state["history"]
     wrapped = hooks.wrap_model(model)
-    if config.compile and device.type == "cuda":
+    if runtime.compile and device.type == "cuda":
         wrapped = torch.compile(wrapped)
     steps_per_epoch = None
-    bar = tqdm(range(len(history), config.epochs), desc="discovery", unit="epoch", disable=not config.progress)
+    bar = tqdm(range(len(history), settings.epochs), desc="discovery", unit="epoch", disable=not runtime.progress)
     for epoch in bar:
         epoch_started = time.perf_counter()
-        plan = epoch_plan(len(novel), len(base_train), config.cached_views if cache is not None else 0,
-                          config.seed, epoch)
-        loader = hooks.wrap_loader(DataLoader(TensorDataset(plan), batch_size=config.batch_size, shuffle=False,
-                                              drop_last=len(plan) >= 2 * config.batch_size))
+        plan = epoch_plan(len(novel), len(base_train), settings.cached_views if cache is not None else 0,
+                          runtime.seed, epoch)
+        loader = hooks.wrap_loader(DataLoader(TensorDataset(plan), batch_size=settings.batch_size, shuffle=False,
+                                              drop_last=len(plan) >= 2 * settings.batch_size))
         steps_per_epoch = steps_per_epoch or len(loader)
         metrics, _ = _train_epoch(wrapped, loader, optimizer, data, cache, config, epoch, epoch * steps_per_epoch,
-                                  config.epochs * steps_per_epoch, len(classes), device)
+                                  settings.epochs * steps_per_epoch, len(classes), device)
         metrics.update(epoch=epoch, seconds=time.perf_counter() - epoch_started)
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['total']:.3f}")
         saved = None
         if checkpoint_dir is not None and hooks.save_checkpoints:
             saved = save_checkpoint(checkpoint_dir, epoch, model, optimizer,
-                                    {"fingerprint": fingerprint, "history": history}, config.keep_checkpoints)
+                                    {"fingerprint": fingerprint, "history": history}, runtime.keep_checkpoints)
         for callback in (hooks.report, report_fn):
             if callback is not None:
                 callback(epoch, metrics, saved)
@@ -228,7 +230,7 @@ def predict_regions(artifacts: "DiscoveryArtifacts | DiscoveryPredictor", region
         raise ValueError("predict_regions: no regions")
     device = next(predictor.model.parameters()).device
     data = RegionTensors.build([dataclasses.replace(r, class_name=None) for r in regions],
-                               predictor.config.image_size, predictor.base_classes)
+                               predictor.config.model.image_size, predictor.base_classes)
     embeddings = embed(predictor.model, data, torch.arange(len(regions)), None, device)
     return score_embeddings(predictor, embeddings)
 
@@ -260,16 +262,16 @@ def novel_prototypes(trained: TrainedModel, embeddings: np.ndarray, config: Disc
     prototypes = trained.model.head.prototypes()[int(trained.model.head.best_head)].detach().cpu()
     n_base = len(trained.classes)
     estimate = None
-    k = config.n_novel_prototypes
-    if config.k == "auto":
-        k_max = min(config.k_max, len(embeddings) - 1)
-        estimate = (ClassCountEstimate(1, {1: 0.0}, config.k_method) if k_max < 2 else
-                    estimate_class_count(embeddings, k_min=2, k_max=k_max, method=config.k_method, seed=config.seed,
-                                         prototypes=prototypes[n_base:].numpy(), temperature=config.temperature))
+    k, classes, seed = config.n_novel_prototypes, config.classes, config.runtime.seed
+    if classes.k == "auto":
+        k_max = min(classes.k_max, len(embeddings) - 1)
+        estimate = (ClassCountEstimate(1, {1: 0.0}, classes.k_method) if k_max < 2 else
+                    estimate_class_count(embeddings, k_min=2, k_max=k_max, method=classes.k_method, seed=seed,
+                                         prototypes=prototypes[n_base:].numpy(), temperature=config.model.temperature))
         k = estimate.k
-    elif config.assign == "head" or k > len(embeddings):
+    elif classes.assign == "head" or k > len(embeddings):
         return prototypes, None
-    centres = KMeans(k, n_init=10, random_state=config.seed).fit(embeddings).cluster_centers_
+    centres = KMeans(k, n_init=10, random_state=seed).fit(embeddings).cluster_centers_
     novel = F.normalize(torch.from_numpy(centres).float(), dim=-1)
     return torch.cat([prototypes[:n_base], novel]), estimate
 
@@ -278,9 +280,9 @@ def run_notes(config: DiscoveryConfig, estimate: Optional[ClassCountEstimate], t
               ) -> list[str]:
     """Warnings a user should read with the result: an estimated K at the k_max ceiling, no outlier threshold."""
     notes = []
-    if estimate is not None and estimate.k >= config.k_max:
-        notes.append(f"the estimated K ({estimate.k}) is the ceiling k_max = {config.k_max}: the {estimate.method} "
-                     "criterion found no smaller K it prefers, so there may be more classes, or no clear grouping; "
+    if estimate is not None and estimate.k >= config.classes.k_max:
+        notes.append(f"the estimated K ({estimate.k}) is the ceiling k_max = {config.classes.k_max}: the "
+                     f"{estimate.method} criterion found no smaller K it prefers, so there may be more classes, or no clear grouping; "
                      "raise k_max in the settings or give --k")
     if threshold is None:
         notes.append("no base validation crops: outlier scores are given but no threshold is set")
@@ -323,9 +325,10 @@ def train_discovery(config: DiscoveryConfig, novel: Sequence[Region], base: Opti
     prototypes, estimate = novel_prototypes(trained, novel_embeddings.numpy(), config)
     val_embeddings = all_embeddings[n_train:]
     references = all_embeddings[:n_train]
-    val_scores = knn_distance_score(val_embeddings, references, k=min(config.outlier_k, n_train)) \
+    val_scores = knn_distance_score(val_embeddings, references, k=min(config.classes.outlier_k, n_train)) \
         if len(val_embeddings) else np.zeros(0)
-    threshold = OutlierThreshold(config.outlier_accept_rate).fit(val_scores).threshold_ if len(val_scores) else None
+    threshold = (OutlierThreshold(config.classes.outlier_accept_rate).fit(val_scores).threshold_
+                 if len(val_scores) else None)
     predictor = DiscoveryPredictor(config, trained.model.cpu(), trained.classes, prototypes, references, threshold)
     predictions = score_embeddings(predictor, novel_embeddings, exclude_self=True)
     images = merge_images(novel, predictions.probs)

@@ -25,7 +25,7 @@ import torch
 
 from anomaly_discovery.data.sample import Box as LabelledBox
 from .crops import Crop, CropConfig, box_area, crop_boxes, region_box
-from ..detectors.protocol import as_rgb
+from anomaly_discovery.data.images import as_rgb
 from .mebin import MAX_LEVEL
 
 Box = tuple[int, int, int, int]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -226,7 +226,7 @@ class DiscoverSummary:
 
     def describe(self) -> str:
         artifacts = self.artifacts
-        k_text = (f"K = {artifacts.k} (estimated, {artifacts.predictor.config.k_method})"
+        k_text = (f"K = {artifacts.k} (estimated, {artifacts.predictor.config.classes.k_method})"
                   if artifacts.k_estimated is not None else f"K = {artifacts.k} (given)")
         sizes = np.bincount([p.label for p in artifacts.images.values()], minlength=artifacts.k)
         metrics = artifacts.metrics
@@ -308,9 +308,9 @@ def run_discover(config: DiscoverJobConfig) -> DiscoverSummary:
     start = time.perf_counter()
     base, base_description = build_base(config)
     seconds["base"] = time.perf_counter() - start
-    discovery = replace(config.discovery, k=config.k, seed=config.seed, device=config.device,
-                        progress=config.progress,
-                        checkpoint_dir=config.discovery.checkpoint_dir or str(Path(config.out) / "checkpoints"))
+    discovery = config.discovery.replace(
+        k=config.k, seed=config.seed, device=config.device, progress=config.progress,
+        checkpoint_dir=config.discovery.runtime.checkpoint_dir or str(Path(config.out) / "checkpoints"))
     start = time.perf_counter()
     artifacts = train_discovery(discovery, regions, base)
     seconds["train"] = time.perf_counter() - start

@@ -291,7 +291,7 @@ def run_retrain_cli(args) -> int:
         raise ValueError("no current model: pass --model MODEL_DIR (or activate a model version in the store)")
     discovery = discovery_settings(args.config, args.epochs) if args.config else model_settings(model)
     if args.epochs is not None:
-        discovery = replace(discovery, epochs=args.epochs)
+        discovery = discovery.replace(epochs=args.epochs)
     outcome = run_retrain(job_from_args(args, discovery), cluster_from_args(args), labels, model, source,
                           trials=args.trials, max_concurrent=args.max_concurrent, store_url=args.store,
                           activate=args.activate)

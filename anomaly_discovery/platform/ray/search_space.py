@@ -20,15 +20,15 @@ from anomaly_discovery.models.discovery.config import DiscoveryConfig
 def search_space(base: DiscoveryConfig, has_base_set: bool) -> dict[str, Any]:
     """The Tune search space around ``base`` (keys are read by :func:`trial_overrides`)."""
     space = {
-        "lr": tune.loguniform(base.lr / 4, base.lr * 2),
+        "lr": tune.loguniform(base.optimisation.lr / 4, base.optimisation.lr * 2),
         "temperature": tune.uniform(0.05, 0.2),
         "teacher_temperature_end": tune.uniform(0.02, 0.06),
         "entropy_weight": tune.uniform(1.0, 6.0),
         "separation_weight": tune.loguniform(0.01, 0.5),
-        "n_guided_blocks": tune.randint(1, base.depth + 1),
+        "n_guided_blocks": tune.randint(1, base.model.depth + 1),
         "crop_scale_min": tune.uniform(0.3, 0.8),
     }
-    if base.k == "auto":
+    if base.classes.k == "auto":
         space["overcluster_factor"] = tune.choice([1.0, 1.5, 2.0])
     if has_base_set:
         space["supervised_weight"] = tune.uniform(0.1, 1.0)
@@ -41,11 +41,11 @@ def trial_overrides(base: DiscoveryConfig, sample: dict[str, Any]) -> dict[str, 
     overrides: dict[str, Any] = {}
     if "teacher_temperature_end" in sample:
         end = float(sample.pop("teacher_temperature_end"))
-        overrides["teacher_temperature"] = (max(end, base.teacher_temperature[0]), end)
+        overrides["teacher_temperature"] = (max(end, base.optimisation.teacher_temperature[0]), end)
     if "crop_scale_min" in sample:
-        overrides["augment"] = replace(base.augment, scale=(float(sample.pop("crop_scale_min")), 1.0))
+        overrides["augment"] = replace(base.optimisation.augment, scale=(float(sample.pop("crop_scale_min")), 1.0))
     if "overcluster_factor" in sample:
-        overrides["k_max"] = max(2, math.ceil(float(sample.pop("overcluster_factor")) * base.k_max))
+        overrides["k_max"] = max(2, math.ceil(float(sample.pop("overcluster_factor")) * base.classes.k_max))
     for name in ("lr", "temperature", "entropy_weight", "separation_weight", "supervised_weight"):
         if name in sample:
             overrides[name] = float(sample.pop(name))

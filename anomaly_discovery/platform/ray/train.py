@@ -162,8 +162,8 @@ def discovery_train_loop(loop_config: dict) -> None:
                 resumed_from = restore_checkpoint(Path(folder), local / "checkpoints")
             if resumed_from is None:
                 return
-        discovery = replace(plan.discovery, **overrides)
-        discovery = replace(discovery, device=str(ray.train.torch.get_device()), progress=False,
+        discovery = plan.discovery.replace(**overrides)
+        discovery = discovery.replace(device=str(ray.train.torch.get_device()), progress=False,
                             checkpoint_dir=str(local / "checkpoints"), resume=resumed_from is not None,
                             keep_checkpoints=1)
         probe = SelectionProbe.build(discovery, novel, base or []) if rank == 0 else None
@@ -171,15 +171,15 @@ def discovery_train_loop(loop_config: dict) -> None:
         n_base_classes = len({r.class_name for r in base or []})
 
         def probe_metrics(cluster_per_head: Sequence[float]) -> dict:
-            scores = probe.score(trained["model"], cluster_per_head, n_base_classes, discovery.k, discovery.k_max,
-                                 discovery.seed)
+            scores = probe.score(trained["model"], cluster_per_head, n_base_classes, discovery.classes.k,
+                                 discovery.classes.k_max, discovery.runtime.seed)
             return {k: v for k, v in scores.items() if v is not None}
 
         def wrap_model(model: DiscoveryModel) -> nn.Module:
             trained["model"] = model
             if plan.init_model and resumed_from is None:
                 load_backbone_weights(model, plan.init_model)
-            kwargs = {"find_unused_parameters": True} if discovery.guidance == "none" else None
+            kwargs = {"find_unused_parameters": True} if discovery.model.guidance == "none" else None
             return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
 
         def report(epoch: int, metrics: dict, saved: Optional[Path]) -> None:
@@ -193,7 +193,7 @@ def discovery_train_loop(loop_config: dict) -> None:
         hooks = TrainHooks(wrap_model=wrap_model, wrap_loader=ray.train.torch.prepare_data_loader, report=report,
                            save_checkpoints=rank == 0)
         artifacts = train_discovery(discovery, novel, base, hooks=hooks)
-        final = scalar_metrics(artifacts.metrics) | {"epochs_done": discovery.epochs, "k": artifacts.k}
+        final = scalar_metrics(artifacts.metrics) | {"epochs_done": discovery.optimisation.epochs, "k": artifacts.k}
         out = None
         if rank == 0:
             final |= probe_metrics(artifacts.history[-1]["cluster_per_head"] if artifacts.history else [])
@@ -229,7 +229,7 @@ class TrainRun:
 def make_plan(job: DiscoverJobConfig, data: TrainData, init_model: Optional[str] = None,
               epoch_callbacks: Sequence[Callable[[EpochEvent], None]] = ()) -> WorkerPlan:
     """Put the regions in Ray's object store once and describe the run for the workers."""
-    discovery = replace(job.discovery, k=job.k, seed=job.seed)
+    discovery = job.discovery.replace(k=job.k, seed=job.seed)
     return WorkerPlan(discovery, job, ray.put((data.novel, data.base)), data.image_paths, data.base_description,
                       data.data_format, data.seconds, init_model, tuple(epoch_callbacks))
 
@@ -246,7 +246,8 @@ def run_train(job: DiscoverJobConfig, cluster: ClusterConfig, data: Optional[Tra
     name = cluster.name or f"adisc-train-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = cluster.storage_path(out / "ray")
     plan = make_plan(job, data, init_model, epoch_callbacks)
-    result = fit_to_folder(build_trainer(discovery_train_loop, plan, cluster, storage, name), name, storage, out, "artifacts")
+    trainer = build_trainer(discovery_train_loop, plan, cluster, storage, name)
+    result = fit_to_folder(trainer, name, storage, out, "artifacts")
     record_output_folder(out)
     return TrainRun(out, dict(result.metrics), f"{storage}/{name}", time.perf_counter() - started)
 
@@ -262,7 +263,7 @@ def record_output_folder(out: Path) -> None:
 def discovery_settings(path: Optional[Path], epochs: Optional[int] = None) -> DiscoveryConfig:
     """DiscoveryConfig from a settings file (e.g. Tune's best), ``--epochs`` on top."""
     discovery = load_config(DiscoveryConfig, path) if path else DiscoveryConfig()
-    return replace(discovery, epochs=epochs) if epochs is not None else discovery
+    return discovery.replace(epochs=epochs) if epochs is not None else discovery
 
 
 def add_data_arguments(parser) -> None:

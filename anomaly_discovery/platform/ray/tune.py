@@ -109,7 +109,7 @@ def save_best_config(config: DiscoveryConfig, path: Path) -> Path:
     """Write the settings ``load_config(DiscoveryConfig, path)`` reads back (YAML; tuples as lists)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.fingerprint(), sort_keys=True))
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
     return path
 
 
@@ -139,7 +139,7 @@ def _trial_records(grid, base: DiscoveryConfig) -> list[dict]:
     for result in grid:
         metrics = result.metrics or {}
         sample = dict(result.config or {})
-        settings = replace(base, **trial_overrides(base, sample)).fingerprint()
+        settings = base.replace(**trial_overrides(base, sample)).fingerprint()
         records.append({
             "trial": metrics.get("trial_id"), "sample": sample,
             "settings": {k: v for k, v in settings.items() if v != base.fingerprint()[k]},
@@ -185,7 +185,7 @@ def run_tune(job: DiscoverJobConfig, cluster: ClusterConfig, settings: TuneSetti
     if best is None:
         errors = "; ".join(sorted({t["error"] for t in trials if t["error"]})) or "no trial ran every epoch"
         raise RuntimeError(f"adisc tune: no trial finished ({errors}); see {experiment}")
-    best_config = replace(base, **trial_overrides(base, best["sample"]))
+    best_config = base.replace(**trial_overrides(base, best["sample"]))
     save_best_config(best_config, out / BEST_CONFIG_FILE)
     (out / TRIALS_FILE).write_text(json.dumps({"metric": SCORE_METRIC, "mode": "max", "scheduler": "ASHA",
                                                "experiment": experiment, "trials": trials},

@@ -1,4 +1,3 @@
-import dataclasses
 
 import cv2
 import numpy as np
@@ -64,7 +63,7 @@ def base():
 
 @pytest.mark.parametrize("guidance", ["none", "hard", "amga"])
 def test_training_with_a_base_set_gives_every_output_its_shape(novel, base, guidance):
-    artifacts = train_discovery(DiscoveryConfig(**TINY, guidance=guidance), novel, base)
+    artifacts = train_discovery(DiscoveryConfig.of(**TINY, guidance=guidance), novel, base)
     n, dim = len(novel), 32
     assert artifacts.regions.embeddings.shape == (n, dim)
     np.testing.assert_allclose(np.linalg.norm(artifacts.regions.embeddings, axis=1), 1.0, atol=1e-5)
@@ -81,7 +80,7 @@ def test_training_with_a_base_set_gives_every_output_its_shape(novel, base, guid
 
 
 def test_training_without_a_base_set_skips_the_outlier_threshold(novel):
-    artifacts = train_discovery(DiscoveryConfig(**TINY), novel)
+    artifacts = train_discovery(DiscoveryConfig.of(**TINY), novel)
     assert artifacts.predictor.base_classes == []
     assert artifacts.predictor.outlier_threshold is None and artifacts.regions.is_outlier is None
     assert any("no base validation crops" in note for note in artifacts.metrics["notes"])
@@ -89,20 +88,20 @@ def test_training_without_a_base_set_skips_the_outlier_threshold(novel):
 
 
 def test_an_estimated_k_at_the_k_max_ceiling_is_flagged_and_a_smaller_one_is_not():
-    config = DiscoveryConfig(k_max=6)
+    config = DiscoveryConfig.of(k_max=6)
     at_ceiling = run_notes(config, ClassCountEstimate(6, {k: 0.0 for k in range(2, 7)}, "gap"), threshold=0.5)
     assert len(at_ceiling) == 1 and "ceiling k_max = 6" in at_ceiling[0] and "--k" in at_ceiling[0]
     assert run_notes(config, ClassCountEstimate(4, {k: 0.0 for k in range(2, 7)}, "gap"), threshold=0.5) == []
-    assert run_notes(dataclasses.replace(config, k=3), None, threshold=0.5) == []
+    assert run_notes(config.replace(k=3), None, threshold=0.5) == []
 
 
 def test_online_augmentation_path_trains_too(novel, base):
-    artifacts = train_discovery(DiscoveryConfig(**(TINY | {"cached_views": 0})), novel, base)
+    artifacts = train_discovery(DiscoveryConfig.of(**(TINY | {"cached_views": 0})), novel, base)
     assert artifacts.regions.embeddings.shape == (len(novel), 32)
 
 
 def test_loss_decreases_over_training(novel, base):
-    artifacts = train_discovery(DiscoveryConfig(**(TINY | {"epochs": 8})), novel, base)
+    artifacts = train_discovery(DiscoveryConfig.of(**(TINY | {"epochs": 8})), novel, base)
     first, last = artifacts.history[0], artifacts.history[-1]
     assert last["total"] < first["total"]
     assert last["cls_base"] < first["cls_base"]
@@ -112,7 +111,7 @@ def test_loss_decreases_over_training(novel, base):
                                              ("silhouette", range(2, 6))])
 def test_k_auto_estimates_the_class_count_and_relabels(novel, k_method, scored):
     """``k_scores``: each prototype's win fraction by rank (prototype wins) or each candidate K's score."""
-    artifacts = train_discovery(DiscoveryConfig(**(TINY | {"k": "auto", "k_max": 5, "k_method": k_method})), novel)
+    artifacts = train_discovery(DiscoveryConfig.of(**(TINY | {"k": "auto", "k_max": 5, "k_method": k_method})), novel)
     assert 2 <= artifacts.k_estimated <= 5
     assert artifacts.k == artifacts.k_estimated
     assert artifacts.regions.probs.shape == (len(novel), artifacts.k)
@@ -120,27 +119,27 @@ def test_k_auto_estimates_the_class_count_and_relabels(novel, k_method, scored):
 
 
 def test_same_seed_gives_the_same_assignments(novel, base):
-    first = train_discovery(DiscoveryConfig(**TINY), novel, base)
-    second = train_discovery(DiscoveryConfig(**TINY), novel, base)
+    first = train_discovery(DiscoveryConfig.of(**TINY), novel, base)
+    second = train_discovery(DiscoveryConfig.of(**TINY), novel, base)
     np.testing.assert_array_equal(first.regions.clusters, second.regions.clusters)
     np.testing.assert_array_equal(first.regions.embeddings, second.regions.embeddings)
-    other = train_discovery(DiscoveryConfig(**(TINY | {"seed": 1})), novel, base)
+    other = train_discovery(DiscoveryConfig.of(**(TINY | {"seed": 1})), novel, base)
     assert not np.array_equal(first.regions.embeddings, other.regions.embeddings)
 
 
 def test_resumed_run_equals_an_uninterrupted_run(novel, base, tmp_path):
     settings = TINY | {"epochs": 3}
-    whole = train_discovery(DiscoveryConfig(**settings, checkpoint_dir=str(tmp_path / "whole")), novel, base)
+    whole = train_discovery(DiscoveryConfig.of(**settings, checkpoint_dir=str(tmp_path / "whole")), novel, base)
 
     def crash_after_second_epoch(epoch, metrics, checkpoint):
         if epoch == 1:
             raise KeyboardInterrupt
 
-    config = DiscoveryConfig(**settings, checkpoint_dir=str(tmp_path / "resumed"))
+    config = DiscoveryConfig.of(**settings, checkpoint_dir=str(tmp_path / "resumed"))
     with pytest.raises(KeyboardInterrupt):
         train_discovery(config, novel, base, report_fn=crash_after_second_epoch)
     assert latest_checkpoint(tmp_path / "resumed").name == "epoch_0001"
-    resumed = train_discovery(dataclasses.replace(config, resume=True), novel, base)
+    resumed = train_discovery(config.replace(resume=True), novel, base)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     np.testing.assert_array_equal(resumed.regions.embeddings, whole.regions.embeddings)
     for key, value in whole.predictor.model.state_dict().items():
@@ -148,25 +147,25 @@ def test_resumed_run_equals_an_uninterrupted_run(novel, base, tmp_path):
 
 
 def test_resume_refuses_a_corrupt_checkpoint(novel, tmp_path):
-    config = DiscoveryConfig(**TINY, checkpoint_dir=str(tmp_path))
+    config = DiscoveryConfig.of(**TINY, checkpoint_dir=str(tmp_path))
     train_discovery(config, novel)
     weights = latest_checkpoint(tmp_path) / "model.safetensors"
     weights.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        train_discovery(dataclasses.replace(config, resume=True), novel)
+        train_discovery(config.replace(resume=True), novel)
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(novel, tmp_path):
-    train_discovery(DiscoveryConfig(**TINY, checkpoint_dir=str(tmp_path)), novel)
-    changed = DiscoveryConfig(**(TINY | {"lr": 0.5}), checkpoint_dir=str(tmp_path), resume=True)
+    train_discovery(DiscoveryConfig.of(**TINY, checkpoint_dir=str(tmp_path)), novel)
+    changed = DiscoveryConfig.of(**(TINY | {"lr": 0.5}), checkpoint_dir=str(tmp_path), resume=True)
     with pytest.raises(CheckpointError, match="lr"):
         train_discovery(changed, novel)
 
 
 def test_cached_features_forward_equals_the_full_forward(novel):
     for guidance in ("hard", "amga"):
-        config = DiscoveryConfig(**TINY, guidance=guidance)
-        model = build_model(config, 5).eval()
+        config = DiscoveryConfig.of(**TINY, guidance=guidance)
+        model = build_model(config.model, 5).eval()
         images, maps, masks = (t.float() / 255 for t in regions_to_tensors(novel[:4], 64))
         with torch.no_grad():
             full = model.backbone(normalise_images(images), maps, masks)
@@ -178,7 +177,7 @@ def test_cached_features_forward_equals_the_full_forward(novel):
 
 
 def test_predict_regions_reproduces_the_training_assignments(novel, base, tmp_path):
-    artifacts = train_discovery(DiscoveryConfig(**TINY), novel, base)
+    artifacts = train_discovery(DiscoveryConfig.of(**TINY), novel, base)
     predicted = predict_regions(artifacts, novel)
     np.testing.assert_array_equal(predicted.clusters, artifacts.regions.clusters)
     np.testing.assert_allclose(predicted.embeddings, artifacts.regions.embeddings, atol=1e-5)
@@ -201,30 +200,30 @@ def test_hooks_wrap_the_model_and_loader_and_report_every_epoch(novel, tmp_path)
 
     hooks = TrainHooks(wrap_model=wrap_model, wrap_loader=wrap_loader,
                        report=lambda epoch, metrics, folder: calls["reports"].append((epoch, folder.name)))
-    train_discovery(DiscoveryConfig(**TINY, checkpoint_dir=str(tmp_path)), novel, hooks=hooks)
+    train_discovery(DiscoveryConfig.of(**TINY, checkpoint_dir=str(tmp_path)), novel, hooks=hooks)
     assert calls["model"] == 1 and calls["loader"] == 2
     assert calls["reports"] == [(0, "epoch_0000"), (1, "epoch_0001")]
 
 
 def test_novel_regions_with_a_class_name_are_refused(base):
     with pytest.raises(ValueError, match="novel regions must not carry"):
-        train_discovery(DiscoveryConfig(**TINY), base)
+        train_discovery(DiscoveryConfig.of(**TINY), base)
 
 
 def test_config_refuses_bad_values():
     with pytest.raises(ValueError, match="k must be"):
-        DiscoveryConfig(k=0)
+        DiscoveryConfig.of(k=0)
     with pytest.raises(ValueError, match="optimizer"):
-        DiscoveryConfig(optimizer="lbfgs")
+        DiscoveryConfig.of(optimizer="lbfgs")
     with pytest.raises(ValueError, match="cached_views"):
-        DiscoveryConfig(cached_views=1)
+        DiscoveryConfig.of(cached_views=1)
 
 
 def test_clustering_beats_raw_pixel_kmeans_on_separable_defects():
     regions, labels = make_regions(20, seed=3)
     pixels = np.stack([r.image[..., 0].ravel() for r in regions]).astype(np.float64)
     raw = clustering_report(labels, KMeans(3, n_init=10, random_state=0).fit_predict(pixels))
-    config = DiscoveryConfig(**(TINY | {"cnn": "mobilenet_v2", "embed_dim": 64, "projection_hidden": 128,
+    config = DiscoveryConfig.of(**(TINY | {"cnn": "mobilenet_v2", "embed_dim": 64, "projection_hidden": 128,
                                         "projection_dim": 64, "batch_size": 20, "epochs": 30, "cached_views": 6}))
     artifacts = train_discovery(config, regions)
     predicted = np.array([artifacts.images[r.image_id].label for r in regions])

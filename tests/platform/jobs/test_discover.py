@@ -67,7 +67,7 @@ def test_cli_discover_with_no_base_writes_a_summary_that_evaluate_scores(generat
 def test_discover_with_a_synthetic_base_and_k_auto(generated, detections, tmp_path):
     config = DiscoverJobConfig(data=generated / "metal_plate", out=tmp_path / "out", detections=detections,
                                base=f"synthetic:{generated}", base_per_class=3, k="auto",
-                               discovery=DiscoveryConfig(**TINY), progress=False)
+                               discovery=DiscoveryConfig.of(**TINY), progress=False)
     summary = run_discover(config)
     assert 2 <= summary.artifacts.k_estimated <= 4
     assert summary.artifacts.predictor.base_classes == sorted(
@@ -121,7 +121,7 @@ def test_parse_k_and_base_name_the_bad_value():
 def test_discover_runs_detection_itself_without_a_detections_folder(generated, tmp_path):
     config = DiscoverJobConfig(data=generated / "metal_plate", out=tmp_path / "out", format="mvtec", k=2,
                                detect_backbone="tiny", detect_image_size=64, object_prior="none",
-                               discovery=DiscoveryConfig(**TINY), progress=False)
+                               discovery=DiscoveryConfig.of(**TINY), progress=False)
     summary = run_discover(config)
     assert (tmp_path / "out" / "detect" / "summary.json").is_file()
     assert len(summary.artifacts.images) == len(json.loads((tmp_path / "out" / "detect" / "summary.json")
@@ -165,7 +165,7 @@ def test_mtd_discovery_is_the_same_with_the_label_folders_renamed_to_meaningless
         data = _mtd_subset(root, tmp_path / name / "mtd", dict(zip(classes, folders)))
         config = DiscoverJobConfig(data=data, out=tmp_path / name / "out", format="mtd", detect_backbone="tiny",
                                    detect_image_size=64, object_prior="fallback", k=3, base="none",
-                                   discovery=DiscoveryConfig(**TINY), progress=False)
+                                   discovery=DiscoveryConfig.of(**TINY), progress=False)
         run_discover(config)
         runs.append(json.loads((tmp_path / name / "out" / "summary.json").read_text()))
     named, renamed = runs

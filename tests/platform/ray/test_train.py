@@ -79,7 +79,7 @@ def settings_file(tmp_path_factory):
 def job(detections, out, epochs=2) -> DiscoverJobConfig:
     folder, _ = detections
     return DiscoverJobConfig(data=folder / "data", out=out, format="folder", detections=folder, k="auto",
-                             discovery=DiscoveryConfig(**(TINY_SETTINGS | {"epochs": epochs})), device="cpu",
+                             discovery=DiscoveryConfig.of(**(TINY_SETTINGS | {"epochs": epochs})), device="cpu",
                              progress=False)
 
 
@@ -123,7 +123,7 @@ def test_cli_train_with_two_workers_writes_what_discover_writes(two_worker_cli_r
     assert summary["kind"] == "discover" and summary["config"]["out"] == str(out)
     assert [h["epoch"] for h in summary["history"]] == [0, 1]
     assert len(summary["images"]) == len(detections[1]) and (out / "assignments.csv").is_file()
-    assert DiscoveryPredictor.load(out / "model").config.depth == 1
+    assert DiscoveryPredictor.load(out / "model").config.model.depth == 1
     report = evaluate_output(out)
     assert report.kind == "discover" and report.n_images == 24
 
@@ -153,7 +153,7 @@ def test_the_resumed_one_worker_run_equals_the_uninterrupted_single_process_path
     run, _, _ = killed_one_worker_run
     folder, kinds = detections
     data = load_train_data(job(detections, folder / "unused"))
-    artifacts = train_discovery(DiscoveryConfig(**(TINY_SETTINGS | {"epochs": 3})), data.novel)
+    artifacts = train_discovery(DiscoveryConfig.of(**(TINY_SETTINGS | {"epochs": 3})), data.novel)
     summary = json.loads((run.out / "summary.json").read_text())
     ray_partition = [r["class"] for r in summary["images"]]
     assert clustering_report(ray_partition, [p.label for p in artifacts.images.values()])["ari"] == pytest.approx(1.0)
@@ -169,7 +169,7 @@ def test_two_worker_clustering_matches_one_worker_within_seed_noise(two_worker_c
     truth = np.array([kinds[r.image_id] for r in data.novel])
     by_seed = []
     for seed in (0, 1, 2):
-        artifacts = train_discovery(DiscoveryConfig(**(TINY_SETTINGS | {"seed": seed})), data.novel)
+        artifacts = train_discovery(DiscoveryConfig.of(**(TINY_SETTINGS | {"seed": seed})), data.novel)
         by_seed.append(clustering_report(truth, [artifacts.images[r.image_id].label for r in data.novel])["nmi"])
     one, two = nmi_of(killed_one_worker_run[0].out, kinds), nmi_of(two_worker_cli_run[0], kinds)
     noise = max(by_seed) - min(by_seed)
@@ -180,7 +180,7 @@ def test_two_worker_clustering_matches_one_worker_within_seed_noise(two_worker_c
 def _one_epoch_checkpoint(tmp_path):
     """The checkpoint folder of a 1-epoch run on 3 crops per kind."""
     regions, _ = coloured_regions(3, seed=0)
-    config = DiscoveryConfig(**(TINY_SETTINGS | {"epochs": 1}), checkpoint_dir=str(tmp_path / "run"))
+    config = DiscoveryConfig.of(**(TINY_SETTINGS | {"epochs": 1}), checkpoint_dir=str(tmp_path / "run"))
     train_discovery(config, regions)
     return latest_checkpoint(tmp_path / "run")
 

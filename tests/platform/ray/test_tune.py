@@ -81,7 +81,7 @@ def test_resume_restores_the_finished_experiment_without_rerunning(tuned, detect
 
 
 def test_trial_overrides_map_the_search_space_onto_discovery_settings():
-    base = DiscoveryConfig(**TINY_SETTINGS)
+    base = DiscoveryConfig.of(**TINY_SETTINGS)
     overrides = trial_overrides(base, {"teacher_temperature_end": 0.03, "crop_scale_min": 0.5,
                                        "overcluster_factor": 1.5, "lr": 0.01, "n_guided_blocks": 1})
     assert overrides["teacher_temperature"] == (0.07, 0.03) and overrides["augment"].scale == (0.5, 1.0)
@@ -92,7 +92,7 @@ def test_trial_overrides_map_the_search_space_onto_discovery_settings():
 
 def test_search_space_tunes_the_supervised_weight_only_with_a_base_set():
     pytest.importorskip("ray")
-    base = DiscoveryConfig(**TINY_SETTINGS)
+    base = DiscoveryConfig.of(**TINY_SETTINGS)
     assert "supervised_weight" not in search_space(base, has_base_set=False)
     assert "supervised_weight" in search_space(base, has_base_set=True)
 

@@ -13,7 +13,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from anomaly_discovery.models.detectors.protocol import as_rgb
+from anomaly_discovery.data.images import as_rgb
 
 
 @dataclass
