@@ -170,8 +170,9 @@ def run_tune(job: DiscoverJobConfig, cluster: ClusterConfig, settings: TuneSetti
             raise FileNotFoundError(f"--resume: no Tune experiment to restore at {experiment}")
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=base.epochs, grace_period=min(
-            settings.grace_period, base.epochs), reduction_factor=settings.reduction_factor, stop_last_trials=False)
+        epochs = base.optimisation.epochs
+        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=epochs, grace_period=min(settings.grace_period, epochs),
+                                  reduction_factor=settings.reduction_factor, stop_last_trials=False)
         concurrent = settings.max_concurrent or max_concurrent_trials(cluster, ray.cluster_resources(),
                                                                       settings.trials)
         tuner = tune.Tuner(

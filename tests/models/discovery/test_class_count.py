@@ -23,7 +23,7 @@ def over_clustered_prototypes(centres: np.ndarray, rng: np.random.Generator, k_m
 
 
 @pytest.mark.parametrize("n_classes", [3, 5, 7])
-@pytest.mark.parametrize("method", ["silhouette", "gap"])
+@pytest.mark.parametrize("method", ["consensus", "gap_sphere", "eigengap", "prediction_strength", "silhouette", "gap"])
 def test_embedding_criteria_recover_k_within_one(method, n_classes):
     points, _, _ = sphere_clusters(n_classes, seed=n_classes)
     estimate = estimate_class_count(points, k_min=2, k_max=10, method=method, seed=0)
@@ -47,9 +47,17 @@ def test_prototype_win_fractions_merge_near_duplicate_prototypes():
     assert np.all(fractions[:3] > 0.25) and np.all(fractions[3:] == 0)
 
 
+def test_consensus_is_the_median_of_its_three_criteria():
+    points, _, _ = sphere_clusters(5, seed=4, sigma=0.3)
+    estimate = estimate_class_count(points, k_min=2, k_max=9)
+    assert set(estimate.votes) == {"gap_sphere", "eigengap", "prediction_strength"}
+    assert estimate.k == int(np.median(list(estimate.votes.values())))
+    assert sum(estimate.scores_by_k.values()) == 3
+
+
 def test_silhouette_scores_peak_at_true_k_on_well_separated_clusters():
     points, _, _ = sphere_clusters(4, seed=1, sigma=0.1)
-    estimate = estimate_class_count(points, k_min=2, k_max=8)
+    estimate = estimate_class_count(points, k_min=2, k_max=8, method="silhouette")
     assert isinstance(estimate, ClassCountEstimate)
     assert estimate.k == 4 and max(estimate.scores_by_k.values()) == estimate.scores_by_k[4]
 

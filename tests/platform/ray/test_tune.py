@@ -62,13 +62,15 @@ def test_the_best_config_is_what_adisc_discover_runs_with(tuned, detections, tmp
     out, _ = tuned
     best = load_config(DiscoveryConfig, out / BEST_CONFIG_FILE)
     sample = json.loads((out / TRIALS_FILE).read_text())["trials"][0]["sample"]
-    assert best.lr == pytest.approx(sample["lr"]) and best.n_guided_blocks == sample["n_guided_blocks"]
-    assert best.augment.scale == (pytest.approx(sample["crop_scale_min"]), 1.0)
+    assert best.optimisation.lr == pytest.approx(sample["lr"])
+    assert best.model.n_guided_blocks == sample["n_guided_blocks"]
+    assert best.optimisation.augment.scale == (pytest.approx(sample["crop_scale_min"]), 1.0)
     code = main(["discover", "--data", str(detections / "data"), "--format", "folder", "--detections",
                  str(detections), "--config", str(out / BEST_CONFIG_FILE), "--out", str(tmp_path / "d"), "--quiet"])
     assert code == 0
     used = json.loads((tmp_path / "d" / "summary.json").read_text())["config"]["discovery"]
-    assert used["lr"] == pytest.approx(best.lr) and used["temperature"] == pytest.approx(best.temperature)
+    assert used["lr"] == pytest.approx(best.optimisation.lr)
+    assert used["temperature"] == pytest.approx(best.model.temperature)
 
 
 def test_resume_restores_the_finished_experiment_without_rerunning(tuned, detections):
