@@ -172,6 +172,10 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--k", default="auto", help="number of novel classes, or auto to estimate it")
     p.add_argument("--base", default="none", help="labelled known classes: neu:PATH | synthetic:PATH | none")
     p.add_argument("--config", type=Path, default=None, help="discovery settings file (e.g. Ray Tune's best)")
+    p.add_argument("--model", default=None, choices=["learned", "frozen", "transformer"],
+                   help="discovery model (default: the settings', learned): learned = AMGA pooling + prototypes "
+                        "trained by neighbour consistency on frozen views; frozen = the same views clustered by "
+                        "k-means, no training (seconds); transformer = the earlier AMGA transformer")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)

@@ -1,167 +1,193 @@
-"""Discovery settings chosen on NEU-DET, a data set we may tune on: MTD's labels are never read.
+"""How the discovery defaults were chosen, on data we may tune on: NEU-DET (three random subsets of 50 images per
+class, zero-shot maps) and generated bottle and metal-plate defects (PatchCore maps, their normal training images).
+No MTD image or label is read. Every quality row has the training-free floor beside it.
 
-Usage: python benchmarks/discovery_selection.py [--neu ../shared/datasets/neu-det] [--candidates a,b]
-       [--threads 1] [--out benchmarks/results/discovery_selection.json]
+Rules, written down before the runs:
 
-The task mirrors the MTD benchmark's zero-shot chain on another metal surface: ``--per-class`` NEU-DET images
-of each of its six defect classes are the novel set; mutual scoring (zero-shot: NEU-DET has no defect-free
-images) gives their anomaly maps, MEBin their crops, with the offline object prior; the known classes are
-generated metal-plate defects (anomaly_discovery.data.synthetic), ``--base-per-class`` images per defect type.
-Each candidate trains ``train_discovery`` with k="auto" (so the class-count estimate is part of the score) and
-is scored against the NEU-DET class of each image. The crops are cached in ``--cache`` so candidates can run
-in parallel processes; each row is merged into ``--out`` holding a lock on its folder.
+* ``views``: every weighting of the quarter grid over (region, crop, image), K given, with the normal images' top
+  10 principal directions removed when the task has normal images. The rule picks the weighting whose k-means
+  partition has the highest cosine silhouette; it must land within .10 NMI of the best weighting on every task.
+* ``class_count``: each criterion of ``class_count`` on the image level of the rule's embedding, for the whole task
+  and for random class subsets (3, 4 and 5 classes, two each); the default is the criterion (or the consensus)
+  with most estimates within ±1 of the true count.
+* ``learned``: floor and learned model (defaults), K given and estimated; the learned model is kept only if it
+  beats the floor's NMI on every task.
+* ``known_classes``: the learned model with a labelled base set (generated metal-plate defects for NEU-DET,
+  NEU-DET crops for the generated bottle) against none; the base set is kept only if it helps every task.
 
-Rule, fixed before any run: the candidate with the highest mean of NMI, ARI and F1 wins; within .01 of the
-baseline (``DiscoveryConfig`` defaults when this ran, pinned in ``BASELINE``: depth was then 4), the
-baseline stays. Added after the seed-0 run, as a
-stricter check: ``--seed 1`` (another NEU-DET subset and generated base set) reruns the baseline and the winner,
-and the library default follows the winner only if it leads there too.
-
-Candidates (overrides of ``DiscoveryConfig``): a stronger frozen CNN (EfficientNet-Lite2), its last stage
-trainable, a larger crop input (160 px), a shallower transformer (depth 2), longer training (60 epochs),
-pseudo-label correction on, and the prototype-wins class-count criterion.
+    .venv/bin/python benchmarks/discovery_selection.py [--parts views,class_count,learned,known_classes]
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
-import pickle
-import resource
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from anomaly_discovery.data import load_image, read_dataset
+from anomaly_discovery.data import read_dataset
 from anomaly_discovery.data.synthetic import generate_dataset
-from anomaly_discovery.models.discovery.training import DiscoveryConfig, train_discovery
+from anomaly_discovery.models.discovery.class_count import CONSENSUS, estimate_class_count
+from anomaly_discovery.models.discovery.config import DiscoveryConfig
+from anomaly_discovery.models.discovery.frozen import (WEIGHT_GRID, fit_projection, image_level, image_getter,
+                                                       kmeans, select_view_weights)
+from anomaly_discovery.models.discovery.predict import merge_images
+from anomaly_discovery.models.discovery.training import train_discovery
+from anomaly_discovery.models.discovery.views import (ViewExtractor, combine_views, extract_region_features,
+                                                      unit_rows, view_vectors)
 from anomaly_discovery.models.metrics import clustering_report
-from anomaly_discovery.models.detectors.mutual_scoring import MutualScoringDetector
-from anomaly_discovery.models.localisation.priors.factory import build_object_prior
-from anomaly_discovery.models.localisation.localise import image_regions, localise_set
-from anomaly_discovery.platform.jobs.discover import subset_by_class, synthetic_base_regions
+from anomaly_discovery.platform.jobs.discover import neu_base_regions, subset_by_class, synthetic_base_regions
 from machine_info import cpu_model
+from mtd_discovery import cached_maps, regions_for, score
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results" / "discovery_selection.json"
-BASELINE = {"depth": 4}
-CANDIDATES = {name: BASELINE | overrides for name, overrides in {
-    "baseline": {},
-    "cnn=efficientnet_lite2": {"cnn": "efficientnet_lite2"},
-    "trainable_cnn_stages=1": {"trainable_cnn_stages": 1},
-    "image_size=160": {"image_size": 160},
-    "depth=2": {"depth": 2},
-    "epochs=60": {"epochs": 60},
-    "pseudo_label_correction": {"pseudo_label_correction": True},
-    "k_method=prototype_wins": {"k_method": "prototype_wins"},
-}.items()}
-MARGIN = 0.01
+RESULTS = ROOT / "benchmarks" / "results" / "discovery_selection.json"
+RESULT_KEYS = ("machine", "protocol", "views", "class_count", "learned", "known_classes")
+NEU_SEEDS = (0, 1, 2)
+GENERATED = ("bottle", "metal_plate")
+CRITERIA = (*CONSENSUS, "consensus", "silhouette", "gap")
 
 
-def neu_score(row: dict) -> float:
-    """The rule's score: mean of NMI, ARI and F1 against the NEU-DET classes."""
-    return float(np.mean([row["nmi"], row["ari"], row["f1"]]))
+def neu_task(neu: Path, seed: int, cache: Path) -> dict:
+    samples = subset_by_class(read_dataset(neu, "neu", check=False).samples, lambda s: s.label, 50, seed)
+    found, _ = cached_maps(samples, "zero-shot", [], cache, f"neu50-seed{seed}")
+    regions, paths, truth = regions_for(samples, found)
+    return {"name": f"neu-det-seed{seed}", "regions": regions, "paths": paths, "truth": truth, "normals": []}
 
 
-def neu_task(neu: Path, per_class: int, base_per_class: int, seed: int, cache: Path):
-    """Novel NEU-DET regions, their image labels (for the scorer) and generated metal-plate base regions."""
-    path = cache / f"neu{per_class}-base{base_per_class}-seed{seed}.pkl"
-    if path.is_file():
-        return pickle.loads(path.read_bytes())
-    samples = subset_by_class(read_dataset(neu, "neu", check=False).samples, lambda s: s.label, per_class, seed)
-    images = [load_image(s.image_path) for s in samples]
-    detections = MutualScoringDetector(progress=False).predict(images)
-    prior, _ = build_object_prior("fallback")
-    localised = localise_set(images, [d.anomaly_map for d in detections], prior)
-    regions, truth = [], {}
-    for index, (image, result) in enumerate(zip(images, localised)):
-        truth[f"image{index}"] = samples[index].label
-        regions += image_regions(f"image{index}", image, result)
-    with tempfile.TemporaryDirectory() as folder:
-        generate_dataset(folder, n_images=8 * base_per_class * 2, seed=seed, products=("metal_plate",),
-                         progress=False)
-        base = synthetic_base_regions(Path(folder), neu, base_per_class, seed, progress=False)
-    cache.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps((regions, truth, base)))
-    return regions, truth, base
+def generated_task(root: Path, product: str, cache: Path) -> dict:
+    report = read_dataset(root / product, "mvtec", check=False)
+    normal = [s for s in report.samples if s.split == "train" and s.is_normal]
+    test = [s for s in report.samples if s.split == "test"]
+    found, _ = cached_maps(test, "semi", normal, cache, f"generated-{product}")
+    regions, paths, truth = regions_for(test, found)
+    return {"name": f"generated-{product}", "regions": regions, "paths": paths, "truth": truth,
+            "normals": [str(s.image_path) for s in normal]}
 
 
-def run_candidate(name: str, regions, truth: dict, base) -> dict:
-    config = DiscoveryConfig.of(k="auto", progress=False, **CANDIDATES[name])
-    start = time.perf_counter()
-    artifacts = train_discovery(config, regions, base)
-    ids = sorted(artifacts.images)
-    report = clustering_report(np.array([truth[i] for i in ids]), np.array([artifacts.images[i].label for i in ids]))
-    row = {key: report[key] for key in ("nmi", "ari", "f1", "f1_macro")}
-    return row | {"score": neu_score(row), "k_estimated": artifacts.k, "k_true": report["n_classes_true"],
-                  "n_images": len(ids), "n_regions": len(regions), "n_base_regions": len(base),
-                  "overrides": CANDIDATES[name], "seconds": round(time.perf_counter() - start, 1),
-                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+def view_grid(task: dict, extractor: ViewExtractor) -> dict:
+    """NMI and silhouette of every weighting (K given), and the rule's pick, with and without the projection."""
+    k = len(set(task["truth"].values()))
+    features = extract_region_features(extractor, task["regions"], image_getter(task["paths"]))
+    out = {}
+    for projected in ([True, False] if task["normals"] else [False]):
+        projection = fit_projection(extractor, task["normals"], 224, 10) if projected else None
+        vectors = view_vectors(features, projection)
+        picked, silhouettes = select_view_weights(vectors, k)
+        grid = []
+        for weights in WEIGHT_GRID:
+            embedding = combine_views(vectors, weights)
+            key = ":".join(f"{weights[v]:.2f}" for v in ("region", "crop", "image"))
+            grid.append({"weights": key, "silhouette": silhouettes[key],
+                         **kmeans_scores(embedding, k, task["regions"], task["truth"])})
+        chosen = ":".join(f"{picked[v]:.2f}" for v in ("region", "crop", "image"))
+        out["projected" if projected else "raw"] = {
+            "grid": grid, "chosen": chosen, "chosen_nmi": next(g["nmi"] for g in grid if g["weights"] == chosen),
+            "best_nmi": max(g["nmi"] for g in grid), "picked": picked, "embedding": combine_views(vectors, picked)}
+    return out
 
 
-def decide(candidates: dict) -> dict:
-    """The rule: the best score wins unless the baseline is within ``MARGIN`` of it."""
-    best = max(candidates, key=lambda name: candidates[name]["score"])
-    if "baseline" in candidates and candidates[best]["score"] - candidates["baseline"]["score"] <= MARGIN:
-        best = "baseline"
-    return {"chosen": best, "complete": set(candidates) == set(CANDIDATES), "margin": MARGIN}
+def kmeans_scores(embedding: np.ndarray, k: int, regions, truth: dict) -> dict:
+    """Image-level NMI / ARI / F1 of k-means on region embeddings, merged by area as discovery merges."""
+    centres = unit_rows(kmeans(embedding, k, 0).cluster_centers_)
+    logits = embedding @ centres.T / 0.1
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    images = merge_images(regions, probs / probs.sum(axis=1, keepdims=True))
+    ids = sorted(images)
+    report = clustering_report(np.array([truth[i] for i in ids]), np.array([images[i].label for i in ids]))
+    return {"nmi": report["nmi"], "ari": report["ari"], "f1": report["f1"], "k_true": report["n_classes_true"]}
 
 
-def merge_row(out: Path, name: str, row: dict, protocol: dict, machine: dict) -> dict:
-    """Add one candidate's row to the run of its seed in ``out``, holding an exclusive lock on its folder (temp
-    file + rename); returns that run."""
-    folder = os.open(out.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
-        result = json.loads(out.read_text()) if out.is_file() else {}
-        runs = result.setdefault("runs", {})
-        run = runs.get(str(protocol["seed"]))
-        if run is None or run["protocol"] != protocol:
-            run = runs[str(protocol["seed"])] = {"protocol": protocol, "candidates": {}}
-        run["candidates"][name] = row | {"machine": machine}
-        run["decision"] = decide(run["candidates"])
-        temporary = out.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(result, indent=1))
-        temporary.replace(out)
-    finally:
-        os.close(folder)
-    return run
+def class_count_rows(task: dict, embedding: np.ndarray, rng: np.random.Generator) -> list[dict]:
+    ids = list(dict.fromkeys(r.image_id for r in task["regions"]))
+    points = image_level(embedding, task["regions"])
+    labels = np.array([task["truth"][i] for i in ids])
+    classes = sorted(set(labels))
+    subsets = [tuple(classes)] + [tuple(sorted(rng.choice(classes, size, replace=False)))
+                                  for size in (3, 4, 5) for _ in range(2)]
+    rows = []
+    for subset in subsets:
+        keep = np.isin(labels, subset)
+        estimates = {m: estimate_class_count(points[keep], 2, min(10, keep.sum() - 1), m, 0).k for m in CRITERIA}
+        rows.append({"task": task["name"], "true_k": len(subset), "estimates": estimates})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def learned_rows(task: dict, base=None) -> list[dict]:
+    rows = []
+    k_true = len(set(task["truth"].values()))
+    for model in ("frozen", "learned"):
+        for k in ("given", "estimated"):
+            config = DiscoveryConfig.of(kind=model, k=k_true if k == "given" else "auto", progress=False)
+            images = task["paths"] | {r.image_id: r.image_id for r in base or []}
+            artifacts = train_discovery(config, task["regions"], base, images=images, normal_images=task["normals"])
+            rows.append({"task": task["name"], "model": model, "k": k, "k_estimated": artifacts.k,
+                         **score(artifacts, task["truth"])})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def write(path: Path, result: dict) -> None:
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps({key: result.get(key) for key in RESULT_KEYS}, indent=1, default=float))
+    temporary.replace(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--neu", type=Path, default=ROOT.parent / "shared" / "datasets" / "neu-det")
-    parser.add_argument("--candidates", default=",".join(CANDIDATES))
-    parser.add_argument("--per-class", type=int, default=50)
-    parser.add_argument("--base-per-class", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0,
-                        help="the NEU-DET subset and generated base set; seed 0 is the selection run, other seeds "
-                             "only confirm it")
+    parser.add_argument("--parts", default="views,class_count,learned,known_classes")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-discovery-maps"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "adisc-discovery-selection")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default=None, help="write benchmarks/results/discovery_selection.<TAG>.json instead")
     args = parser.parse_args()
-    names = args.candidates.split(",")
-    unknown = sorted(set(names) - set(CANDIDATES))
-    if unknown:
-        parser.error(f"unknown candidates {unknown}; choose from {list(CANDIDATES)}")
     torch.set_num_threads(args.threads)
-    regions, truth, base = neu_task(args.neu, args.per_class, args.base_per_class, args.seed, args.cache)
-    protocol = {"novel": f"NEU-DET, {args.per_class} images per class, zero-shot maps",
-                "base": f"generated metal_plate, {args.base_per_class} images per defect type",
-                "seed": args.seed, "k": "auto", "rule": "max mean(NMI, ARI, F1); baseline unless beaten by > .01"}
-    for name in names:
-        machine = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
-                   "load_average": list(os.getloadavg()), "gpu": "none"}
-        row = run_candidate(name, regions, truth, base)
-        result = merge_row(args.out, name, row, protocol, machine)
-        print(name, {k: row[k] for k in ("nmi", "ari", "f1", "score", "k_estimated", "seconds")},
-              "→", result["decision"], flush=True)
+    parts = set(args.parts.split(","))
+    out = RESULTS.with_name(f"discovery_selection.{args.tag}.json") if args.tag else RESULTS
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result["machine"] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
+                         "load_average": list(os.getloadavg()), "gpu": "none"}
+    with tempfile.TemporaryDirectory() as folder:
+        generated = Path(folder)
+        generate_dataset(generated, n_images=960, seed=0, products=GENERATED, progress=False)
+        result["protocol"] = {"neu": "NEU-DET, 50 images per class, seeds " + ", ".join(map(str, NEU_SEEDS))
+                              + ", zero-shot maps", "generated": "adisc generate, 960 images, seed 0, PatchCore maps "
+                              "fitted on each product's train/good", "object_prior": "fallback"}
+        tasks = [neu_task(args.neu, seed, args.cache) for seed in NEU_SEEDS]
+        tasks += [generated_task(generated, product, args.cache) for product in GENERATED]
+        extractor = ViewExtractor("mobilenet_v2")
+        rng = np.random.default_rng(0)
+        views, counts = {}, []
+        for task in tasks:
+            grid = view_grid(task, extractor)
+            views[task["name"]] = {kind: {k: v for k, v in entry.items() if k != "embedding"}
+                                   for kind, entry in grid.items()}
+            if "class_count" in parts:
+                counts += class_count_rows(task, grid["projected" if task["normals"] else "raw"]["embedding"], rng)
+        if "views" in parts:
+            result["views"] = views
+        if "class_count" in parts:
+            result["class_count"] = counts
+        write(out, result)
+        if "learned" in parts:
+            result["learned"] = [row for task in tasks for row in learned_rows(task)]
+            write(out, result)
+        if "known_classes" in parts:
+            neu_base = neu_base_regions(args.neu, 30, seed=0, progress=False)
+            plate_base = synthetic_base_regions(generated, generated / "bottle", 30, 0, product="metal_plate",
+                                                progress=False)
+            rows = []
+            for task, base, name in ((tasks[0], plate_base, "generated metal_plate"),
+                                     (tasks[3], neu_base, "NEU-DET")):
+                rows += [row | {"base": name} for row in learned_rows(task, base) if row["model"] == "learned"]
+            result["known_classes"] = rows
+            write(out, result)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
-"""MTD discovery benchmark: the whole chain (detect → MEBin crops → AMGA discovery → region merging) on
-../shared/datasets/mtd, scored against the MTD class folders (the scorer is the only reader of labels).
+"""Discovery on MTD and NEU-DET: the training-free floor (``kind="frozen"``) beside the learned model
+(``kind="learned"``), on the same regions, with K given and estimated by the same rule (issue 14).
 
-Protocols (../shared/datasets/README.md): ``defects-5`` (the 392 defect images) and ``with-good-6`` (plus the 191
-normal test images). Settings: ``semi`` (PatchCore fitted on the 761 normal training images) and ``zero-shot``
-(mutual scoring, no normal images). Known classes: NEU-DET crops (``--neu``). Parts: ``main`` (semi, both
-protocols), ``zero-shot``, ``ablations`` (guidance none / hard / amga, object prior none / fallback on semi
-defects-5), ``loco`` (leave one class out: unseen-class AUROC and FPR at 95% TPR) and ``k-known`` (semi with the
-number of classes given, the protocol of AnomalyNCD's anchors; that count is all it reads from the labels).
-Hyper-parameters are the library defaults, chosen on synthetic data and NEU-DET (discovery_selection.py);
-nothing here is tuned on MTD.
+The chain: detector maps → MEBin crops with the offline object prior (``localise_set`` over each protocol's images)
+→ discovery → area-weighted region merging, scored at the image level against the class folders, which only the
+scorer reads. MTD protocols (``../shared/datasets/README.md``): ``defects-5`` (392 defect images) and
+``with-good-6`` (plus the 191 normal test images). Maps: ``semi`` (PatchCore fitted on the 761 normal training
+images, which discovery also reads as its normal set) and ``zero-shot`` (mutual scoring, no normal image).
+NEU-DET (all 1,800 images, zero-shot maps) is the second data set: ``neu-det`` rows, with the whole-image k-means
+baseline of the issue (``model: "whole-image"``: the final MobileNetV2 layer averaged over the 224 px image, K given)
+on the same images. No setting here was chosen on MTD: the defaults come from NEU-DET and generated data
+(``models/discovery/frozen.py``, ``class_count.py``, ``neighbour_consistency.py`` say how).
 
-    .venv/bin/python benchmarks/mtd_discovery.py --parts main
+Leave one class out (MTD, semi, defects-5): for each class, the learned model is trained (K estimated) on 80% of
+the other classes' images; the held-out class's crops and the other classes' unseen 20% are scored by the
+model's k-NN outlier score (cosine distance to the k-th nearest training crop); AUROC and FPR at 95% TPR with the
+unseen class as positives.
+
+    .venv/bin/python benchmarks/mtd_discovery.py [--parts mtd,neu,loco] [--threads 1]
 """
 
 from __future__ import annotations
@@ -26,19 +32,24 @@ import numpy as np
 import torch
 
 from anomaly_discovery.data import load_image, read_dataset
-from anomaly_discovery.models.detectors.protocol import Detection
-from anomaly_discovery.models.discovery.training import DiscoveryConfig, predict_regions, train_discovery
-from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.models.detectors.mutual_scoring import MutualScoringDetector
-from anomaly_discovery.models.discovery.outliers import evaluate_outlier_scores, knn_distance_score
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
-from anomaly_discovery.models.localisation.priors.factory import build_object_prior
+from anomaly_discovery.models.detectors.protocol import Detection
+from anomaly_discovery.models.discovery.config import DiscoveryConfig
+from anomaly_discovery.models.discovery.outliers import evaluate_outlier_scores, knn_distance_score
+from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
+from anomaly_discovery.models.discovery.views import ViewExtractor, image_features, unit_rows
+from anomaly_discovery.models.discovery.frozen import kmeans
 from anomaly_discovery.models.localisation.localise import image_regions, localise_set
-from anomaly_discovery.platform.jobs.discover import neu_base_regions
+from anomaly_discovery.models.localisation.priors.factory import build_object_prior
+from anomaly_discovery.models.metrics import clustering_report
 from machine_info import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "mtd_discovery.json"
+RESULT_KEYS = ("machine", "settings", "semi", "zero-shot", "leave_one_class_out", "rows", "learning_curve")
 PROTOCOLS = ("defects-5", "with-good-6")
+MODELS = ("frozen", "learned")
 
 
 def protocol_samples(samples, protocol: str):
@@ -46,23 +57,22 @@ def protocol_samples(samples, protocol: str):
     return test if protocol == "with-good-6" else [s for s in test if not s.is_normal]
 
 
-def detect_maps(samples, setting: str, normal_train, batch: int = 16):
-    """Anomaly maps of ``samples``: PatchCore fitted on normal images (semi) or mutual scoring (zero-shot)."""
-    images = [load_image(s.image_path) for s in samples]
+def detect_maps(samples, setting: str, normal_train, batch: int = 16) -> list[Detection]:
+    """PatchCore fitted on the normal training images (semi) or mutual scoring (zero-shot)."""
     if setting == "semi":
         detector = PatchCoreDetector(progress=False).fit([load_image(s.image_path) for s in normal_train])
-        return [d for start in range(0, len(images), batch) for d in detector.predict(images[start:start + batch])]
-    return MutualScoringDetector(progress=False).predict(images)
+        return [d for start in range(0, len(samples), batch)
+                for d in detector.predict([load_image(s.image_path) for s in samples[start:start + batch]])]
+    return MutualScoringDetector(progress=False).predict([load_image(s.image_path) for s in samples])
 
 
-def cached_detections(samples, setting: str, normal_train, cache: Path) -> tuple[list[Detection], float]:
-    """``detect_maps`` once per setting; the maps are kept (float16) in ``cache`` so parts can run separately.
-    Returns the detections and the seconds detection took when it ran."""
-    path = cache / f"{setting}.npz"
+def cached_maps(samples, setting: str, normal_train, cache: Path, name: str) -> tuple[list[Detection], float]:
+    """``detect_maps`` once per data set and setting, kept (float16) in ``cache`` between runs."""
+    path = cache / f"{name}-{setting}.npz"
     if path.is_file():
         stored = np.load(path)
-        maps = [stored[f"map{i}"].astype(np.float32) for i in range(len(samples))]
-        return [Detection(float(v), m) for v, m in zip(stored["scores"], maps)], float(stored["seconds"])
+        return ([Detection(float(v), stored[f"map{i}"].astype(np.float32)) for i, v in enumerate(stored["scores"])],
+                float(stored["seconds"]))
     start = time.perf_counter()
     detections = detect_maps(samples, setting, normal_train)
     seconds = time.perf_counter() - start
@@ -72,58 +82,75 @@ def cached_detections(samples, setting: str, normal_train, cache: Path) -> tuple
     return detections, seconds
 
 
-def regions_for(samples, detections, prior_kind: str):
-    """Novel regions of a protocol's images (MEBin over that set) and, for the scorer only, their labels by id.
-    Ids carry no label: ``image<N>``."""
-    prior, _ = build_object_prior(prior_kind)
+def regions_for(samples, detections):
+    """Novel regions of a set (MEBin over that set; ids ``image<N>``, which carry no label), the image paths by
+    id, and, for the scorer only, the labels by id."""
+    prior, _ = build_object_prior("fallback")
     localised = localise_set((load_image(s.image_path) for s in samples), [d.anomaly_map for d in detections], prior)
-    regions, truth = [], {}
+    regions, paths, truth = [], {}, {}
     for index, (sample, result) in enumerate(zip(samples, localised)):
         image_id = f"image{index}"
-        truth[image_id] = sample.label
+        paths[image_id], truth[image_id] = str(sample.image_path), sample.label
         regions += image_regions(image_id, load_image(sample.image_path), result)
-    return regions, truth
+    return regions, paths, truth
 
 
-def discover_and_score(regions, truth: dict, base, config: DiscoveryConfig) -> dict:
-    start = time.perf_counter()
-    artifacts = train_discovery(config, regions, base)
-    seconds = time.perf_counter() - start
+def score(artifacts, truth: dict) -> dict:
     ids = sorted(artifacts.images)
     report = clustering_report(np.array([truth[i] for i in ids]), np.array([artifacts.images[i].label for i in ids]))
-    return {"nmi": report["nmi"], "ari": report["ari"], "f1": report["f1"], "f1_macro": report["f1_macro"],
-            "k_estimated": artifacts.k_estimated if artifacts.k_estimated is not None else artifacts.k,
-            "k_true": report["n_classes_true"], "n_images": len(ids), "n_regions": len(regions),
-            "epochs": config.optimisation.epochs, "seconds": round(seconds, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {"nmi": report["nmi"], "ari": report["ari"], "f1": report["f1"], "k_true": report["n_classes_true"]}
 
 
-def leave_one_class_out(regions, truth: dict, base, config: DiscoveryConfig, seed: int = 0) -> dict:
-    """Train without one class (80% of the other classes' images), score the held-out class's crops and the
-    other classes' unseen 20% by k-NN distance to the training embeddings; positives = the unseen class."""
+def discover(model: str, k, regions, paths: dict, truth: dict, normals: list[str]) -> tuple[dict, object]:
+    config = DiscoveryConfig.of(kind=model, k=k, progress=False)
+    start = time.perf_counter()
+    artifacts = train_discovery(config, regions, images=paths, normal_images=normals)
+    seconds = time.perf_counter() - start
+    row = score(artifacts, truth) | {"k_estimated": artifacts.k, "train_s": round(seconds, 1),
+                                     "view_weights": artifacts.metrics["view_weights"], "n_regions": len(regions),
+                                     "n_images": len(truth),
+                                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return row, artifacts
+
+
+def whole_image_baseline(paths: dict, truth: dict, k: int) -> dict:
+    """k-means (K given) on the final MobileNetV2 layer averaged over each whole 224 px image."""
+    ids = sorted(paths)
+    extractor = ViewExtractor("mobilenet_v2")
+    features = unit_rows(image_features(extractor, (load_image(paths[i]) for i in ids), len(ids))[-1])
+    labels = kmeans(features, k, 0).labels_
+    report = clustering_report(np.array([truth[i] for i in ids]), labels)
+    return {"nmi": report["nmi"], "ari": report["ari"], "f1": report["f1"], "k_true": report["n_classes_true"]}
+
+
+def leave_one_class_out(regions, paths: dict, truth: dict, normals: list[str], seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     per_class = {}
-    for held_out in sorted({truth[r.image_id] for r in regions}):
+    for held_out in sorted(set(truth.values())):
         seen_ids = sorted({r.image_id for r in regions if truth[r.image_id] != held_out})
         known_test = set(rng.choice(seen_ids, size=max(1, len(seen_ids) // 5), replace=False))
         train = [r for r in regions if truth[r.image_id] != held_out and r.image_id not in known_test]
-        artifacts = train_discovery(config.replace(k="auto"), train, base)
+        artifacts = train_discovery(DiscoveryConfig.of(progress=False), train, images=paths, normal_images=normals)
         reference = torch.as_tensor(artifacts.regions.embeddings)
+        k = artifacts.predictor.config.classes.outlier_k
         scores = {}
         for name, subset in (("known", [r for r in regions if r.image_id in known_test]),
                              ("unseen", [r for r in regions if truth[r.image_id] == held_out])):
-            embedded = torch.as_tensor(predict_regions(artifacts, subset).embeddings)
-            scores[name] = knn_distance_score(embedded, reference, k=config.classes.outlier_k)
+            embedded = torch.as_tensor(predict_regions(artifacts, subset, paths).embeddings)
+            scores[name] = knn_distance_score(embedded, reference, k=k)
         per_class[held_out] = evaluate_outlier_scores(scores["known"], scores["unseen"])
+        print("loco", held_out, per_class[held_out], flush=True)
     return {"auroc": float(np.mean([v["auroc"] for v in per_class.values()])),
-            "fpr95": float(np.mean([v["fpr95"] for v in per_class.values()])), "per_class": per_class,
-            "epochs": config.optimisation.epochs}
+            "fpr95": float(np.mean([v["fpr95"] for v in per_class.values()])), "per_class": per_class}
 
 
 def write_result(path: Path, result: dict) -> None:
-    """Write the JSON after every row (temp file + rename), so an interrupted run keeps what it measured."""
+    """Exactly ``RESULT_KEYS``, atomically (temp file + rename), after every row."""
+    unknown = sorted(set(result) - set(RESULT_KEYS))
+    if unknown:
+        raise ValueError(f"keys {unknown} are not among RESULT_KEYS")
     temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(result, indent=1))
+    temporary.write_text(json.dumps({key: result.get(key) for key in RESULT_KEYS}, indent=1))
     temporary.replace(path)
 
 
@@ -131,71 +158,68 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "mtd")
     parser.add_argument("--neu", type=Path, default=ROOT.parent / "shared" / "datasets" / "neu-det")
-    parser.add_argument("--parts", default="main",
-                        help="comma list of main, zero-shot, ablations, loco, k-known (semi with K given, as "
-                             "AnomalyNCD assumes)")
-    parser.add_argument("--base-per-class", type=int, default=40)
+    parser.add_argument("--parts", default="mtd,neu,loco", help="comma list of mtd, neu, loco")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="discovery epochs for this run's parts (default: DiscoveryConfig's); each row records it")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-mtd-discovery-cache"),
-                        help="where the anomaly maps of each setting are kept between runs")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mtd_discovery.json")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-discovery-maps"),
+                        help="where each data set's anomaly maps are kept between runs")
+    parser.add_argument("--tag", default=None, help="write benchmarks/results/mtd_discovery.<TAG>.json instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
+    out = RESULTS.with_name(f"mtd_discovery.{args.tag}.json") if args.tag else RESULTS
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result["machine"] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
+                         "load_average": list(os.getloadavg()), "gpu": "none"}
+    result["settings"] = {"detector_semi": "patchcore (defaults)", "detector_zero_shot": "mutual scoring (defaults)",
+                          "discovery": "DiscoveryConfig defaults; kind and k as each row says", "base": "none",
+                          "object_prior": "fallback"}
+    rerun = {"neu-det" if part == "neu" else "mtd" for part in parts & {"mtd", "neu"}}
+    rows = [r for r in result.get("rows") or [] if ("neu-det" if r["protocol"] == "neu-det" else "mtd") not in rerun]
     samples = read_dataset(args.data, "mtd").samples
     normal_train = [s for s in samples if s.split == "train" and s.is_normal]
-    base = neu_base_regions(args.neu, args.base_per_class, seed=0, progress=False)
-    config = DiscoveryConfig.of(k="auto", progress=False)
-    if args.epochs is not None:
-        config = config.replace(epochs=args.epochs)
-    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    result["machine"] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(),
-                         "torch_threads": args.threads, "load_average": list(os.getloadavg()), "gpu": "none"}
-    result["settings"] = {"detector_semi": "patchcore (mobilenet_v2, defaults)", "detector_zero_shot":
-                          "mutual scoring (mobilenet_v2, defaults)", "discovery": "DiscoveryConfig defaults, k=auto",
-                          "base": f"NEU-DET, {args.base_per_class} images per class"}
     all_test = protocol_samples(samples, "with-good-6")
-    settings = (["semi"] if parts & {"main", "ablations", "loco", "k-known"} else []) + \
-               (["zero-shot"] if "zero-shot" in parts else [])
-    for setting in settings:
-        found, detect_seconds = cached_detections(all_test, setting, normal_train, args.cache)
-        detections = dict(zip([s.image_path for s in all_test], found))
+    for setting in ("semi", "zero-shot") if parts & {"mtd", "loco"} else ():
+        found, detect_seconds = cached_maps(all_test, setting, normal_train, args.cache, "mtd")
+        by_path = dict(zip([s.image_path for s in all_test], found))
+        normals = [str(s.image_path) for s in normal_train] if setting == "semi" else []
         for protocol in PROTOCOLS:
-            if setting == "semi" and not parts & {"main", "k-known"} and protocol != "defects-5":
-                continue
             chosen = protocol_samples(samples, protocol)
-            regions, truth = regions_for(chosen, [detections[s.image_path] for s in chosen], "fallback")
-            if setting == "zero-shot" or "main" in parts:
-                row = discover_and_score(regions, truth, base, config)
-                row["detect_seconds"] = round(detect_seconds, 1)
-                result.setdefault(setting, {})[protocol] = row
-                print(setting, protocol, row, flush=True)
-                write_result(args.out, result)
-            if setting == "semi" and "k-known" in parts:
-                row = discover_and_score(regions, truth, base, config.replace(k=len(set(truth.values()))))
-                result.setdefault("k_known", {}).setdefault(setting, {})[protocol] = row
-                print("k known", setting, protocol, row, flush=True)
-                write_result(args.out, result)
-            if setting == "semi" and protocol == "defects-5" and "ablations" in parts:
-                ablations = result.setdefault("ablations", {})
-                for guidance in ("none", "hard", "amga"):
-                    ablations[f"guidance={guidance}"] = discover_and_score(regions, truth, base,
-                                                                           config.replace(guidance=guidance))
-                    print("ablation", guidance, ablations[f"guidance={guidance}"], flush=True)
-                    write_result(args.out, result)
-                prior_free, _ = regions_for(chosen, [detections[s.image_path] for s in chosen], "none")
-                ablations["object-prior=none"] = discover_and_score(prior_free, truth, base, config)
-                ablations["object-prior=fallback"] = ablations["guidance=amga"]
-                print("ablations", ablations, flush=True)
-                write_result(args.out, result)
+            regions, paths, truth = regions_for(chosen, [by_path[s.image_path] for s in chosen])
             if setting == "semi" and protocol == "defects-5" and "loco" in parts:
-                result["leave_one_class_out"] = leave_one_class_out(regions, truth, base, config)
-                print("loco", result["leave_one_class_out"], flush=True)
-                write_result(args.out, result)
-    write_result(args.out, result)
-    print(f"wrote {args.out}")
+                result["leave_one_class_out"] = leave_one_class_out(regions, paths, truth, normals)
+                write_result(out, result)
+            if "mtd" not in parts:
+                continue
+            for model in MODELS:
+                for k in ("given", "estimated"):
+                    row, artifacts = discover(model, len(set(truth.values())) if k == "given" else "auto", regions,
+                                              paths, truth, normals)
+                    rows.append({"model": model, "maps": setting, "protocol": protocol, "k": k} | row)
+                    if model == "learned" and k == "estimated":
+                        result.setdefault(setting, {})[protocol] = {
+                            key: row[key] for key in ("nmi", "ari", "f1", "k_estimated", "k_true", "train_s")}
+                        if setting == "semi" and protocol == "with-good-6":
+                            result["learning_curve"] = artifacts.history
+                    print(rows[-1], flush=True)
+                    result["rows"] = rows
+                    write_result(out, result)
+    if "neu" in parts:
+        neu = read_dataset(args.neu, "neu", check=False).samples
+        found, _ = cached_maps(neu, "zero-shot", [], args.cache, "neu")
+        regions, paths, truth = regions_for(neu, found)
+        k_true = len(set(truth.values()))
+        rows.append({"model": "whole-image", "maps": "none", "protocol": "neu-det", "k": "given"}
+                    | whole_image_baseline(paths, truth, k_true) | {"k_estimated": k_true})
+        for model in MODELS:
+            for k in ("given", "estimated"):
+                row, _ = discover(model, k_true if k == "given" else "auto", regions, paths, truth, [])
+                rows.append({"model": model, "maps": "zero-shot", "protocol": "neu-det", "k": k} | row)
+                print(rows[-1], flush=True)
+                result["rows"] = rows
+                write_result(out, result)
+    result["rows"] = rows
+    write_result(out, result)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

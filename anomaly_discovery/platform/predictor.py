@@ -176,7 +176,8 @@ class DiscoveryRegionPredictor:
             results.append(PredictedImage(float(detection.score), detection.anomaly_map.astype(np.float32),
                                           localised.mebin.mask))
         if regions:
-            predicted = predict_regions(self.discovery, regions)
+            predicted = predict_regions(self.discovery, regions,
+                                        {f"image{position}": image for position, image in enumerate(images)})
             for i, (region, owner) in enumerate(zip(regions, owners)):
                 results[owner].regions.append(PredictedRegion(
                     region.box, predicted.embeddings[i].astype(np.float32), region.score,

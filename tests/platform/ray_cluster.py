@@ -22,9 +22,7 @@ RAY_CPUS = 2
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 KIND_COLOURS = ((220, 40, 40), (40, 60, 220), (40, 200, 60))
 KIND_NAMES = ("red_disk", "blue_bar", "green_dots")
-TINY_SETTINGS = dict(cnn="mobilenet_v2", image_size=64, depth=1, embed_dim=64, attention_heads=2,
-                     projection_hidden=128, projection_dim=64, n_heads=2, batch_size=12, epochs=2, cached_views=3,
-                     k="auto", k_max=4, progress=False)
+TINY_SETTINGS = dict(cnn="mobilenet_v2", view_size=64, batch_size=12, epochs=2, k="auto", k_max=4, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +73,11 @@ def coloured_regions(n_per_kind: int, seed: int, kinds=(0, 1, 2), class_names: d
                                        class_name=name))
             kinds_drawn.append(kind)
     return regions, np.array(kinds_drawn)
+
+
+def images_of(regions: list[Region]) -> dict[str, np.ndarray]:
+    """The whole images of ``coloured_regions`` (each region covers its whole 64 px image)."""
+    return {r.image_id: r.image for r in regions}
 
 
 def write_detect_output(folder: Path, n_per_kind: int, seed: int) -> dict[str, int]:

@@ -16,8 +16,7 @@ from anomaly_discovery.platform.predictor import (PixelStatsConfig, RegionPredic
                                                   write_discovery_model, write_pixel_stats_model)
 from tests.platform.serve_world import defect_image
 
-TINY = dict(cnn="tiny", image_size=64, depth=1, embed_dim=32, attention_heads=2, projection_hidden=64,
-            projection_dim=32, n_heads=2, batch_size=16, epochs=1, cached_views=3, k=2, progress=False)
+TINY = dict(cnn="tiny", view_size=64, batch_size=16, epochs=1, k=2, progress=False)
 
 
 def test_pixel_stats_regions_cover_the_defect_with_unit_embeddings(tmp_path):
@@ -57,10 +56,12 @@ def test_the_discovery_pipeline_serves_from_its_folder(tmp_path):
     localisation = fit_localisation(maps, [128])
     regions = [crop_region(image, (16, 14, 48, 46), (m - m.min()) / (m.max() - m.min() + 1e-9), None, f"r{i}")
                for i, (image, m) in enumerate(zip(defects, maps))]
-    artifacts = train_discovery(DiscoveryConfig.of(**TINY), regions * 2)
+    images = {f"r{i}": image for i, image in enumerate(defects)}
+    artifacts = train_discovery(DiscoveryConfig.of(**TINY), regions * 2, images=images)
     folder = write_discovery_model(tmp_path / "serving", artifacts.predictor, detector, localisation, name="disc-1")
     predictor = build_predictor(folder)
-    assert (predictor.model_version, predictor.embedding_dim) == ("disc-1", 32)
+    assert predictor.model_version == "disc-1"
+    assert predictor.embedding_dim == artifacts.regions.embeddings.shape[1]
     predicted = predictor.predict([defects[0], plate(99, False)])
     assert len(predicted) == 2 and predicted[0].mask.shape == (64, 64)
     assert predicted[0].regions, "the dark hole is found"

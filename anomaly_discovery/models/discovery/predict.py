@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,10 +19,13 @@ from ..features.backbones import autocast_for
 from .checkpoints import MODEL_FILE, CheckpointError, load_weights_file
 from .config import DiscoveryConfig
 from .data import RegionTensors, ViewCache
+from .amga_pooling import ViewDiscoveryModel
 from .model import DiscoveryModel, build_model, normalise_images
-from .outliers import energy_score, knn_distance_score
+from .class_count import ClassCountEstimate
+from .outliers import OutlierThreshold, energy_score, image_outlier_score, knn_distance_score
 from .region_merging import ImagePrediction, default_tau, merge_by_image, novel_region_probabilities
 from ..localisation.regions import Region
+from .views import VIEW_NAMES, ViewExtractor
 
 
 @torch.no_grad()
@@ -50,7 +53,7 @@ class DiscoveryPredictor:
     (``None`` without a base validation set)."""
 
     config: DiscoveryConfig
-    model: DiscoveryModel
+    model: Union[DiscoveryModel, ViewDiscoveryModel]
     base_classes: list[str]
     prototypes: torch.Tensor
     reference_embeddings: torch.Tensor
@@ -59,6 +62,12 @@ class DiscoveryPredictor:
     @property
     def n_base(self) -> int:
         return len(self.base_classes)
+
+    def view_extractor(self) -> ViewExtractor:
+        """The frozen backbone of a view model (built once, from the installed ImageNet weights)."""
+        if not hasattr(self, "_extractor"):
+            self._extractor = ViewExtractor(self.config.model.cnn)
+        return self._extractor
 
     def save(self, folder: Path | str) -> Path:
         """``model.safetensors`` (weights), ``discovery.safetensors`` (prototypes, references), ``model.json``."""
@@ -70,7 +79,10 @@ class DiscoveryPredictor:
                    "reference_embeddings": self.reference_embeddings.contiguous()},
                   str(folder / "discovery.safetensors"))
         meta = {"config": self.config.to_dict(), "base_classes": self.base_classes,
-                "n_head_classes": self.model.head.n_classes, "outlier_threshold": self.outlier_threshold}
+                "n_head_classes": int(self.prototypes.shape[0]), "outlier_threshold": self.outlier_threshold}
+        if isinstance(self.model, ViewDiscoveryModel):
+            meta["view_weights"] = dict(zip(VIEW_NAMES, (float(s) ** 2 for s in self.model.view_scale)))
+            meta["projection_components"] = self.model.projection_components()
         (folder / "model.json").write_text(json.dumps(meta, indent=1))
         return folder
 
@@ -86,10 +98,19 @@ class DiscoveryPredictor:
             config = DiscoveryConfig.from_dict(meta["config"]).replace(device=device, progress=False)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{folder / 'model.json'} holds settings this version cannot read ({exc})") from exc
-        model = build_model(config.model, meta["n_head_classes"])
+        if config.model.uses_views:
+            extractor = ViewExtractor(config.model.cnn)
+            model = ViewDiscoveryModel.with_shapes(extractor.channels, meta["view_weights"],
+                                                   meta["projection_components"], meta["n_head_classes"],
+                                                   config.model.temperature)
+        else:
+            model = build_model(config.model, meta["n_head_classes"])
         load_weights_file(folder / MODEL_FILE, model)
-        return cls(config, model.eval(), meta["base_classes"], tensors["prototypes"],
-                   tensors["reference_embeddings"], meta["outlier_threshold"])
+        predictor = cls(config, model.eval(), meta["base_classes"], tensors["prototypes"],
+                        tensors["reference_embeddings"], meta["outlier_threshold"])
+        if config.model.uses_views:
+            predictor._extractor = extractor
+        return predictor
 
 
 @dataclass
@@ -131,3 +152,60 @@ def merge_images(regions: Sequence[Region], probs: np.ndarray) -> dict[str, Imag
                                  n_base=0, tau=float(tau))
     order = list(dict.fromkeys(r.image_id for r in regions))
     return {image_id: merged[image_id] for image_id in order}
+
+
+@dataclass
+class DiscoveryArtifacts:
+    """Results of ``train_discovery``: the predictor, the novel regions' predictions (input order), image labels
+    merged by area (``images[id].label`` novel class, ``.region_labels`` every region's), per-image confidence and
+    outlier score, the class count (``k``, and ``k_estimated`` with the criterion per k for ``k="auto"``),
+    label-free metrics and the per-epoch history."""
+
+    predictor: DiscoveryPredictor
+    regions: RegionPredictions
+    image_ids: list[str]
+    images: dict[str, ImagePrediction]
+    image_confidence: dict[str, float]
+    image_outlier_scores: dict[str, float]
+    k: int
+    k_estimated: Optional[int]
+    k_scores: Optional[dict[int, float]]
+    metrics: dict
+    history: list[dict]
+
+
+def run_notes(config: DiscoveryConfig, estimate: Optional[ClassCountEstimate], threshold: Optional[float]
+              ) -> list[str]:
+    """Warnings a user should read with the result: an estimated K at the k_max ceiling, no outlier threshold."""
+    notes = []
+    if estimate is not None and estimate.k >= config.classes.k_max:
+        notes.append(f"the estimated K ({estimate.k}) is the ceiling k_max = {config.classes.k_max}: the "
+                     f"{estimate.method} criterion found no smaller K it prefers, so there may be more classes, or no "
+                     "clear grouping; raise k_max in the settings or give --k")
+    if threshold is None:
+        notes.append("no base validation crops: outlier scores are given but no threshold is set")
+    return notes
+
+
+def assemble_artifacts(config: DiscoveryConfig, model, classes: list[str], novel: Sequence[Region],
+                       embeddings: torch.Tensor, n_train: int, prototypes: torch.Tensor,
+                       estimate: Optional[ClassCountEstimate], history: list[dict]) -> DiscoveryArtifacts:
+    """What every kind of model ends with (methods.md §1 step 7, §2 step 7): the k-NN outlier threshold that
+    accepts ``outlier_accept_rate`` of the held-out base crops (rows after ``n_train``), the predictor, the novel
+    regions' assignments and outlier scores, and image labels by area-weighted merging. ``embeddings`` holds every
+    region's unit embedding: novel, base train, base validation."""
+    novel_embeddings, references, val_embeddings = embeddings[:len(novel)], embeddings[:n_train], embeddings[n_train:]
+    val_scores = (knn_distance_score(val_embeddings, references, k=min(config.classes.outlier_k, n_train))
+                  if len(val_embeddings) else np.zeros(0))
+    threshold = (OutlierThreshold(config.classes.outlier_accept_rate).fit(val_scores).threshold_
+                 if len(val_scores) else None)
+    predictor = DiscoveryPredictor(config, model, classes, prototypes, references, threshold)
+    predictions = score_embeddings(predictor, novel_embeddings, exclude_self=True)
+    images = merge_images(novel, predictions.probs)
+    ids = [r.image_id for r in novel]
+    metrics = {"notes": run_notes(config, estimate, threshold), "val_scores": val_scores,
+               "n_clusters_used": int(len(np.unique(predictions.clusters)))}
+    return DiscoveryArtifacts(
+        predictor, predictions, ids, images, {i: float(p.probs.max()) for i, p in images.items()},
+        image_outlier_score(ids, predictions.outlier_score, "max"), prototypes.shape[0] - len(classes),
+        estimate.k if estimate else None, estimate.scores_by_k if estimate else None, metrics, history)

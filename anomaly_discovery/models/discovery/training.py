@@ -33,7 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -51,24 +51,14 @@ from .checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, sa
 from .config import DiscoveryConfig, OptimisationSettings
 from .data import RegionTensors, ViewCache, build_view_cache, epoch_plan, split_base
 from .model import DiscoveryModel, build_model, normalise_images
-from .predict import DiscoveryPredictor, RegionPredictions, embed, merge_images, score_embeddings
+from .frozen import ImageSource
+from .hooks import TrainHooks
 from .losses import (DiscoveryLossWeights, hard_label_ratio_schedule, teacher_temperature_schedule,
                      total_discovery_loss)
-from .outliers import OutlierThreshold, image_outlier_score, knn_distance_score
-from .region_merging import ImagePrediction
+from .predict import (DiscoveryArtifacts, DiscoveryPredictor, RegionPredictions, assemble_artifacts, embed,
+                      score_embeddings)
 from ..localisation.regions import Region
-
-
-@dataclass
-class TrainHooks:
-    """Injection points for a distributed runner (Ray Train): ``wrap_model`` (e.g. prepare_model),
-    ``wrap_loader`` (e.g. prepare_data_loader), ``report(epoch, metrics, checkpoint_dir)`` after each epoch's
-    checkpoint, and ``save_checkpoints`` (False on non-chief workers). The defaults are the single-process path."""
-
-    wrap_model: Callable[[nn.Module], nn.Module] = lambda model: model
-    wrap_loader: Callable[[DataLoader], DataLoader] = lambda loader: loader
-    report: Optional[Callable[[int, dict, Optional[Path]], None]] = None
-    save_checkpoints: bool = True
+from .view_discovery import embed_view_regions, train_view_discovery
 
 
 def learning_rate(settings: OptimisationSettings, step: int, total_steps: int) -> float:
@@ -222,37 +212,24 @@ def fit_discovery_model(config: DiscoveryConfig, novel: Sequence[Region], base: 
 
 
 @torch.no_grad()
-def predict_regions(artifacts: "DiscoveryArtifacts | DiscoveryPredictor", regions: Sequence[Region]
-                    ) -> RegionPredictions:
-    """Label new regions with a trained model: cluster, confidence, outlier scores (full forward, no cache)."""
+def predict_regions(artifacts: "DiscoveryArtifacts | DiscoveryPredictor", regions: Sequence[Region],
+                    images: Optional[Mapping[str, ImageSource]] = None) -> RegionPredictions:
+    """Label new regions with a trained model: cluster, confidence, outlier scores. View models read the regions'
+    whole images from ``images`` (image id → array or path)."""
     predictor = artifacts.predictor if isinstance(artifacts, DiscoveryArtifacts) else artifacts
     if not regions:
         raise ValueError("predict_regions: no regions")
+    if predictor.config.model.uses_views:
+        if images is None:
+            raise ValueError(f"a {predictor.config.model.kind} discovery model needs the regions' whole images")
+        embeddings = embed_view_regions(predictor.model, predictor.view_extractor(), regions, images,
+                                        predictor.config.model.view_size)
+        return score_embeddings(predictor, embeddings)
     device = next(predictor.model.parameters()).device
     data = RegionTensors.build([dataclasses.replace(r, class_name=None) for r in regions],
                                predictor.config.model.image_size, predictor.base_classes)
     embeddings = embed(predictor.model, data, torch.arange(len(regions)), None, device)
     return score_embeddings(predictor, embeddings)
-
-
-@dataclass
-class DiscoveryArtifacts:
-    """Results of ``train_discovery``: the predictor, the novel regions' predictions (input order), image labels
-    merged by area (``images[id].label`` novel class, ``.region_labels`` every region's), per-image confidence and
-    outlier score, the class count (``k``, and ``k_estimated`` with the criterion per k for ``k="auto"``),
-    label-free metrics and the per-epoch history."""
-
-    predictor: DiscoveryPredictor
-    regions: RegionPredictions
-    image_ids: list[str]
-    images: dict[str, ImagePrediction]
-    image_confidence: dict[str, float]
-    image_outlier_scores: dict[str, float]
-    k: int
-    k_estimated: Optional[int]
-    k_scores: Optional[dict[int, float]]
-    metrics: dict
-    history: list[dict]
 
 
 def novel_prototypes(trained: TrainedModel, embeddings: np.ndarray, config: DiscoveryConfig
@@ -274,19 +251,6 @@ def novel_prototypes(trained: TrainedModel, embeddings: np.ndarray, config: Disc
     centres = KMeans(k, n_init=10, random_state=seed).fit(embeddings).cluster_centers_
     novel = F.normalize(torch.from_numpy(centres).float(), dim=-1)
     return torch.cat([prototypes[:n_base], novel]), estimate
-
-
-def run_notes(config: DiscoveryConfig, estimate: Optional[ClassCountEstimate], threshold: Optional[float]
-              ) -> list[str]:
-    """Warnings a user should read with the result: an estimated K at the k_max ceiling, no outlier threshold."""
-    notes = []
-    if estimate is not None and estimate.k >= config.classes.k_max:
-        notes.append(f"the estimated K ({estimate.k}) is the ceiling k_max = {config.classes.k_max}: the "
-                     f"{estimate.method} criterion found no smaller K it prefers, so there may be more classes, or no clear grouping; "
-                     "raise k_max in the settings or give --k")
-    if threshold is None:
-        notes.append("no base validation crops: outlier scores are given but no threshold is set")
-    return notes
 
 
 def label_free_metrics(trained: TrainedModel, predictions: RegionPredictions, val_embeddings: torch.Tensor,
@@ -312,31 +276,25 @@ def label_free_metrics(trained: TrainedModel, predictions: RegionPredictions, va
 
 def train_discovery(config: DiscoveryConfig, novel: Sequence[Region], base: Optional[Sequence[Region]] = None,
                     report_fn: Optional[Callable[[int, dict, Optional[Path]], None]] = None,
-                    hooks: Optional[TrainHooks] = None) -> DiscoveryArtifacts:
-    """Train on ``novel`` regions (their labels are never read) and, optionally, labelled ``base`` regions;
-    then embed, assign, merge per image and score outliers. ``report_fn(epoch, metrics, checkpoint_dir)`` is
-    called after every epoch."""
+                    hooks: Optional[TrainHooks] = None, images: Optional[Mapping[str, ImageSource]] = None,
+                    normal_images: Sequence[ImageSource] = ()) -> DiscoveryArtifacts:
+    """Discover classes in ``novel`` regions (their labels are never read) with, optionally, labelled ``base``
+    regions; then embed, assign, merge per image and score outliers. View models (``kind`` "learned" or
+    "frozen") also read every region's whole image from ``images`` (image id → array or path) and, when given,
+    defect-free ``normal_images``. ``report_fn(epoch, metrics, checkpoint_dir)`` is called after every epoch."""
     _check_inputs(novel, base)
+    if config.model.uses_views:
+        if images is None:
+            raise ValueError(f"{config.model.kind} discovery needs the whole image of every region (images=...)")
+        return train_view_discovery(config, novel, list(base or []), images, normal_images, report_fn, hooks)
     trained = fit_discovery_model(config, novel, list(base or []), hooks or TrainHooks(), report_fn)
     device = next(trained.model.parameters()).device
     n_train = trained.n_novel + trained.n_base_train
     all_embeddings = embed(trained.model, trained.data, torch.arange(len(trained.data.labels)), trained.cache, device)
     novel_embeddings = all_embeddings[:trained.n_novel]
     prototypes, estimate = novel_prototypes(trained, novel_embeddings.numpy(), config)
-    val_embeddings = all_embeddings[n_train:]
-    references = all_embeddings[:n_train]
-    val_scores = knn_distance_score(val_embeddings, references, k=min(config.classes.outlier_k, n_train)) \
-        if len(val_embeddings) else np.zeros(0)
-    threshold = (OutlierThreshold(config.classes.outlier_accept_rate).fit(val_scores).threshold_
-                 if len(val_scores) else None)
-    predictor = DiscoveryPredictor(config, trained.model.cpu(), trained.classes, prototypes, references, threshold)
-    predictions = score_embeddings(predictor, novel_embeddings, exclude_self=True)
-    images = merge_images(novel, predictions.probs)
-    ids = [r.image_id for r in novel]
-    metrics = label_free_metrics(trained, predictions, val_embeddings, val_scores, threshold)
-    metrics["notes"] = run_notes(config, estimate, threshold)
-    return DiscoveryArtifacts(
-        predictor, predictions, ids, images, {i: float(p.probs.max()) for i, p in images.items()},
-        image_outlier_score(ids, predictions.outlier_score, "max"),
-        prototypes.shape[0] - len(trained.classes), estimate.k if estimate else None,
-        estimate.scores_by_k if estimate else None, metrics, trained.history)
+    artifacts = assemble_artifacts(config, trained.model.cpu(), trained.classes, novel, all_embeddings, n_train,
+                                   prototypes, estimate, trained.history)
+    artifacts.metrics |= label_free_metrics(trained, artifacts.regions, all_embeddings[n_train:],
+                                            artifacts.metrics.pop("val_scores"), artifacts.predictor.outlier_threshold)
+    return artifacts

@@ -1,4 +1,6 @@
-"""MEBin: main-element binarisation of anomaly maps (AnomalyNCD, methods.md §1 steps 0–1).
+"""MEBin: main-element binarisation of anomaly maps (AnomalyNCD, methods.md §1 steps 0–1). Written here because no
+library offers it on its own (it lives inside AnomalyNCD's and anomalib's code); OpenCV does the erosion and the
+counting.
 
 Step 0, :func:`normalise_jointly`: one min-max over the whole map set of a category, to uint8.
 

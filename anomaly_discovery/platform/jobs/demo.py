@@ -52,7 +52,7 @@ def run_demo(out: Path, n_images: int = 240, seed: int = 0, quick: bool = False,
     _done(t)
 
     t = _stage(f"discover: AMGA model, K estimated, known classes = '{BASE_PRODUCT}' defects")
-    discovery_settings = (DiscoveryConfig.of(cnn="tiny", image_size=64, depth=1, epochs=2) if quick
+    discovery_settings = (DiscoveryConfig.of(cnn="tiny", view_size=64, epochs=2) if quick
                           else DiscoveryConfig())
     discovery = run_discover(DiscoverJobConfig(
         data=out / "data" / DISCOVERED_PRODUCT, out=out / "discover", format="mvtec", detections=out / "detect",

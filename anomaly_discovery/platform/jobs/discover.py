@@ -29,7 +29,7 @@ from anomaly_discovery.models.discovery.training import DiscoveryArtifacts, trai
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
 from anomaly_discovery.models.localisation.regions import (Region, base_regions_from_boxes, base_regions_from_mask,
                                                            crop_region, novel_regions)
-from .detect import DETECTORS, SUMMARY_FILE, DetectConfig, run_detect
+from .detect import DETECTORS, SUMMARY_FILE, DetectConfig, run_detect, split_for_detector
 
 BASE_KINDS = ("neu", "synthetic")
 
@@ -142,6 +142,23 @@ def regions_from_detection(config: DiscoverJobConfig) -> tuple[list[Region], dic
     return regions, paths, config_to_dict(detect_config)
 
 
+def normal_images_of(detect_config: dict) -> list[str]:
+    """The defect-free images the detector learned from (none for a zero-shot detector or external maps): read
+    again from the data set the detect run names; discovery removes their main variation from its views."""
+    detector = detect_config.get("detector")
+    if detector not in ("patchcore", "prn") or detect_config.get("data") is None:
+        return []
+    data = Path(detect_config["data"])
+    data_format = detect_config.get("format") or "auto"
+    data_format = detect_format(data) if data_format == "auto" else data_format
+    split_file = detect_config.get("split_file")
+    report = read_dataset(data, data_format, skip_bad=True, split_file=Path(split_file) if split_file else None,
+                          masks_root=Path(detect_config["masks"]) if detect_config.get("masks") else None,
+                          check=False)
+    fit, _ = split_for_detector(report.samples, detector)
+    return [str(s.image_path) for s in fit]
+
+
 def subset_by_class(items: list, label_of, per_class: int, seed: int) -> list:
     """At most ``per_class`` items of each label (``label_of(item)``), chosen at random with ``seed``, in order."""
     rng = np.random.default_rng(seed)
@@ -195,7 +212,7 @@ def synthetic_base_regions(root: Path, data: Path, per_class: int, seed: int, pr
                    if record.get("object_mask_path") else None)
         regions += base_regions_from_mask(load_image(root / record["image_path"]),
                                           load_image(root / record["mask_path"], mode="L") > 0, record["label"],
-                                          record["image_path"], objects)
+                                          str(root / record["image_path"]), objects)
     return regions
 
 
@@ -312,7 +329,9 @@ def run_discover(config: DiscoverJobConfig) -> DiscoverSummary:
         k=config.k, seed=config.seed, device=config.device, progress=config.progress,
         checkpoint_dir=config.discovery.runtime.checkpoint_dir or str(Path(config.out) / "checkpoints"))
     start = time.perf_counter()
-    artifacts = train_discovery(discovery, regions, base)
+    images = paths | {r.image_id: r.image_id for r in base or []}
+    artifacts = train_discovery(discovery, regions, base, images=images,
+                                normal_images=normal_images_of(detect_config))
     seconds["train"] = time.perf_counter() - start
     summary = DiscoverSummary(config, artifacts, paths, regions, base_description, data_format, seconds)
     write_outputs(summary)
@@ -322,6 +341,8 @@ def run_discover(config: DiscoverJobConfig) -> DiscoverSummary:
 def run_discover_cli(args) -> int:
     """``adisc discover``: settings file first (``--config``), then the command line's --k, --seed, --device."""
     discovery = load_config(DiscoveryConfig, args.config) if args.config else DiscoveryConfig()
+    if args.model is not None:
+        discovery = discovery.replace(kind=args.model)
     config = config_from_dict(DiscoverJobConfig, {
         "data": args.data, "out": args.out, "format": args.format, "detector": args.detector,
         "detections": args.detections, "k": args.k, "base": args.base, "discovery": discovery,

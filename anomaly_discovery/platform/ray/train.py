@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -42,12 +42,13 @@ from anomaly_discovery.models.discovery.checkpoints import CHECKPOINT_PREFIX, MO
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
 from anomaly_discovery.models.discovery.model import DiscoveryModel
 from anomaly_discovery.models.discovery.selection import SCORE_METRIC, SelectionProbe
-from anomaly_discovery.models.discovery.training import TrainHooks, train_discovery
+from anomaly_discovery.models.discovery.hooks import TrainHooks
+from anomaly_discovery.models.discovery.training import train_discovery
 from anomaly_discovery.models.localisation.regions import Region
 from anomaly_discovery.platform.jobs.detect import SUMMARY_FILE
-from anomaly_discovery.platform.jobs.discover import (DiscoverJobConfig, DiscoverSummary, build_base, parse_k,
-                                                      regions_from_detect_output, regions_from_detection,
-                                                      write_outputs)
+from anomaly_discovery.platform.jobs.discover import (DiscoverJobConfig, DiscoverSummary, build_base,
+                                                      normal_images_of, parse_k, regions_from_detect_output,
+                                                      regions_from_detection, write_outputs)
 
 from .cluster import (FINAL_CHECKPOINT, ClusterConfig, EpochEvent, add_cluster_arguments, build_trainer,
                       cluster_from_args, connect, fit_to_folder, report_epoch, scalar_metrics, worker_scratch)
@@ -63,6 +64,7 @@ class TrainData:
     base_description: str
     data_format: str
     seconds: dict[str, float]
+    normal_images: list[str] = field(default_factory=list)
 
 
 def load_train_data(job: DiscoverJobConfig) -> TrainData:
@@ -79,7 +81,7 @@ def load_train_data(job: DiscoverJobConfig) -> TrainData:
     start = time.perf_counter()
     base, description = build_base(job)
     seconds["base"] = time.perf_counter() - start
-    return TrainData(novel, base, paths, description, data_format, seconds)
+    return TrainData(novel, base, paths, description, data_format, seconds, normal_images_of(detect_config))
 
 
 @dataclass
@@ -96,6 +98,7 @@ class WorkerPlan:
     seconds: dict[str, float]
     init_model: Optional[str] = None
     epoch_callbacks: tuple[Callable[[EpochEvent], None], ...] = ()
+    normal_images: tuple[str, ...] = ()
 
 
 def restore_checkpoint(folder: Path, into: Path) -> Optional[int]:
@@ -120,12 +123,17 @@ def restore_checkpoint(folder: Path, into: Path) -> Optional[int]:
     return epoch
 
 
-def load_backbone_weights(model: DiscoveryModel, folder: Path | str) -> None:
-    """Start from a saved discovery model (its ``model/`` folder): backbone and projector weights; the
-    prototype heads start fresh because the class list changes."""
+RUN_SPECIFIC = ("head.", "prototypes", "mean_", "basis_", "view_scale")
+
+
+def load_backbone_weights(model: nn.Module, folder: Path | str) -> None:
+    """Start from a saved discovery model (its ``model/`` folder): what it learned about pooling and features
+    (the transformer's backbone and projector; a view model's AMGA pooling and Region Guidance Factor). The
+    prototypes start fresh because the class list changes, and a view model keeps this run's nuisance projection
+    and view weights."""
     path = Path(folder) / MODEL_FILE
     try:
-        weights = {k: v for k, v in load_file(str(path)).items() if not k.startswith("head.")}
+        weights = {k: v for k, v in load_file(str(path)).items() if not k.startswith(RUN_SPECIFIC)}
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"model weights {path} are corrupt or unreadable ({exc})") from exc
     try:
@@ -133,7 +141,7 @@ def load_backbone_weights(model: DiscoveryModel, folder: Path | str) -> None:
     except RuntimeError as exc:
         raise CheckpointError(f"model {folder} does not fit these settings ({str(exc).splitlines()[0]}); "
                               "train with the settings in its model.json") from exc
-    missing = [k for k in missing if not k.startswith("head.")]
+    missing = [k for k in missing if not k.startswith(RUN_SPECIFIC)]
     if missing or unexpected:
         raise CheckpointError(f"model {folder} does not fit these settings (missing {missing[:5]}, unexpected "
                               f"{list(unexpected)[:5]}); train with the settings in its model.json")
@@ -166,7 +174,8 @@ def discovery_train_loop(loop_config: dict) -> None:
         discovery = discovery.replace(device=str(ray.train.torch.get_device()), progress=False,
                             checkpoint_dir=str(local / "checkpoints"), resume=resumed_from is not None,
                             keep_checkpoints=1)
-        probe = SelectionProbe.build(discovery, novel, base or []) if rank == 0 else None
+        probe = (SelectionProbe.build(discovery, novel, base or [])
+                 if rank == 0 and not discovery.model.uses_views else None)
         trained: dict[str, DiscoveryModel] = {}
         n_base_classes = len({r.class_name for r in base or []})
 
@@ -179,7 +188,8 @@ def discovery_train_loop(loop_config: dict) -> None:
             trained["model"] = model
             if plan.init_model and resumed_from is None:
                 load_backbone_weights(model, plan.init_model)
-            kwargs = {"find_unused_parameters": True} if discovery.model.guidance == "none" else None
+            unused = discovery.model.guidance == "none" or discovery.model.uses_views
+            kwargs = {"find_unused_parameters": True} if unused else None
             return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=kwargs)
 
         def report(epoch: int, metrics: dict, saved: Optional[Path]) -> None:
@@ -192,7 +202,9 @@ def discovery_train_loop(loop_config: dict) -> None:
 
         hooks = TrainHooks(wrap_model=wrap_model, wrap_loader=ray.train.torch.prepare_data_loader, report=report,
                            save_checkpoints=rank == 0)
-        artifacts = train_discovery(discovery, novel, base, hooks=hooks)
+        images = plan.image_paths | {r.image_id: r.image_id for r in base or []}
+        artifacts = train_discovery(discovery, novel, base, hooks=hooks, images=images,
+                                    normal_images=plan.normal_images)
         final = scalar_metrics(artifacts.metrics) | {"epochs_done": discovery.optimisation.epochs, "k": artifacts.k}
         out = None
         if rank == 0:
@@ -231,7 +243,7 @@ def make_plan(job: DiscoverJobConfig, data: TrainData, init_model: Optional[str]
     """Put the regions in Ray's object store once and describe the run for the workers."""
     discovery = job.discovery.replace(k=job.k, seed=job.seed)
     return WorkerPlan(discovery, job, ray.put((data.novel, data.base)), data.image_paths, data.base_description,
-                      data.data_format, data.seconds, init_model, tuple(epoch_callbacks))
+                      data.data_format, data.seconds, init_model, tuple(epoch_callbacks), tuple(data.normal_images))
 
 
 def run_train(job: DiscoverJobConfig, cluster: ClusterConfig, data: Optional[TrainData] = None,

@@ -41,6 +41,12 @@ def test_settings_are_grouped_and_named_flat_in_of_and_replace():
     assert config.optimisation.lr == OptimisationSettings().lr
 
 
+def test_a_file_without_a_kind_is_the_learned_model_unless_it_sets_transformer_fields():
+    assert DiscoveryConfig.from_dict({"optimisation": {"epochs": 3}}).model.kind == "learned"
+    assert DiscoveryConfig.from_dict({"epochs": 3, "depth": 2}).model.kind == "transformer"
+    assert DiscoveryConfig.from_dict({"depth": 2, "kind": "frozen"}).model.kind == "frozen"
+
+
 def test_an_unknown_or_invalid_setting_is_refused_with_its_name():
     with pytest.raises(ValueError, match="unknown discovery setting.*epoch\\b"):
         DiscoveryConfig.of(epoch=3)
@@ -64,8 +70,9 @@ def test_a_flat_settings_file_written_before_the_grouping_loads(tmp_path):
     path = FIXTURES / "settings_before_grouping.yaml"
     flat = yaml.safe_load(path.read_text())
     config = load_config(DiscoveryConfig, path)
-    assert config.fingerprint() == flat
-    assert (config.model.cnn, config.classes.k, config.optimisation.epochs) == ("tiny", 3, 1)
+    assert {name: config.fingerprint()[name] for name in flat} == flat
+    assert (config.model.kind, config.model.cnn, config.classes.k, config.optimisation.epochs) == (
+        "transformer", "tiny", 3, 1)
     grouped = tmp_path / "grouped.yaml"
     grouped.write_text(yaml.safe_dump(config.to_dict()))
     assert load_config(DiscoveryConfig, grouped) == config
@@ -80,6 +87,7 @@ def test_a_settings_file_with_an_unknown_key_is_a_config_error_naming_it(tmp_pat
 
 def test_a_model_saved_before_the_grouping_loads_and_embeds_as_it_did(tmp_path):
     predictor = DiscoveryPredictor.load(FIXTURES / "model_before_grouping")
+    assert predictor.config.model.kind == "transformer"
     assert (predictor.config.model.cnn, predictor.config.model.embed_dim, predictor.config.classes.k) == ("tiny", 24, 3)
     predicted = predict_regions(predictor, fixture_regions())
     assert np.allclose(predicted.embeddings, predictor.reference_embeddings.numpy(), atol=1e-5)

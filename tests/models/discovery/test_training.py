@@ -6,7 +6,9 @@ import torch
 from sklearn.cluster import KMeans
 
 from anomaly_discovery.models.discovery.class_count import ClassCountEstimate
-from anomaly_discovery.models.discovery.training import TrainHooks, predict_regions, run_notes, train_discovery
+from anomaly_discovery.models.discovery.hooks import TrainHooks
+from anomaly_discovery.models.discovery.predict import run_notes
+from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
 from anomaly_discovery.models.discovery.checkpoints import CheckpointError, latest_checkpoint
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
 from anomaly_discovery.models.discovery.model import build_model, normalise_images
@@ -14,8 +16,8 @@ from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
 from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.models.localisation.regions import crop_region, regions_to_tensors
 
-TINY = dict(cnn="tiny", image_size=64, depth=1, embed_dim=32, attention_heads=2, projection_hidden=64,
-            projection_dim=32, n_heads=2, batch_size=16, epochs=2, cached_views=3, k=3, progress=False)
+TINY = dict(kind="transformer", cnn="tiny", image_size=64, depth=1, embed_dim=32, attention_heads=2,
+            projection_hidden=64, projection_dim=32, n_heads=2, batch_size=16, epochs=2, cached_views=3, k=3, progress=False)
 KINDS = ("scratch", "hole", "dots")
 
 

@@ -13,8 +13,7 @@ from anomaly_discovery.platform.jobs.discover import (DiscoverJobConfig, neu_bas
 from anomaly_discovery.platform.jobs.evaluate import evaluate_output
 from tests.conftest import shared_dataset
 
-TINY = dict(cnn="tiny", image_size=64, depth=1, embed_dim=32, attention_heads=2, projection_hidden=64,
-            projection_dim=32, n_heads=2, batch_size=8, epochs=2, cached_views=3, k_max=4)
+TINY = dict(cnn="tiny", view_size=64, batch_size=8, epochs=2, k_max=4)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def test_cli_discover_with_no_base_writes_a_summary_that_evaluate_scores(generat
     assert "K = 3 (given)" in printed and "base set: none" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "discover" and summary["k"] == 3 and summary["k_estimated"] is None
-    assert summary["config"]["format"] == "mvtec" and summary["config"]["discovery"]["depth"] == 1
+    assert summary["config"]["format"] == "mvtec" and summary["config"]["discovery"]["view_size"] == 64
     detected = json.loads((detections / "summary.json").read_text())["images"]
     assert [r["image"] for r in summary["images"]] == [r["image"] for r in detected]
     for record in summary["images"]:
@@ -91,7 +90,7 @@ def test_synthetic_base_crops_at_most_per_class_images(generated):
     regions = synthetic_base_regions(generated, generated / "metal_plate", per_class=1, seed=0, progress=False)
     assert {r.class_name for r in regions} == {"crack", "fold", "hole", "missing_material", "scratch", "stain"}
     assert len({r.image_id for r in regions}) == 6
-    assert all(r.image_id.startswith("bottle/") for r in regions)
+    assert all(r.image_id.startswith(str(generated / "bottle")) for r in regions)
 
 
 def test_regions_from_detect_output_follow_its_boxes(detections):

@@ -45,8 +45,8 @@ def current_model(detections, tmp_path_factory):
     """The serving folder in service: a tiny PatchCore, the run's localisation and a discovery model trained
     on the detections with nothing confirmed yet (single process)."""
     folder, _ = detections
-    regions, _, _ = regions_from_detect_output(folder, progress=False)
-    artifacts = train_discovery(DiscoveryConfig.of(**(TINY_SETTINGS | {"epochs": 1})), regions)
+    regions, paths, _ = regions_from_detect_output(folder, progress=False)
+    artifacts = train_discovery(DiscoveryConfig.of(**(TINY_SETTINGS | {"epochs": 1})), regions, images=paths)
     normal = [np.full((64, 64, 3), 120, np.uint8) for _ in range(2)]
     detector = PatchCoreDetector(backbone="tiny", image_size=64, device="cpu", progress=False).fit(normal)
     localisation = fit_localisation([np.zeros((64, 64)), np.ones((64, 64))], [128])

@@ -27,7 +27,7 @@ from anomaly_discovery.platform.ray.cluster import (ClusterConfig, EpochEvent, s
 from anomaly_discovery.platform.ray.train import (add_train_arguments, load_train_data, restore_checkpoint, run_train,
                                                   run_train_cli)
 from tests.platform.ray_cluster import ray_session  # noqa: F401  (the session's Ray)
-from tests.platform.ray_cluster import TINY_SETTINGS, coloured_regions, write_detect_output
+from tests.platform.ray_cluster import TINY_SETTINGS, coloured_regions, images_of, write_detect_output
 
 pytestmark = pytest.mark.slow
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -153,7 +153,8 @@ def test_the_resumed_one_worker_run_equals_the_uninterrupted_single_process_path
     run, _, _ = killed_one_worker_run
     folder, kinds = detections
     data = load_train_data(job(detections, folder / "unused"))
-    artifacts = train_discovery(DiscoveryConfig.of(**(TINY_SETTINGS | {"epochs": 3})), data.novel)
+    artifacts = train_discovery(DiscoveryConfig.of(**(TINY_SETTINGS | {"epochs": 3})), data.novel,
+                                images=data.image_paths)
     summary = json.loads((run.out / "summary.json").read_text())
     ray_partition = [r["class"] for r in summary["images"]]
     assert clustering_report(ray_partition, [p.label for p in artifacts.images.values()])["ari"] == pytest.approx(1.0)
@@ -169,7 +170,8 @@ def test_two_worker_clustering_matches_one_worker_within_seed_noise(two_worker_c
     truth = np.array([kinds[r.image_id] for r in data.novel])
     by_seed = []
     for seed in (0, 1, 2):
-        artifacts = train_discovery(DiscoveryConfig.of(**(TINY_SETTINGS | {"seed": seed})), data.novel)
+        artifacts = train_discovery(DiscoveryConfig.of(**(TINY_SETTINGS | {"seed": seed})), data.novel,
+                                    images=data.image_paths)
         by_seed.append(clustering_report(truth, [artifacts.images[r.image_id].label for r in data.novel])["nmi"])
     one, two = nmi_of(killed_one_worker_run[0].out, kinds), nmi_of(two_worker_cli_run[0], kinds)
     noise = max(by_seed) - min(by_seed)
@@ -181,7 +183,7 @@ def _one_epoch_checkpoint(tmp_path):
     """The checkpoint folder of a 1-epoch run on 3 crops per kind."""
     regions, _ = coloured_regions(3, seed=0)
     config = DiscoveryConfig.of(**(TINY_SETTINGS | {"epochs": 1}), checkpoint_dir=str(tmp_path / "run"))
-    train_discovery(config, regions)
+    train_discovery(config, regions, images=images_of(regions))
     return latest_checkpoint(tmp_path / "run")
 
 

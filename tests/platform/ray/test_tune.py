@@ -62,14 +62,14 @@ def test_the_best_config_is_what_adisc_discover_runs_with(tuned, detections, tmp
     out, _ = tuned
     best = load_config(DiscoveryConfig, out / BEST_CONFIG_FILE)
     sample = json.loads((out / TRIALS_FILE).read_text())["trials"][0]["sample"]
-    assert best.optimisation.lr == pytest.approx(sample["lr"])
-    assert best.model.n_guided_blocks == sample["n_guided_blocks"]
+    assert best.optimisation.consistency_lr == pytest.approx(sample["consistency_lr"])
+    assert best.optimisation.neighbours == sample["neighbours"]
     assert best.optimisation.augment.scale == (pytest.approx(sample["crop_scale_min"]), 1.0)
     code = main(["discover", "--data", str(detections / "data"), "--format", "folder", "--detections",
                  str(detections), "--config", str(out / BEST_CONFIG_FILE), "--out", str(tmp_path / "d"), "--quiet"])
     assert code == 0
     used = json.loads((tmp_path / "d" / "summary.json").read_text())["config"]["discovery"]
-    assert used["lr"] == pytest.approx(best.optimisation.lr)
+    assert used["consistency_lr"] == pytest.approx(best.optimisation.consistency_lr)
     assert used["temperature"] == pytest.approx(best.model.temperature)
 
 
@@ -85,9 +85,11 @@ def test_resume_restores_the_finished_experiment_without_rerunning(tuned, detect
 def test_trial_overrides_map_the_search_space_onto_discovery_settings():
     base = DiscoveryConfig.of(**TINY_SETTINGS)
     overrides = trial_overrides(base, {"teacher_temperature_end": 0.03, "crop_scale_min": 0.5,
-                                       "overcluster_factor": 1.5, "lr": 0.01, "n_guided_blocks": 1})
+                                       "overcluster_factor": 1.5, "lr": 0.01, "n_guided_blocks": 1,
+                                       "consistency_lr": 0.02, "neighbours": 5})
     assert overrides["teacher_temperature"] == (0.07, 0.03) and overrides["augment"].scale == (0.5, 1.0)
     assert overrides["k_max"] == 6 and overrides["lr"] == 0.01 and overrides["n_guided_blocks"] == 1
+    assert overrides["consistency_lr"] == 0.02 and overrides["neighbours"] == 5
     with pytest.raises(ValueError, match="unknown search-space keys"):
         trial_overrides(base, {"momentum": 0.5})
 
@@ -97,6 +99,14 @@ def test_search_space_tunes_the_supervised_weight_only_with_a_base_set():
     base = DiscoveryConfig.of(**TINY_SETTINGS)
     assert "supervised_weight" not in search_space(base, has_base_set=False)
     assert "supervised_weight" in search_space(base, has_base_set=True)
+
+
+def test_the_search_space_follows_the_model_kind():
+    pytest.importorskip("ray")
+    views = search_space(DiscoveryConfig.of(**TINY_SETTINGS), has_base_set=False)
+    transformer = search_space(DiscoveryConfig.of(**TINY_SETTINGS, kind="transformer"), has_base_set=False)
+    assert {"consistency_lr", "neighbours"} <= set(views) and "n_guided_blocks" not in views
+    assert {"lr", "n_guided_blocks", "teacher_temperature_end"} <= set(transformer) and "neighbours" not in transformer
 
 
 def test_concurrency_follows_the_cluster_resources():

@@ -1,0 +1,212 @@
+"""Discovery over frozen views, with (``kind="learned"``) or without (``kind="frozen"``) training (issue 14).
+
+``fit_view_discovery`` runs the whole method on the novel regions (and, optionally, labelled base regions):
+
+1. the views of every region (``views``), with the normal images' main variation removed when normal images are
+   given (``NuisanceProjection``);
+2. K: given, or estimated (``ClassSettings.k_method``, by default the consensus of ``class_count``) on the image
+   level of the equally weighted views, then again on the chosen weighting;
+3. the view weights (``frozen.select_view_weights``: highest silhouette at K);
+4. the floor: k-means on the novel regions' embeddings; its centres (and the base classes' means) are the
+   prototypes of a :class:`ViewDiscoveryModel`, whose untrained embedding is the floor's exactly;
+5. ``learned`` only: neighbour-consistency training (``neighbour_consistency``) from there;
+6. embeddings, assignments, the k-NN outlier threshold on held-out base crops, and image labels by area-weighted
+   merging, as the other kinds give them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import silhouette_score
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from ..localisation.regions import Region
+from .amga_pooling import ViewDiscoveryModel
+from .checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import DiscoveryConfig
+from .data import split_base
+from .frozen import ImageSource, estimate_k, fit_projection, image_getter, kmeans, select_view_weights
+from .hooks import TrainHooks
+from .neighbour_consistency import (CachedViews, ConsistencySettings, build_optimizer, cache_views, cached_features,
+                                    embed_cached, epoch_anchors, mine_neighbours, train_epoch)
+from .predict import DiscoveryArtifacts, assemble_artifacts
+from .selection import SCORE_METRIC, selection_score
+from .views import (VIEW_NAMES, ViewExtractor, combine_views, extract_region_features, image_features, unit_rows,
+                    view_vectors)
+
+EQUAL_WEIGHTS = {name: 1 / len(VIEW_NAMES) for name in VIEW_NAMES}
+
+
+def region_image_vectors(extractor: ViewExtractor, regions: Sequence[Region], images: Mapping[str, ImageSource],
+                         size: int) -> np.ndarray:
+    """The raw whole-image vector of every region's image (each image read once)."""
+    image_ids = list(dict.fromkeys(r.image_id for r in regions))
+    get = image_getter(images)
+    vectors = image_features(extractor, (get(i) for i in image_ids), len(image_ids), size)[-1]
+    row = {image_id: i for i, image_id in enumerate(image_ids)}
+    return vectors[[row[r.image_id] for r in regions]]
+
+
+def choose_k_and_weights(vectors: dict[str, np.ndarray], novel: Sequence[Region], config: DiscoveryConfig):
+    """(K, the class-count estimate or None, the view weights and their silhouettes) for the novel regions."""
+    classes, seed = config.classes, config.runtime.seed
+    if classes.k != "auto":
+        weights, scores = select_view_weights(vectors, int(classes.k), seed)
+        return int(classes.k), None, weights, scores
+    provisional = estimate_k(combine_views(vectors, EQUAL_WEIGHTS), novel, classes.k_max, classes.k_method, seed)
+    weights, scores = select_view_weights(vectors, max(2, provisional.k), seed)
+    estimate = estimate_k(combine_views(vectors, weights), novel, classes.k_max, classes.k_method, seed)
+    return estimate.k, estimate, weights, scores
+
+
+def initial_prototypes(embeddings: np.ndarray, n_novel: int, base_labels: np.ndarray, n_base_classes: int, k: int,
+                       seed: int) -> np.ndarray:
+    """Base classes' mean embeddings, then the k-means centres of the novel embeddings (unit rows)."""
+    base = [embeddings[n_novel:][base_labels == c].mean(axis=0) for c in range(n_base_classes)]
+    novel = kmeans(embeddings[:n_novel], k, seed).cluster_centers_
+    return unit_rows(np.concatenate([np.array(base).reshape(-1, embeddings.shape[1]), novel]))
+
+
+def label_free_scores(embeddings: torch.Tensor, model: ViewDiscoveryModel, n_novel: int, n_base_classes: int,
+                      val_rows: slice, val_labels: np.ndarray) -> dict:
+    """The label-free selection score (``selection``) of view models: the silhouette of the novel crops under the
+    model's own assignments and the accuracy on held-out base crops."""
+    with torch.no_grad():
+        logits = model.logits(embeddings)
+    novel = embeddings[:n_novel].numpy()
+    assigned = logits[:n_novel, n_base_classes:].argmax(1).numpy()
+    silhouette = (float(silhouette_score(novel, assigned, metric="cosine"))
+                  if 2 <= len(np.unique(assigned)) < len(novel) else None)
+    accuracy = (float((logits[val_rows, :n_base_classes].argmax(1).numpy() == val_labels).mean())
+                if len(val_labels) else None)
+    return {"probe_silhouette": silhouette, "probe_base_val_accuracy": accuracy,
+            SCORE_METRIC: selection_score(accuracy, silhouette)}
+
+
+def train_epochs(model: ViewDiscoveryModel, cache: CachedViews, floor: np.ndarray, n_novel: int, n_base_classes: int,
+                 base_labels: torch.Tensor, config: DiscoveryConfig, fingerprint: dict, hooks: TrainHooks,
+                 scores: Callable[[torch.Tensor], dict], report_fn: Optional[Callable] = None) -> list[dict]:
+    """Step 5 with epoch checkpoints (``runtime.checkpoint_dir``), resume (``runtime.resume``, refused when the
+    checkpoint was written with other settings or data) and the hooks of a distributed runner."""
+    optimisation, runtime = config.optimisation, config.runtime
+    settings = ConsistencySettings(
+        epochs=optimisation.epochs, batch_size=optimisation.batch_size, lr=optimisation.consistency_lr,
+        pooling_lr=optimisation.consistency_lr / 10, entropy_weight=optimisation.entropy_weight,
+        supervised_weight=optimisation.supervised_weight, n_neighbours=optimisation.neighbours,
+        self_label_epochs=optimisation.self_label_epochs, seed=runtime.seed, progress=runtime.progress)
+    neighbours = mine_neighbours(floor[:n_novel], settings.n_neighbours)
+    optimizer = build_optimizer(model, settings)
+    checkpoint_dir = Path(runtime.checkpoint_dir) if runtime.checkpoint_dir else None
+    history: list[dict] = []
+    latest = latest_checkpoint(checkpoint_dir) if runtime.resume else None
+    if latest is not None:
+        state = load_checkpoint(latest, model, optimizer)
+        if state.get("fingerprint") != fingerprint:
+            changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
+            raise CheckpointError(f"checkpoint {latest} was written with other settings or data (differs in: "
+                                  f"{', '.join(changed)}); use a fresh checkpoint_dir")
+        history = state["history"]
+    wrapped = hooks.wrap_model(model)
+    total = settings.epochs + settings.self_label_epochs
+    bar = tqdm(range(len(history), total), desc="discovery", unit="epoch", disable=not settings.progress)
+    for epoch in bar:
+        started = time.perf_counter()
+        loader = hooks.wrap_loader(DataLoader(TensorDataset(epoch_anchors(n_novel, settings.seed, epoch)),
+                                              batch_size=settings.batch_size, shuffle=False))
+        model.train()
+        metrics = train_epoch(wrapped, loader, optimizer, cache, neighbours, n_novel, n_base_classes, base_labels,
+                              settings, epoch)
+        model.eval()
+        metrics.update(scores(embed_cached(model, cache)), epoch=epoch, seconds=time.perf_counter() - started)
+        history.append(metrics)
+        bar.set_postfix(loss=f"{metrics['total']:.3f}")
+        saved = None
+        if checkpoint_dir is not None and hooks.save_checkpoints:
+            saved = save_checkpoint(checkpoint_dir, epoch, model, optimizer,
+                                    {"fingerprint": fingerprint, "history": history}, runtime.keep_checkpoints)
+        for callback in (hooks.report, report_fn):
+            if callback is not None:
+                callback(epoch, metrics, saved)
+    model.eval()
+    return history
+
+
+def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base: Sequence[Region],
+                         images: Mapping[str, ImageSource], normal_images: Sequence[ImageSource] = (),
+                         report_fn: Optional[Callable] = None, hooks: Optional[TrainHooks] = None
+                         ) -> DiscoveryArtifacts:
+    """The whole method of the module docstring on ``novel`` (labels never read) and optional labelled ``base``
+    regions; ``images`` maps every region's image id to its whole image (array or path)."""
+    started = time.perf_counter()
+    settings, runtime = config.model, config.runtime
+    base_train, base_val = split_base(list(base), config.optimisation.base_val_fraction, runtime.seed)
+    classes = sorted({r.class_name for r in base})
+    extractor = ViewExtractor(settings.cnn)
+    projection = fit_projection(extractor, normal_images, settings.view_size, settings.nuisance_components,
+                                runtime.progress)
+    regions = list(novel) + base_train + base_val
+    learns = settings.kind == "learned" and config.optimisation.epochs > 0
+    cache = None
+    if learns:
+        cache = cache_views(extractor, regions, region_image_vectors(extractor, regions, images, settings.view_size),
+                            config.optimisation.consistency_views, settings.view_size, config.optimisation.augment,
+                            runtime.seed, progress=runtime.progress)
+        features = cached_features(cache)
+    else:
+        features = extract_region_features(extractor, regions, image_getter(images), settings.view_size,
+                                           progress=runtime.progress)
+    vectors = view_vectors(features, projection)
+    n_novel, n_train = len(novel), len(novel) + len(base_train)
+    k, estimate, weights, silhouettes = choose_k_and_weights({v: x[:n_novel] for v, x in vectors.items()}, novel,
+                                                             config)
+    floor = combine_views(vectors, weights)
+    base_labels = np.array([classes.index(r.class_name) for r in base_train], dtype=np.int64)
+    model = ViewDiscoveryModel(extractor.channels, weights, projection, len(classes) + k, settings.temperature)
+    model.init_prototypes(initial_prototypes(floor[:n_train], n_novel, base_labels, len(classes), k, runtime.seed))
+    history: list[dict] = []
+    embeddings = torch.as_tensor(floor)
+    val_labels = np.array([classes.index(r.class_name) for r in base_val], dtype=np.int64)
+
+    def scores(embedded: torch.Tensor) -> dict:
+        return label_free_scores(embedded, model, n_novel, len(classes), slice(n_train, None), val_labels)
+
+    if learns:
+        fingerprint = config.fingerprint() | {"n_novel": n_novel, "n_base": len(base), "k": k, "weights": weights}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(runtime.seed)
+            history = train_epochs(model, cache, floor, n_novel, len(classes), torch.as_tensor(base_labels), config,
+                                   fingerprint, hooks or TrainHooks(), scores, report_fn)
+        embeddings = embed_cached(model, cache)
+    prototypes = F.normalize(model.prototypes.detach(), dim=1)
+    artifacts = assemble_artifacts(config, model, classes, novel, embeddings.float(), n_train, prototypes, estimate,
+                                   history)
+    val_scores = artifacts.metrics.pop("val_scores")
+    artifacts.metrics |= scores(embeddings.float())
+    artifacts.metrics |= {"view_weights": weights, "view_silhouettes": silhouettes, "n_novel": n_novel,
+                          "n_base_train": len(base_train), "n_base_val": len(base_val),
+                          "train_seconds": time.perf_counter() - started,
+                          "loss": history[-1]["total"] if history else None}
+    if len(val_scores):
+        artifacts.metrics["outlier_threshold"] = artifacts.predictor.outlier_threshold
+        artifacts.metrics["base_val_accept_rate"] = float((val_scores <= artifacts.predictor.outlier_threshold).mean())
+    used = artifacts.metrics["n_clusters_used"]
+    if 2 <= used < len(novel):
+        artifacts.metrics["silhouette"] = float(silhouette_score(artifacts.regions.embeddings,
+                                                                 artifacts.regions.clusters, metric="cosine"))
+    return artifacts
+
+
+@torch.no_grad()
+def embed_view_regions(model: ViewDiscoveryModel, extractor: ViewExtractor, regions: Sequence[Region],
+                       images: Mapping[str, ImageSource], size: int) -> torch.Tensor:
+    """Unit embeddings of new regions (view 0), the whole images read from ``images`` by image id."""
+    cache: CachedViews = cache_views(extractor, regions, region_image_vectors(extractor, regions, images, size), 1,
+                                     size, None, 0)
+    return embed_cached(model, cache)

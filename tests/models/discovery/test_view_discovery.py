@@ -1,0 +1,89 @@
+"""The view models end to end: ``kind="frozen"`` (the floor) and ``kind="learned"`` (AMGA pooling + prototypes
+trained by neighbour consistency), on a world of coloured squares."""
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly_discovery.models.discovery.config import DiscoveryConfig
+from anomaly_discovery.models.discovery.neighbour_consistency import mine_neighbours, neighbour_consistency_loss
+from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
+from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
+from anomaly_discovery.models.metrics import clustering_report
+from tests.models.discovery.view_world import square_world
+
+SMALL = dict(view_size=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return square_world(36)
+
+
+def nmi(artifacts, truth) -> float:
+    ids = sorted(artifacts.images)
+    return clustering_report(np.array([truth[i] for i in ids]), np.array([artifacts.images[i].label for i in ids]))["nmi"]
+
+
+@pytest.fixture(scope="module")
+def frozen(world):
+    regions, images, _, _ = world
+    return train_discovery(DiscoveryConfig.of(kind="frozen", k=3, **SMALL), regions, images=images)
+
+
+def test_the_frozen_floor_finds_the_three_colours_without_training(frozen, world):
+    assert nmi(frozen, world[2]) == pytest.approx(1.0)
+    assert frozen.history == [] and frozen.k == 3
+    assert sum(frozen.metrics["view_weights"].values()) == pytest.approx(1.0)
+
+
+def test_the_untrained_learned_model_is_the_floor(frozen, world):
+    regions, images, _, _ = world
+    untrained = train_discovery(DiscoveryConfig.of(kind="learned", k=3, epochs=1, consistency_lr=0.0, **SMALL),
+                                regions, images=images)
+    assert np.allclose(untrained.regions.embeddings, frozen.regions.embeddings, atol=1e-3)  # float16 cache
+    assert (untrained.regions.clusters == frozen.regions.clusters).all()
+
+
+def test_the_learned_model_trains_records_its_curve_and_reloads(world, tmp_path):
+    regions, images, truth, _ = world
+    artifacts = train_discovery(DiscoveryConfig.of(kind="learned", k=3, epochs=4, **SMALL), regions, images=images)
+    assert nmi(artifacts, truth) == pytest.approx(1.0)
+    assert [h["epoch"] for h in artifacts.history] == [0, 1, 2, 3]
+    assert {"consistency", "entropy", "selection_score"} <= set(artifacts.history[-1])
+    loaded = DiscoveryPredictor.load(artifacts.predictor.save(tmp_path / "model"))
+    again = predict_regions(loaded, regions[:6], images)
+    assert np.allclose(again.embeddings, artifacts.regions.embeddings[:6], atol=1e-4)
+    assert (again.clusters == artifacts.regions.clusters[:6]).all()
+
+
+def test_self_labelling_epochs_follow_the_consistency_epochs(world):
+    regions, images, truth, _ = world
+    artifacts = train_discovery(DiscoveryConfig.of(kind="learned", k=3, epochs=2, self_label_epochs=2, **SMALL),
+                                regions, images=images)
+    assert [("consistency" in h, "self_label" in h) for h in artifacts.history] == [(True, False)] * 2 + [
+        (False, True)] * 2
+    assert nmi(artifacts, truth) == pytest.approx(1.0)
+
+
+def test_k_is_estimated_and_the_normal_images_shape_the_projection(world):
+    regions, images, _, normals = world
+    artifacts = train_discovery(DiscoveryConfig.of(kind="frozen", k="auto", k_max=6, **SMALL), regions,
+                                images=images, normal_images=normals)
+    assert artifacts.k == artifacts.k_estimated and abs(artifacts.k - 3) <= 1
+    assert any(artifacts.predictor.model.projection_components())
+
+
+def test_view_models_refuse_to_run_without_the_whole_images(world):
+    with pytest.raises(ValueError, match="whole image"):
+        train_discovery(DiscoveryConfig.of(kind="frozen", k=3, **SMALL), world[0])
+    with pytest.raises(ValueError, match="no whole image was given for region image id 'im0'"):
+        train_discovery(DiscoveryConfig.of(kind="frozen", k=3, **SMALL), world[0], images={})
+
+
+def test_neighbour_consistency_is_zero_for_equal_one_hots_and_neighbours_are_the_closest_rows():
+    one_hot = torch.eye(3)
+    assert float(neighbour_consistency_loss(one_hot, one_hot)) == pytest.approx(0.0, abs=1e-6)
+    assert float(neighbour_consistency_loss(one_hot, one_hot.roll(1, 0))) > 10
+    points = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert mine_neighbours(points, 1)[:, 0].tolist() == [1, 0, 3, 2]

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from anomaly_discovery.models.discovery.amga import RegionGuidanceFactor
+from anomaly_discovery.models.discovery.views import (NuisanceProjection, ViewExtractor, combine_views,
+                                                      extract_region_features, guided_pool, image_features,
+                                                      view_vectors)
+from tests.models.discovery.view_world import square_world
+
+
+@pytest.fixture(scope="module")
+def world():
+    return square_world(12)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return ViewExtractor("tiny")
+
+
+def test_every_region_gets_its_three_views_with_its_own_image(world, extractor):
+    regions, images, _, _ = world
+    features = extract_region_features(extractor, regions, images.__getitem__, size=64)
+    assert len(features.taps) == len(extractor.channels) and features.crop.shape == (12, 1280)
+    whole = image_features(extractor, [images[r.image_id] for r in regions], 12, size=64)[-1]
+    assert np.allclose(features.image, whole, atol=1e-5)
+    vectors = view_vectors(features)
+    assert all(np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5) for v in vectors.values())
+
+
+def test_guided_pooling_weights_the_anomalous_pixels():
+    maps = torch.zeros(1, 2, 4, 4)
+    maps[0, 0, :2, :2] = 1.0
+    maps[0, 1, 2:, 2:] = 1.0
+    anomaly = torch.zeros(1, 1, 4, 4)
+    anomaly[0, 0, :2, :2] = 1.0
+    pooled = guided_pool(maps, anomaly, torch.ones(1, 1, 4, 4), RegionGuidanceFactor("amga", learnable=False))
+    assert pooled[0, 0] > 0.8 and pooled[0, 1] < 0.1
+
+
+def test_the_nuisance_projection_removes_the_normal_images_main_directions():
+    rng = np.random.default_rng(0)
+    direction = np.zeros(16, np.float32)
+    direction[3] = 1.0
+    normal = rng.normal(size=(40, 16)).astype(np.float32) * 0.1 + rng.normal(size=(40, 1)) * 5 * direction
+    projection = NuisanceProjection.fit([normal], n_components=1)
+    cleaned = projection.remove(normal + 0.0, 0)
+    assert np.abs(cleaned @ direction).max() < 0.5 and np.abs(normal @ direction).max() > 2
+
+
+def test_combined_views_are_unit_rows_whose_cosine_is_the_weighted_sum():
+    rng = np.random.default_rng(1)
+    vectors = {name: rng.normal(size=(5, 4)) for name in ("region", "crop", "image")}
+    vectors = {name: v / np.linalg.norm(v, axis=1, keepdims=True) for name, v in vectors.items()}
+    weights = {"region": 0.5, "crop": 0.25, "image": 0.25}
+    combined = combine_views(vectors, weights)
+    expected = sum(w * (vectors[n][0] @ vectors[n][1]) for n, w in weights.items())
+    assert combined[0] @ combined[1] == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="positive weight"):
+        combine_views(vectors, {"region": 0, "crop": 0, "image": 0})
+    with pytest.raises(ValueError, match="unknown view"):
+        combine_views(vectors, {"texture": 1.0})
+
+
+def test_views_need_an_offline_backbone():
+    with pytest.raises(ValueError, match="offline backbones"):
+        ViewExtractor("resnet50")
