@@ -37,16 +37,28 @@ PSEUDO_CATEGORIES = ("unknown", "rejected")
 COCO_VERSION = "1.0"
 
 
-def region_mask(mask_path: str | None, shape: tuple[int, int], box: tuple[int, int, int, int]
-                ) -> tuple[np.ndarray, str]:
-    """(H × W boolean mask of the region, ``"mask"`` or ``"box"``): see the module docstring."""
+def whole_mask(mask_path: str | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """The image's defect mask file as an H × W boolean array at the image's size; ``None`` without one."""
+    if not mask_path or not Path(mask_path).is_file():
+        return None
+    whole = load_image(mask_path, mode="L")
+    if whole.shape != shape:
+        whole = cv2.resize(whole, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return whole > 0
+
+
+def region_mask(mask_path: str | None, shape: tuple[int, int], box: tuple[int, int, int, int],
+                files: dict | None = None) -> tuple[np.ndarray, str]:
+    """(H × W boolean mask of the region, ``"mask"`` or ``"box"``): see the module docstring. ``files`` keeps the
+    mask files read so far, for the other regions of the same image."""
+    files = {} if files is None else files
+    if (mask_path, shape) not in files:
+        files[(mask_path, shape)] = whole_mask(mask_path, shape)
+    whole = files[(mask_path, shape)]
     x0, y0, x1, y1 = box
     mask = np.zeros(shape, bool)
-    if mask_path and Path(mask_path).is_file():
-        whole = load_image(mask_path, mode="L")
-        if whole.shape != shape:
-            whole = cv2.resize(whole, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-        mask[y0:y1, x0:x1] = whole[y0:y1, x0:x1] > 0
+    if whole is not None:
+        mask[y0:y1, x0:x1] = whole[y0:y1, x0:x1]
         if mask.any():
             return mask, "mask"
     mask[y0:y1, x0:x1] = True
@@ -107,12 +119,14 @@ def coco_document(snapshot: ExportSnapshot, skip_missing: bool = False, progress
                "height": shapes[row.image_path][0], "dataset": row.dataset,
                "arrived_at": row.arrived_at.isoformat()} for row in kept.itertuples()]
     categories, pseudo = _categories(snapshot)
-    annotations = []
-    regions = snapshot.regions[snapshot.regions["image_path"].isin(shapes)]
+    annotations, files, image_id = [], {}, None
+    regions = snapshot.regions[snapshot.regions["image_path"].isin(shapes)].sort_values(["image_id", "region_id"])
     for row in tqdm(regions.itertuples(), total=len(regions), desc="region masks", disable=not progress,
                     unit="region"):
+        if row.image_id != image_id:
+            files, image_id = {}, row.image_id
         box = (int(row.x0), int(row.y0), int(row.x1), int(row.y1))
-        mask, source = region_mask(row.mask_path, shapes[row.image_path], box)
+        mask, source = region_mask(row.mask_path, shapes[row.image_path], box, files)
         category = pseudo[row.status] if row.status in pseudo else int(row.class_id)
         annotations.append({
             "id": int(row.region_id), "image_id": int(row.image_id), "category_id": category,

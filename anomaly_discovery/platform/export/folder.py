@@ -89,32 +89,34 @@ def write_folder(snapshot: ExportSnapshot, root: Path, copy: bool = False, skip_
     """Write the layout of the module docstring under ``root`` (an empty folder); returns what was written."""
     shapes = image_shapes(snapshot.images["image_path"], skip_missing, progress)
     folders = class_folders(snapshot)
-    regions = snapshot.regions[snapshot.regions["image_path"].isin(shapes)].copy()
-    regions["folder"] = [_folder_of(row, folders) for row in regions.itertuples()]
+    regions = snapshot.regions[snapshot.regions["image_path"].isin(shapes)]
+    rows = list(regions.itertuples(index=False))
+    placement = [(int(row.image_id), _folder_of(row, folders)) for row in rows]
+    groups: dict[tuple[int, str], list] = {}
+    for row, key in zip(rows, placement):
+        groups.setdefault(key, []).append(row)
     counts: dict[str, int] = {}
     files: dict[tuple[int, str], tuple[str, str]] = {}
-    groups = regions.groupby(["image_id", "folder"], sort=True)
-    for (image_id, folder), members in tqdm(groups, total=groups.ngroups, desc="export images",
-                                            disable=not progress, unit="image"):
-        source = Path(members["image_path"].iloc[0]).absolute()
-        shape = shapes[members["image_path"].iloc[0]]
+    for (image_id, folder), members in tqdm(sorted(groups.items()), desc="export images", disable=not progress,
+                                            unit="image"):
+        source, shape = Path(members[0].image_path).absolute(), shapes[members[0].image_path]
         name = f"{image_id}_{source.name}"
-        mask = np.zeros(shape, bool)
-        for row in members.itertuples():
-            mask |= region_mask(row.mask_path, shape, (int(row.x0), int(row.y0), int(row.x1), int(row.y1)))[0]
+        mask, mask_files = np.zeros(shape, bool), {}
+        for row in members:
+            box = (int(row.x0), int(row.y0), int(row.x1), int(row.y1))
+            mask |= region_mask(row.mask_path, shape, box, mask_files)[0]
         image_file, mask_file = f"images/{folder}/{name}", f"masks/{folder}/{Path(name).stem}.png"
         _place(source, root / image_file, copy)
         save_image(root / mask_file, mask)
-        files[(int(image_id), folder)] = (image_file, mask_file)
+        files[(image_id, folder)] = (image_file, mask_file)
         counts[folder] = counts.get(folder, 0) + 1
-    with_regions = set(regions["image_id"])
-    for row in snapshot.images.itertuples():
-        if row.image_id not in with_regions and row.image_path in shapes:
-            source = Path(row.image_path).absolute()
-            _place(source, root / "images" / "normal" / f"{row.image_id}_{source.name}", copy)
+    with_regions = {image_id for image_id, _ in groups}
+    for image_id, path in zip(snapshot.images["image_id"], snapshot.images["image_path"]):
+        if image_id not in with_regions and path in shapes:
+            source = Path(path).absolute()
+            _place(source, root / "images" / "normal" / f"{image_id}_{source.name}", copy)
             counts["normal"] = counts.get("normal", 0) + 1
-    placed = [files[(int(r.image_id), r.folder)] for r in regions.itertuples()]
-    table = regions.drop(columns="folder").assign(file=[p[0] for p in placed], mask_file=[p[1] for p in placed])
+    table = regions.assign(file=[files[key][0] for key in placement], mask_file=[files[key][1] for key in placement])
     (root / "regions.csv").write_bytes(regions_csv(table))
     skipped = sorted(set(snapshot.images["image_path"]) - set(shapes))
     return FolderSummary(dict(sorted(counts.items())), {str(k): v for k, v in folders.items()}, skipped)
