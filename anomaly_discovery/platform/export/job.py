@@ -39,23 +39,13 @@ def check_format(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class ExportConfig:
-    """``store`` / ``index`` default to the work folder's (``ServicePaths``); ``copy``: copy images instead of
-    linking them (folder); ``skip_missing``: leave out images whose files are gone instead of stopping."""
+@dataclass(frozen=True, kw_only=True)
+class StoreLocation:
+    """Where the store and index are: ``store`` / ``index`` when given, else the work folder's (``ServicePaths``)."""
 
-    format: str
-    out: Path
     workdir: Path = Path("demo_out")
     store: str | None = None
     index: Path | None = None
-    copy: bool = False
-    overwrite: bool = False
-    skip_missing: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        check_format(self.format)
 
     @property
     def store_url(self) -> str:
@@ -64,6 +54,22 @@ class ExportConfig:
     @property
     def index_path(self) -> Path:
         return Path(self.index or ServicePaths(self.workdir).index)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig(StoreLocation):
+    """``copy``: copy images instead of linking them (folder); ``skip_missing``: leave out images whose files are
+    gone instead of stopping."""
+
+    format: str
+    out: Path
+    copy: bool = False
+    overwrite: bool = False
+    skip_missing: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_format(self.format)
 
 
 def open_store(url: str) -> Store:

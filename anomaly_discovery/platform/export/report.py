@@ -20,15 +20,20 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from anomaly_discovery.data import DataError
 from anomaly_discovery.platform.export.charts import (TREND_GROUPINGS, pareto_png, pareto_table, trend_png,
                                                       trend_table)
-from anomaly_discovery.platform.export.job import load_snapshot
+from anomaly_discovery.platform.export.job import StoreLocation, load_snapshot
 from anomaly_discovery.platform.export.output import ExportError, check_file, write_file
 from anomaly_discovery.platform.export.snapshot import REPRESENTATIVES, ExportSnapshot
 from anomaly_discovery.platform.review.thumbnails import region_thumbnail
-from anomaly_discovery.platform.storage.paths import ServicePaths
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 CROP_PX = 160
 CROP_OVERLAY = "map + mask"
+
+
+def check_trend(grouping: str) -> str:
+    if grouping not in TREND_GROUPINGS:
+        raise ExportError(f"unknown trend grouping {grouping!r}: choose one of {', '.join(TREND_GROUPINGS)}")
+    return grouping
 
 
 def region_frame(snapshot: ExportSnapshot) -> pd.DataFrame:
@@ -86,8 +91,7 @@ def class_sections(snapshot: ExportSnapshot, counts: pd.DataFrame) -> list[dict]
 
 def render_report(snapshot: ExportSnapshot, trend: str = "batch") -> str:
     """The report's HTML (see the module docstring)."""
-    if trend not in TREND_GROUPINGS:
-        raise ExportError(f"unknown trend grouping {trend!r}: choose one of {', '.join(TREND_GROUPINGS)}")
+    check_trend(trend)
     counts = counts_table(snapshot)
     frame = region_frame(snapshot)
     environment = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
@@ -105,24 +109,19 @@ def render_report(snapshot: ExportSnapshot, trend: str = "batch") -> str:
         sections=class_sections(snapshot, counts), n_crops=REPRESENTATIVES, outlier_note=snapshot.outlier_note)
 
 
-@dataclass(frozen=True)
-class ReportConfig:
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig(StoreLocation):
     out: Path
-    workdir: Path = Path("demo_out")
-    store: str | None = None
-    index: Path | None = None
     trend: str = "batch"
     overwrite: bool = False
 
 
 def run_report(config: ReportConfig) -> str:
     """Read the store once, render, write ``config.out`` atomically; returns a line saying what was written."""
-    if config.trend not in TREND_GROUPINGS:
-        raise ExportError(f"unknown trend grouping {config.trend!r}: choose one of {', '.join(TREND_GROUPINGS)}")
+    check_trend(config.trend)
     out = Path(config.out)
     check_file(out.absolute(), config.overwrite)
-    paths = ServicePaths(config.workdir)
-    snapshot = load_snapshot(config.store or paths.store_url, Path(config.index or paths.index))
+    snapshot = load_snapshot(config.store_url, config.index_path)
     html = render_report(snapshot, config.trend)
     write_file(out, html.encode(), config.overwrite)
     last = snapshot.last_decision

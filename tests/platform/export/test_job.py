@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from anomaly_discovery.cli import main
+from anomaly_discovery.data import save_image
+from anomaly_discovery.platform.review.loop import DiscoveryLoop
+from anomaly_discovery.platform.review.types import DiscoveredImage, DiscoveredRegion, LoopConfig
+from anomaly_discovery.platform.storage.store import Store
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -99,3 +104,29 @@ def test_report_writes_one_file_and_refuses_to_clobber_or_a_bad_trend(world, rev
     code, _, err = run(capsys, "report", "--workdir", str(tmp_path / "none"), "--out", str(tmp_path / "r3.html"))
     assert code == 1 and "no store at" in one_line_error(err, "report")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "work"]
+
+
+def test_a_postgresql_store_exports_by_its_url(postgres_url, tmp_path, capsys, rng):
+    """Two known kinds of six regions each in a PostgreSQL store, one region dropped by a reviewer."""
+    centres = np.eye(8, dtype=np.float32)[:2]
+    images, regions = [], []
+    for i in range(12):
+        path = tmp_path / "images" / f"{i}.png"
+        save_image(path, np.full((32, 32, 3), 100 + i, np.uint8))
+        images.append(DiscoveredImage(str(i), str(path), f"hash-{i}"))
+        vector = centres[i % 2] + 0.05 * rng.standard_normal(8).astype(np.float32)
+        regions.append(DiscoveredRegion(str(i), (4, 4, 12, 12), 0.5, vector, "ab"[i % 2], 0.9))
+    index = tmp_path / "index" / "regions.faiss"
+    store = Store(postgres_url)
+    loop = DiscoveryLoop(store, index, 8, LoopConfig(background_save=False))
+    loop.ingest_discovery(images, regions, ("a", "b"), model_version="pg-1")
+    dropped = loop.move([1], None, reviewer="ana")
+    loop.close()
+    store.dispose()
+    code, printed, _ = run(capsys, "export", "--store", postgres_url, "--index", str(index), "--format", "coco",
+                           "--out", str(tmp_path / "out"), "--quiet")
+    assert code == 0 and f"#{dropped.decision_id} move by ana" in printed
+    document = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    statuses = pd.Series([a["status"] for a in document["annotations"]]).value_counts().to_dict()
+    assert statuses == {"known": 11, "rejected": 1} and document["info"]["model_version"] == "pg-1"
+    assert all(a["outlier_score"] is not None and a["mask_source"] == "box" for a in document["annotations"])
