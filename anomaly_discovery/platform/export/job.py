@@ -30,7 +30,8 @@ from anomaly_discovery.platform.storage.store import Store
 FORMATS = ("folder", "csv", "coco")
 MANIFEST = "export.json"
 DATA_FILES = {"csv": "regions.csv", "coco": "annotations.json"}
-DOWNLOADS = {"csv": ("csv", "text/csv"), "coco": ("json", "application/json"), "folder": ("zip", "application/zip")}
+DOWNLOADS = {"csv": ("csv", "text/csv"), "coco": ("json", "application/json"), "folder": ("zip", "application/zip"),
+             "report": ("html", "text/html")}
 
 
 def check_format(name: str) -> str:
@@ -172,8 +173,10 @@ def zip_folder(root: Path) -> bytes:
 
 
 def download_name(model_version: str, last_decision_id: int | None, kind: str) -> str:
-    """``adisc_<kind>_<model version>_d<newest decision>.<ext>``, safe as a file name."""
-    extension = DOWNLOADS[check_format(kind)][0]
+    """``adisc_<kind>_<model version>_d<newest decision>.<ext>`` (a kind of ``DOWNLOADS``), safe as a file name."""
+    if kind not in DOWNLOADS:
+        raise ExportError(f"no download named {kind!r}: choose one of {', '.join(DOWNLOADS)}")
+    extension = DOWNLOADS[kind][0]
     model = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in model_version)
     return f"adisc_{kind}_{model}_d{last_decision_id or 0}.{extension}"
 
