@@ -93,6 +93,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     serve=not (args.no_serve or args.quick), port=args.port)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .platform.export.job import ExportConfig, run_export
+
+    result = run_export(ExportConfig(format=args.format, out=args.out, workdir=args.workdir, store=args.store,
+                                     index=args.index, copy=args.copy, overwrite=args.overwrite,
+                                     skip_missing=args.skip_missing, progress=not args.quiet))
+    print(result.describe())
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .platform.export.report import ReportConfig, run_report
+
+    print(run_report(ReportConfig(out=args.out, workdir=args.workdir, store=args.store, index=args.index,
+                                  trend=args.trend, overwrite=args.overwrite)))
+    return 0
+
+
+def _add_store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", type=Path, default=Path("demo_out"),
+                        help="work folder whose service/ state to read (default demo_out/, what `adisc demo` writes)")
+    parser.add_argument("--store", default=None, help="SQLAlchemy URL of the store (default: the work folder's)")
+    parser.add_argument("--index", type=Path, default=None,
+                        help="FAISS index file, its embeddings beside it (default: the work folder's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="dataset folder")
     parser.add_argument("--format", default="auto", choices=["auto", "mvtec", "mtd", "folder", "neu"],
@@ -235,6 +262,31 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
         add_retrain_arguments(p)
     p.set_defaults(handler=cmd_retrain)
+
+    p = verbs.add_parser("export", help="export the reviewed classes: folder per class, CSV or COCO JSON",
+                         description="Export the store's current, reviewed state (not the model's first guess): "
+                                     "folder = one folder per known/confirmed class with masks beside (torchvision "
+                                     "ImageFolder, anomalib Folder), proposed/unknown/rejected kept apart; csv = one "
+                                     "row per region; coco = COCO JSON with RLE masks. OUT is a folder, written "
+                                     "atomically, with export.json naming the model version and newest decision.")
+    p.add_argument("--format", required=True, help="folder | csv | coco")
+    p.add_argument("--out", required=True, type=Path, help="output folder (new or empty, or --overwrite)")
+    _add_store_args(p)
+    p.add_argument("--copy", action="store_true", help="folder: copy images instead of linking them")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="leave out images whose files are gone or unreadable (listed in export.json) instead of "
+                        "stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_export)
+
+    p = verbs.add_parser("report", help="one-page HTML defect report (counts, Pareto, trend, crops per class)",
+                         description="Write a self-contained HTML report of the reviewed state: regions per class, "
+                                     "the Pareto chart, the trend over arrivals, six representative crops per class, "
+                                     "the model version and the date. It opens offline in any browser.")
+    p.add_argument("--out", required=True, type=Path, help="HTML file to write")
+    _add_store_args(p)
+    p.add_argument("--trend", default="batch", help="trend grouping: batch | hour | day (default batch)")
+    p.set_defaults(handler=cmd_report)
 
     p = verbs.add_parser("ui", help="start the review dashboard (Streamlit)",
                          description="Start the Streamlit review dashboard on the store and index of a work "

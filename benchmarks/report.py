@@ -353,6 +353,22 @@ def section_proposals_page() -> str:
         "", f"Meets target: {fmt(r['meets_target'])}.", "", machine(r)])
 
 
+def section_export() -> str:
+    r = load("export_speed")
+    title = "## Exports and report (`benchmarks/export_speed.py`)"
+    if r is None:
+        return f"{title}\n\nNot run yet: no committed `benchmarks/results/export_speed.json`."
+    settings = r["settings"]
+    rows = [[name, r["seconds"][name], r["output_mb"].get(name.split(" ")[0])] for name in r["seconds"]]
+    return "\n".join([
+        title, "",
+        f"{settings['regions']} regions on {settings['images']} images of {settings['image_px']} px, "
+        f"{settings['dim']}-d embeddings, {settings['store']}; each step once, one process "
+        f"(peak memory {fmt(r['peak_rss_mb'], 0)} MB). No target was set; the snapshot includes the k-NN outlier "
+        "scores of every region, the folder export links the images and writes one mask PNG per image.", "",
+        table(["step", "seconds", "output MB"], rows), "", machine(r)])
+
+
 def section_demo() -> str:
     r = load("demo_time")
     if r is None:
@@ -375,7 +391,7 @@ def render() -> str:
         section_generator(), section_metrics(), section_mebin(), section_detector_selection(), section_detection(),
         section_discovery_selection(), section_discovery(),
         section_train_scaling(), section_index(), section_review(), section_active_loop(), section_serve(),
-        section_proposals_page(), section_demo()]
+        section_proposals_page(), section_export(), section_demo()]
     return "\n\n".join(parts) + "\n"
 
 

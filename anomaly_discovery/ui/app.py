@@ -34,6 +34,7 @@ PAGES = [st.Page("views/overview.py", title="Overview", icon=":material/bar_char
          st.Page("views/classes.py", title="Classes", icon=":material/category:"),
          st.Page("views/inspect.py", title="Inspect", icon=":material/search:"),
          st.Page("views/audit.py", title="Audit", icon=":material/history:"),
+         st.Page("views/export.py", title="Export", icon=":material/download:"),
          st.Page("views/evaluation.py", title="Evaluation", icon=":material/analytics:")]
 page = st.navigation(PAGES)
 widgets.show_flash()

@@ -18,38 +18,41 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from anomaly_discovery.data.images import decode_upload
 from anomaly_discovery.models.metrics import clustering_report
-from anomaly_discovery.platform.storage.embedding_file import HEADER, MAGIC
+from anomaly_discovery.platform.storage.embedding_file import stored_dim
 from anomaly_discovery.platform.jobs.evaluate import ground_truth
 from anomaly_discovery.platform.storage.index import read_index_metadata
 from anomaly_discovery.platform.review.loop import DiscoveryLoop
-from anomaly_discovery.platform.review.mirror import embeddings_path
+from anomaly_discovery.platform.export.job import export_bytes
+from anomaly_discovery.platform.export.report import render_report
+from anomaly_discovery.platform.export.snapshot import ExportSnapshot, read_snapshot
+from anomaly_discovery.platform.review.mirror import NO_ID, SOURCE_CODE, embeddings_path
 from anomaly_discovery.platform.review.types import LoopConfig, RegionLabel
 from anomaly_discovery.platform.predictor import MANIFEST, PredictedImage, RegionPredictor, build_predictor
 from anomaly_discovery.platform.review.actions import LIVE, REFERENCE
 from anomaly_discovery.platform.storage.store import Store, active_model_version
-from anomaly_discovery.platform.storage.models import (ClassStatus, Dataset, Decision, DefectClass, Image, Proposal,
-                                                       ProposalStatus, Region)
+from anomaly_discovery.platform.storage.models import (AssignmentSource, ClassStatus, Dataset, Decision, DefectClass,
+                                                       Image, Proposal, ProposalStatus, Region)
 from anomaly_discovery.ui.settings import UISettings
 
 JOB_STATUS_FILE = "job_status.json"
 ACTIVE_LOOP_FILE = "active_loop.json"
 REPOSITORY_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 UNKNOWN = "unknown"
+REJECTED = "rejected"
+REVIEWER_CODE = SOURCE_CODE[AssignmentSource.REVIEWER]
 MAX_UPLOAD_PIXELS = 40_000_000
 
 
 def embedding_dim(index_path: Path) -> int:
     """The dimension the review loop was built with: the embeddings file's header, else the index metadata."""
     path = embeddings_path(index_path)
-    if path.is_file():
-        with open(path, "rb") as handle:
-            magic, dim, _ = HEADER.unpack(handle.read(HEADER.size))
-        if magic == MAGIC:
-            return int(dim)
+    dim = stored_dim(path)
+    if dim is not None:
+        return dim
     if index_path.is_file():
         return int(read_index_metadata(index_path)["dim"])
     raise FileNotFoundError(f"neither {path} nor {index_path} exists: no embedding dimension to open the index with")
@@ -190,14 +193,34 @@ class ReviewService:
         return [payload] if isinstance(payload, dict) else [p for p in payload if isinstance(p, dict)]
 
     def arrivals(self) -> pd.DataFrame:
-        """One row per region: arrival time and batch (data set) of its image, and its current class name."""
+        """One row per region: arrival time and batch (data set) of its image, its current class name and status
+        (``unknown`` / ``rejected`` as both for a region without a class: see ``platform/export/snapshot.py``), the
+        frame ``platform/export/charts.py`` draws."""
         with self.store.session() as session:
             rows = session.execute(select(Region.id, Image.arrived_at, Dataset.name)
                                    .join(Image, Image.id == Region.image_id)
                                    .join(Dataset, Dataset.id == Image.dataset_id)).all()
         frame = pd.DataFrame(rows, columns=["region_id", "arrived_at", "batch"])
-        frame["class"] = self.current_class_names(frame["region_id"].to_numpy())
+        frame["class"], frame["status"] = self.current_labels(frame["region_id"].to_numpy())
         return frame
+
+    def current_labels(self, region_ids: np.ndarray) -> tuple[list[str], list[str]]:
+        """(class name, status) of each region; a region without a live class is ``rejected`` when a reviewer
+        took it out (or its class is no longer live), else ``unknown``."""
+        with self.loop.lock:
+            mirror = self.loop.mirror
+            live = {c.id: (c.name, ClassStatus(c.status).value) for c in self.loop.classes.values()
+                    if c.status in LIVE}
+            labels = []
+            for region in region_ids:
+                class_id = int(mirror.class_id[region]) if region < len(mirror.class_id) else NO_ID
+                if class_id in live:
+                    labels.append(live[class_id])
+                elif class_id != NO_ID or (region < len(mirror.source) and mirror.source[region] == REVIEWER_CODE):
+                    labels.append((REJECTED, REJECTED))
+                else:
+                    labels.append((UNKNOWN, UNKNOWN))
+        return [name for name, _ in labels], [status for _, status in labels]
 
     def current_class_names(self, region_ids: np.ndarray) -> list[str]:
         """Name of each region's current live class, ``unknown`` for the unassigned."""
@@ -205,6 +228,23 @@ class ReviewService:
             class_ids = self.loop.mirror.class_id
             names = {c.id: c.name for c in self.loop.classes.values() if c.status in LIVE}
             return [names.get(int(class_ids[r]), UNKNOWN) if r < len(class_ids) else UNKNOWN for r in region_ids]
+
+    # ------------------------------------------------------------------ export
+    def export_snapshot(self) -> ExportSnapshot:
+        """The store's reviewed state in one snapshot (``platform/export/snapshot.py``)."""
+        return read_snapshot(self.store, self.loop.embeddings)
+
+    def export_file(self, kind: str) -> bytes:
+        """A download of the current state: ``csv``, ``coco`` or ``folder`` (a ZIP), as ``adisc export`` writes."""
+        return export_bytes(self.export_snapshot(), kind)
+
+    def report_file(self) -> bytes:
+        """The HTML report of the current state, as ``adisc report`` writes it."""
+        return render_report(self.export_snapshot()).encode()
+
+    def newest_decision_id(self) -> int | None:
+        with self.store.session() as session:
+            return session.scalar(select(func.max(Decision.id)))
 
     # ------------------------------------------------------------------ audit
     def decisions(self) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from anomaly_discovery.platform.review.loop import LoopError
 from anomaly_discovery.platform.storage.store import ConflictError
 from anomaly_discovery.ui.service import ClassRow, RegionRow, ReviewService
 from anomaly_discovery.ui.settings import UISettings
-from anomaly_discovery.ui.thumbnails import OVERLAYS, region_thumbnail
+from anomaly_discovery.platform.review.thumbnails import OVERLAYS, region_thumbnail
 
 PAGE_SIZES = (12, 24, 48, 100, 200)
 THUMBNAIL_PX = 128

@@ -1,7 +1,7 @@
 """The dashboard in a real browser: ``run_ui`` (what ``adisc ui`` calls) starts ``streamlit run`` on a free port,
 Debian's headless Chromium driven by Playwright confirms a proposal by clicking, and the store holds the confirmed
-class; undo in the sidebar reverts it. A screenshot goes to test-artifacts/. Skips when Chromium
-(scripts/browser.sh installs it) or Playwright is missing."""
+class; undo in the sidebar reverts it; the Export page's CSV and report download as files. A screenshot goes to
+test-artifacts/. Skips when Chromium (scripts/browser.sh installs it) or Playwright is missing."""
 
 from __future__ import annotations
 
@@ -17,18 +17,19 @@ from pathlib import Path
 
 import pytest
 
+from anomaly_discovery.platform.export.job import open_embeddings
+from anomaly_discovery.platform.export.snapshot import read_snapshot, regions_csv
+from anomaly_discovery.platform.storage.store import Store
+from tests.ui.chromium import CHROMIUM, browser_page
 from tests.ui.test_pages import newest_decision, store_state
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPOSITORY = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPOSITORY / "test-artifacts"
 LAUNCH = "import json, sys; from anomaly_discovery.ui.launch import run_ui; sys.exit(run_ui(json.loads(sys.argv[1])))"
 START_TIMEOUT_S = 90
 REVIEWER = "browser-test"
 
-playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(),
                                 reason=f"{CHROMIUM} is missing: run scripts/browser.sh (Debian's chromium package)")
 
@@ -88,12 +89,8 @@ def dashboard(world, tmp_path):
 
 @pytest.fixture
 def page():
-    with playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page(viewport={"width": 1400, "height": 1000})
-        finally:
-            browser.close()
+    with browser_page() as new_page:
+        yield new_page
 
 
 def test_a_reviewer_confirms_a_proposal_by_clicking_and_undoes_it(world, dashboard, page):
@@ -120,3 +117,24 @@ def test_a_reviewer_confirms_a_proposal_by_clicking_and_undoes_it(world, dashboa
     page.get_by_role("button", name=re.compile(r"Undo confirm #\d+")).click()
     page.get_by_text(re.compile(r"undo: done")).wait_for(timeout=30_000)
     assert store_state(world) == before
+
+
+def test_the_export_page_downloads_the_reviewed_csv_and_report(world, dashboard, page):
+    page.goto(f"{dashboard}/export", timeout=60_000)
+    page.get_by_role("heading", name="Export").wait_for(timeout=60_000)
+    settle(page)
+    downloaded = {}
+    for label in ("Regions (CSV)", "Report (HTML)"):
+        with page.expect_download(timeout=60_000) as download:
+            page.get_by_role("button", name=label).click()
+        downloaded[label] = (download.value.suggested_filename, Path(download.value.path()).read_bytes())
+
+    store = Store(world.store, upgrade=False)
+    try:
+        expected = regions_csv(read_snapshot(store, open_embeddings(world.index)).regions)
+    finally:
+        store.dispose()
+    name, csv = downloaded["Regions (CSV)"]
+    assert name == "adisc_csv_discovery-1_d0.csv" and csv == expected
+    name, report = downloaded["Report (HTML)"]
+    assert name.endswith(".html") and b'data-class="rust" data-status="known" data-regions="12"' in report

@@ -70,6 +70,8 @@ def run_demo(out: Path, n_images: int = 240, seed: int = 0, quick: bool = False,
     paths = ServicePaths(out)
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; everything is in {out}")
     print(f"review dashboard: adisc ui --workdir {out}")
+    print(f"after review:     adisc export --workdir {out} --format folder --out {out / 'export'}; "
+          f"adisc report --workdir {out} --out {out / 'report.html'}")
     if not serve:
         print(f"service:          adisc serve --workdir {out}")
         return 0

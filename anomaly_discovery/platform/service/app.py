@@ -19,6 +19,7 @@ Endpoints (OpenAPI at ``/docs``; every error is ``{"detail": "<message>"}`` with
 ``POST /v1/images``                   W  ingest new arrivals (stored, labelled, proposals updated)
 ``POST /v1/models``                   W  register + activate a new model folder; replicas swap to it
 ``GET  /v1/models/active``                the model this replica serves
+``GET  /v1/export``                       the reviewed state as CSV or COCO JSON (``?format=csv|coco``)
 =================================  =====  ===============================================================
 
 W = needs ``Authorization: Bearer <token>``; the token is read from the environment variable named by
@@ -59,6 +60,7 @@ from anomaly_discovery.platform.review.actions import LIVE
 from anomaly_discovery.platform.review.loop import DiscoveryLoop, InvalidActionError, NotFoundError
 from anomaly_discovery.platform.review.types import ArrivedImage, RegionLabel
 from anomaly_discovery.platform.service.core import ServeSettings, ServiceCore
+from anomaly_discovery.platform.service.exports import export_router
 from anomaly_discovery.platform.service.io import BodyLimitMiddleware, bad_request, decode_image, encode_mask
 from anomaly_discovery.platform.service.routes import review_router
 from anomaly_discovery.platform.service.schemas import (ErrorOut, Health, ImagePredictionOut, IngestedImageOut,
@@ -185,6 +187,7 @@ def create_app(core: ServiceCore, predict: PredictFn | None = None) -> FastAPI:
         return IngestResponse(model_version=core.predictor.model_version, images=out)
 
     app.include_router(review_router(core, write))
+    app.include_router(export_router(core))
 
     @app.get("/v1/models/active", response_model=ModelOut)
     def active_model() -> ModelOut:

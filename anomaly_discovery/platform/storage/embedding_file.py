@@ -22,6 +22,20 @@ MAGIC = b"ADEMB001"
 HEADER = struct.Struct("<8sII")
 
 
+def stored_dim(path: str | Path) -> int | None:
+    """The embedding dimension an existing file's header names; ``None`` when there is no such file or it is not
+    an embedding file. Reads the header only (opening an ``EmbeddingFile`` would create a missing file)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        header = handle.read(HEADER.size)
+    if len(header) < HEADER.size:
+        return None
+    magic, dim, _ = HEADER.unpack(header)
+    return int(dim) if magic == MAGIC else None
+
+
 class EmbeddingFile:
     """Float32 (N, dim) rows on disk; ``get(ids)`` gathers rows, ``append(vectors)`` returns their new ids."""
 

@@ -385,6 +385,17 @@ def record_decision(session: Session, reviewer: str, action: str, *, before: Map
     return decision
 
 
+def begin_snapshot(session: Session) -> None:
+    """Make the rest of this transaction read one consistent state of the store, whatever writers commit
+    meanwhile (exports and reports): ``BEGIN`` on SQLite (WAL keeps the snapshot of the first read),
+    ``REPEATABLE READ, READ ONLY`` on PostgreSQL. Call it before the transaction's first statement."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+    elif dialect == "sqlite":
+        session.connection().exec_driver_sql("BEGIN")
+
+
 def decisions(session: Session, limit: int | None = None) -> list[Decision]:
     """Decisions newest first."""
     return list(session.scalars(select(Decision).order_by(Decision.id.desc()).limit(limit)))

@@ -12,7 +12,7 @@ import streamlit as st
 from anomaly_discovery.data.images import UploadRejected
 from anomaly_discovery.ui import widgets
 from anomaly_discovery.ui.service import MAX_UPLOAD_PIXELS
-from anomaly_discovery.ui.thumbnails import BOX_COLOUR, overlay
+from anomaly_discovery.platform.review.thumbnails import BOX_COLOUR, overlay
 
 svc = widgets.service()
 st.title("Inspect")

@@ -14,7 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from anomaly_discovery.platform.storage.store import (ConflictError, NewAssignment, NewImage, NewRegion, Store,
                                                       activate_model_version, active_model_version, add_class,
                                                       add_images, add_model_version, add_proposal, add_regions,
-                                                      assignment_history, classes, content_hash, current_assignments,
+                                                      assignment_history, begin_snapshot, classes, content_hash,
+                                                      current_assignments,
                                                       decisions, default_database_url, expect_version,
                                                       get_or_create_dataset, get_or_create_product, proposals,
                                                       record_decision, set_assignments, upgrade_database)
@@ -234,3 +235,16 @@ def test_content_hash_is_the_sha256_of_the_bytes(tmp_path):
     path = tmp_path / "x.bin"
     path.write_bytes(b"abc")
     assert content_hash(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_a_snapshot_transaction_does_not_see_a_write_committed_during_it(store):
+    with store.session() as session:
+        add_class(session, "before", ClassStatus.KNOWN)
+    with store.session() as reader:
+        begin_snapshot(reader)
+        assert [c.name for c in classes(reader)] == ["before"]
+        with store.session() as writer:
+            add_class(writer, "during", ClassStatus.KNOWN)
+        assert reader.scalar(select(func.count()).select_from(DefectClass)) == 1
+    with store.session() as session:
+        assert [c.name for c in classes(session)] == ["before", "during"]

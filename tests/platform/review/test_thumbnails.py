@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from anomaly_discovery.data import save_image
-from anomaly_discovery.ui.thumbnails import context_box, overlay, region_thumbnail
+from anomaly_discovery.platform.review.thumbnails import context_box, overlay, region_thumbnail
 
 BOX = (40, 50, 60, 58)
 
