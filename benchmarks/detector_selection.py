@@ -1,7 +1,6 @@
 """PatchCore settings chosen on a product's normal images only: no benchmark label is read.
 
-Usage: python benchmarks/detector_selection.py [--data ../shared/datasets/mtd] [--threads 1]
-       [--out benchmarks/results/detector_selection.json]
+Usage: python benchmarks/detector_selection.py [--data ../shared/datasets/mtd] [--threads 1] [--tag NAME]
 
 MTD's normal TRAINING images are split (seeded) into a fit part (80%) and a held-out part (20%). Two held-out
 sets are built from the held-out normals, each with one anomalous copy of every normal image: a DRAEM-style
@@ -19,7 +18,16 @@ Candidates: per-layer channel handling (``feature_dim`` 128, equal shares; or No
 anomalib), border handling (``border_pad`` 32 or 0) and the image score (``k`` 1, the top patch; or 9, the
 PatchCore Eq. 7 reweighting anomalib uses); then, on the baseline, a finer input (``image_size`` 320) and a
 larger memory bank (``coreset_ratio`` .1). The detector is fitted once per fit setting and scored with each k.
-Candidates already in ``--out`` (same protocol) are kept, not rerun.
+Map search (issue 13, for speed): the defaults (320 px, feature_dim 128, border_pad 32, anomalib's image score)
+are fitted once and predicted with the exact nearest-neighbour search and with an inverted file searched in 32
+lists (``probes=32``). Rule, written before that run: the inverted file becomes the default if, on both held-out
+sets, its image AUROC, pixel AUROC and AUPRO are each within .002 of the exact search's.
+
+Candidates already in the results file (same protocol) are kept, not rerun. Every candidate scores images by
+the map's top patch (``image_score="map"``, with k 1 or 9 as named): since then PatchCore's default image
+score is anomalib's published one, adopted without selection (issue 13), and the map settings chosen here are
+unchanged. Writes benchmarks/results/detector_selection.json (``--tag NAME``: detector_selection.NAME.json)
+with exactly RESULT_KEYS.
 """
 
 from __future__ import annotations
@@ -40,7 +48,10 @@ from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from machine_info import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results" / "detector_selection.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+RESULT_KEYS = ("benchmark", "data", "protocol", "machine", "candidates", "chosen", "search")
+SEARCH_PROBES = 32
+SEARCH_TOLERANCE = 0.002
 BASELINE_FIT = {"feature_dim": 128, "border_pad": 32, "image_size": 256}
 FIT_SETTINGS = (BASELINE_FIT, {**BASELINE_FIT, "feature_dim": None}, {**BASELINE_FIT, "border_pad": 0},
                 {**BASELINE_FIT, "feature_dim": None, "border_pad": 0}, {**BASELINE_FIT, "image_size": 320},
@@ -91,9 +102,10 @@ def main() -> None:
     parser.add_argument("--held-out-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default=None, help="write results/detector_selection.<TAG>.json instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    out = RESULTS / (f"detector_selection.{args.tag}.json" if args.tag else "detector_selection.json")
     normals = [s for s in read_dataset(args.data, "mtd", check=False).samples if s.is_normal and s.split == "train"]
     order = np.random.default_rng(args.seed).permutation(len(normals))
     n_held_out = int(round(len(normals) * args.held_out_fraction))
@@ -103,15 +115,16 @@ def main() -> None:
     protocol = {"fit_images": len(fit_images), "held_out_normal": n_held_out, "anomalous_copies_per_set": n_held_out,
                 "beta_ranges": {name: list(betas) for name, betas in HELD_OUT_SETS.items()}, "seed": args.seed,
                 "labels_read": "none: MTD normal training images only"}
-    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    previous = json.loads(out.read_text()) if out.is_file() else {}
     result = {"benchmark": "detector_selection", "data": str(args.data), "protocol": protocol,
               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": args.threads},
-              "candidates": previous.get("candidates", {}) if previous.get("protocol") == protocol else {}}
+              "candidates": previous.get("candidates", {}) if previous.get("protocol") == protocol else {},
+              "chosen": None, "search": previous.get("search") if previous.get("protocol") == protocol else None}
     for fit_setting in FIT_SETTINGS:
         names = {k: candidate_name(fit_setting, k) for k in IMAGE_SCORES}
         if all(name in result["candidates"] for name in names.values()):
             continue
-        detector = PatchCoreDetector(**fit_setting, progress=False)
+        detector = PatchCoreDetector(**fit_setting, image_score="map", progress=False)
         start = time.perf_counter()
         detector.fit(fit_images)
         fit_seconds = round(time.perf_counter() - start, 1)
@@ -121,10 +134,43 @@ def main() -> None:
             result["candidates"][name] = {**fit_setting, "k": k, "fit_seconds": fit_seconds, **scores,
                                           "selection_score": selection_score(scores)}
             print(name, result["candidates"][name], flush=True)
-            args.out.write_text(json.dumps(result, indent=1))
+            write_results(result, out)
     result["chosen"] = chosen(result["candidates"], candidate_name(BASELINE_FIT, 1))
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"chosen: {result['chosen']}; wrote {args.out}")
+    write_results(result, out)
+    if result["search"] is None:
+        result["search"] = search_check(fit_images, sets)
+        write_results(result, out)
+    print(f"chosen: {result['chosen']}; inverted file adopted: {result['search']['adopted']}; wrote {out}")
+
+
+def search_check(fit_images: list, sets: dict) -> dict:
+    """The defaults fitted once, scored with the exact map search and with the inverted file (see the rule)."""
+    detector = PatchCoreDetector(progress=False, probes=None)
+    start = time.perf_counter()
+    detector.fit(fit_images)
+    check = {"settings": {"image_size": detector.image_size, "feature_dim": detector.feature_dim,
+                          "border_pad": detector.border_pad, "image_score": detector.image_score},
+             "fit_seconds": round(time.perf_counter() - start, 1), "rule": f"probes={SEARCH_PROBES} adopted if every "
+             f"metric on both sets is within {SEARCH_TOLERANCE} of the exact search's"}
+    for probes in (None, SEARCH_PROBES):
+        detector.probes = probes
+        detector._set_bank(detector.memory_bank_, detector.score_bank_)
+        check["exact" if probes is None else f"probes={probes}"] = {name: score(detector, *held)
+                                                                     for name, held in sets.items()}
+        print(probes, check, flush=True)
+    exact, ivf = check["exact"], check[f"probes={SEARCH_PROBES}"]
+    check["adopted"] = all(abs(ivf[name][metric] - exact[name][metric]) <= SEARCH_TOLERANCE
+                           for name in sets for metric in ("image_auroc", "pixel_auroc", "aupro"))
+    return check
+
+
+def write_results(result: dict, out: Path) -> None:
+    """Write exactly RESULT_KEYS, atomically (a temporary file renamed over the old one)."""
+    if set(result) != set(RESULT_KEYS):
+        raise KeyError(f"result keys {sorted(result)} differ from RESULT_KEYS {sorted(RESULT_KEYS)}")
+    temporary = out.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps({key: result[key] for key in RESULT_KEYS}, indent=1))
+    os.replace(temporary, out)
 
 
 if __name__ == "__main__":

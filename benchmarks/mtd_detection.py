@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/mtd_detection.py [--data ../shared/datasets/mtd] [--detectors patchcore zero-shot prn]
        [--threads 1] [--neu ../shared/datasets/neu-det] [--anomalib-python /tmp/anomalib-venv/bin/python]
-       [--out benchmarks/results/mtd_detection.json]
+       [--tag NAME]
 
 Protocol (../shared/datasets/README.md): fit on the normal training images of the split file (761), test on
 the 392 defect images + the 191 normal test images; normal test images get all-zero masks. Every detector
@@ -14,12 +14,18 @@ runs with the defaults its module chose on synthetic data (nothing is tuned on M
   (``on_prn_eval_set``) so the three can be compared on the same images.
 images/s times predict alone (images already decoded); fit seconds are reported apart. With
 ``--anomalib-python`` anomalib's PatchCore runs on the same images in its own virtualenv
-(``anomalib_patchcore.py``) and its maps are scored with the same metric functions.
+(``anomalib_patchcore.py``) and its maps are scored with the same metric functions. Its memory bank holds its
+own features at the patch positions our coreset picked, so its image scores must equal our PatchCore's (whose
+image score is anomalib's published one): the JSON records the largest difference. Its ``fit_seconds`` is its
+measured feature extraction plus its own coreset sampler's measured seconds per step times its steps (the
+sampler itself would run for hours here), marked as such.
 
 NEU-DET (zero-shot only, ``--neu``): every image carries a defect, so image AUROC is undefined there.
 Reported instead: pixel AUROC with the annotated boxes as coarse masks (pixels inside any box = defect), and
 the share of images whose map peak falls inside a box (and, as a check on border artefacts, within 16 px of
-the image border). Prints a table and writes the JSON named by --out.
+the image border). Prints a table and writes benchmarks/results/mtd_detection.json (with ``--tag NAME``:
+mtd_detection.NAME.json) holding exactly RESULT_KEYS; each detector's entry records when its run started, so
+rows of one run can be told from rows kept from an earlier run of the same protocol.
 """
 
 from __future__ import annotations
@@ -50,10 +56,13 @@ from machine_info import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
-RESULTS = Path(__file__).resolve().parent / "results" / "mtd_detection.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+RESULT_KEYS = ("benchmark", "machine", "protocol", "run_started", "load_average_at_start", "detectors", "anomalib",
+               "neu_det_zero_shot", "load_average_at_end", "notes")
 DETECTORS = ("patchcore", "zero-shot", "prn")
 N_REAL_ANOMALIES = 10
 BORDER_PX = 16
+RUN_STARTED = time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def machine(threads: int) -> dict:
@@ -122,13 +131,14 @@ def run_detector(name: str, train_images, test_images, real_anomalies, threads: 
     if name == "patchcore":
         detector = PatchCoreDetector()
         layers = getattr(detector.extractor, "taps", detector.layers or [])
-        settings = {"backbone": detector.backbone, "layers": list(layers),
-                    "image_size": detector.image_size, "coreset_ratio": detector.coreset_ratio,
-                    "k": detector.k, "feature_dim": detector.feature_dim,
-                    "coreset_projection_dim": detector.coreset_projection_dim, "batch_size": detector.batch_size}
+        settings = {"backbone": detector.backbone, "layers": list(layers), "image_size": detector.image_size,
+                    "coreset_ratio": detector.coreset_ratio, "k": detector.k, "feature_dim": detector.feature_dim,
+                    "coreset_projection_dim": detector.coreset_projection_dim, "border_pad": detector.border_pad,
+                    "image_score": detector.image_score, "batch_size": detector.batch_size}
         _, fit_s = timed(lambda: detector.fit(train_images))
         settings["memory_bank"] = list(detector.memory_bank_.shape)
-        note = "fit on the normal training images"
+        note = ("fit on the normal training images; map from the map features (feature_dim, border_pad), image "
+                "score anomalib's (its own embedding and Eq. 7 over 9 neighbours, same coreset positions)")
     elif name == "zero-shot":
         detector = MutualScoringDetector()
         settings = {"backbone": detector.backbone, "image_size": detector.image_size,
@@ -144,6 +154,7 @@ def run_detector(name: str, train_images, test_images, real_anomalies, threads: 
         settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
         _, fit_s = timed(lambda: detector.fit(train_images, real_anomalies=real_anomalies))
         settings["anomaly_sources"] = list(detector.sources_)
+        settings["loss_per_epoch"] = [round(loss, 5) for loss in detector.loss_history_]
         note = (f"trained with the normal training images and {len(real_anomalies)} real anomalies chosen by "
                 "select_real_anomalies(seed=0); those are EXCLUDED from its evaluation (its main numbers are on "
                 "the other test images)")
@@ -151,13 +162,13 @@ def run_detector(name: str, train_images, test_images, real_anomalies, threads: 
     detections, predict_s = timed(lambda: detector.predict(test_images))
     entry = {"fit_seconds": round(fit_s, 1), "predict_seconds": round(predict_s, 1),
              "images_per_s": round(len(test_images) / predict_s, 3), "threads": threads,
-             "load_average_before_predict": load_before, "load_average_after_predict": load_average(),
-             "settings": settings, "notes": note}
+             "run_started": RUN_STARTED, "load_average_before_predict": load_before,
+             "load_average_after_predict": load_average(), "settings": settings, "notes": note}
     return entry, detections, detector
 
 
 def run_anomalib(python: str, train: list[Sample], test: list[Sample], threads: int, labels, masks,
-                 prn_eval, test_images, ours: PatchCoreDetector) -> dict:
+                 prn_eval, test_images, ours: PatchCoreDetector, our_scores: np.ndarray) -> dict:
     """anomalib's PatchCore in its own interpreter; its maps scored with our metric functions.
 
     Its memory bank is its own features at the patch positions our detector's coreset picked on the same
@@ -184,9 +195,15 @@ def run_anomalib(python: str, train: list[Sample], test: list[Sample], threads: 
     bad = [i for i, (m, im) in enumerate(zip(maps, test_images)) if m.shape != im.shape[:2]]
     if bad:
         return {"ran": False, "reason": f"anomalib maps of the wrong size for test images {bad[:5]}"}
-    scores = report.pop("scores")
+    scores = np.asarray(report.pop("scores"), dtype=np.float64)
     report.update(score_detector(scores, maps, labels, masks, prn_eval))
+    report["fit_seconds"] = round(report["feature_extraction_seconds"] + report["anomalib_coreset_estimated_seconds"],
+                                  1)
+    report["fit_seconds_kind"] = ("estimate: measured feature extraction + anomalib KCenterGreedy's measured "
+                                  "seconds per step × its steps (the sampler was not run to the end)")
+    report["max_abs_image_score_difference_to_ours"] = float(np.abs(scores - our_scores).max())
     report["load_average_before"], report["load_average_after"] = load_before, load_average()
+    report["run_started"] = RUN_STARTED
     report["ran"] = True
     return report
 
@@ -233,11 +250,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--anomalib-python", default=None, help="python of a virtualenv with anomalib")
     parser.add_argument("--limit", type=int, default=None, help="at most N images per group (quick runs only)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default=None, help="write results/mtd_detection.<TAG>.json instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
+    out = RESULTS / (f"mtd_detection.{args.tag}.json" if args.tag else "mtd_detection.json")
 
     train, test = read_mtd_protocol(args.data, args.split_file, args.limit)
     log(f"MTD: {len(train)} normal training images, {len(test)} test images; loading")
@@ -254,16 +272,19 @@ def main() -> None:
                 "n_test_normal": int((labels == 0).sum()), "limit": args.limit,
                 "prn_real_anomalies": [f"{s.label}/{s.image_path.name}" for s in chosen],
                 "metrics": "anomaly_discovery.models.metrics (aupro to FPR 0.3)"}
-    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results = previous if previous.get("protocol") == protocol else {}
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    kept = previous if previous.get("protocol") == protocol else {}
+    results = {key: kept.get(key) for key in RESULT_KEYS}
     results.update({"benchmark": "mtd_detection", "machine": machine(args.threads), "protocol": protocol,
-                    "load_average_at_start": load_average()})
-    results.setdefault("detectors", {})
+                    "run_started": RUN_STARTED, "load_average_at_start": load_average(),
+                    "detectors": kept.get("detectors") or {},
+                    "notes": f"this run: {', '.join(args.detectors)}"
+                             + (" and anomalib" if args.anomalib_python else "")})
     for name in args.detectors:
         log(f"{name}: fit + predict")
         entry, detections, detector = run_detector(name, train_images, test_images, real_anomalies, args.threads)
-        metrics = score_detector([d.score for d in detections], [d.anomaly_map for d in detections], labels, masks,
-                                 prn_eval)
+        scores = np.array([d.score for d in detections], dtype=np.float64)
+        metrics = score_detector(scores, [d.anomaly_map for d in detections], labels, masks, prn_eval)
         if name == "prn":
             main_metrics = metrics.pop("on_prn_eval_set")
             main_metrics["evaluated_on"] = "test images minus PRN's 10 real training anomalies"
@@ -275,21 +296,21 @@ def main() -> None:
         if name == "patchcore" and args.anomalib_python:
             log("anomalib PatchCore: fit + predict in its own virtualenv")
             results["anomalib"] = run_anomalib(args.anomalib_python, train, test, args.threads, labels, masks,
-                                               prn_eval, test_images, detector)
+                                               prn_eval, test_images, detector, scores)
             results["anomalib"]["comparison"] = compare(results["detectors"]["patchcore"], results["anomalib"])
             log(f"anomalib: {headline(results['anomalib'])}")
         del detector
-        save(results, args.out)
-    if not args.anomalib_python and "anomalib" not in results:
+        save(results, out)
+    if results["anomalib"] is None:
         results["anomalib"] = {"ran": False, "reason": "not requested (pass --anomalib-python)"}
     if "zero-shot" in args.detectors and not args.skip_neu:
         log("zero-shot on NEU-DET")
         results["neu_det_zero_shot"] = neu_zero_shot(args.neu, args.limit)
         log(f"NEU-DET: {json.dumps(results['neu_det_zero_shot'])}")
     results["load_average_at_end"] = load_average()
-    save(results, args.out)
+    save(results, out)
     print_table(results)
-    print(f"results written to {args.out}")
+    print(f"results written to {out}")
 
 
 def compare(ours: dict, theirs: dict) -> dict:
@@ -302,8 +323,13 @@ def compare(ours: dict, theirs: dict) -> dict:
 
 
 def save(results: dict, out: Path) -> None:
+    """Write exactly RESULT_KEYS, atomically (a temporary file renamed over the old one)."""
+    if set(results) != set(RESULT_KEYS):
+        raise KeyError(f"results keys {sorted(results)} differ from RESULT_KEYS {sorted(RESULT_KEYS)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    temporary = out.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps({key: results[key] for key in RESULT_KEYS}, indent=2) + "\n")
+    os.replace(temporary, out)
 
 
 def print_table(results: dict) -> None:

@@ -1,14 +1,16 @@
 """PRN training pieces (methods §3 steps 2, 3, 7, 8, 9): prototypes, residuals, loss, training data, loop.
 
-The training batch is half normal images (their frozen encoder features cached once) and half anomalies
-drawn by :class:`AnomalySampler` (real, extended or simulated, encoded on the fly), so normal : anomalous
-is 1:1 in every epoch.
+The frozen encoder runs once per training image: the normal images and a pool of anomalous ones (real,
+extended and simulated, drawn by :class:`AnomalySampler`) are encoded before training, and each one's
+nearest prototypes are looked up then too (:class:`EncodedSet`). Every step then only runs the trainable head
+on a batch that is half cached normal maps, half cached anomalies, so normal : anomalous is 1:1 in every epoch.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -27,6 +29,7 @@ from ..features.backbones import autocast_for
 from .anomaly_synthesis import extend_anomaly, simulate_anomaly
 
 ANOMALY_SOURCES = ("real", "extended", "simulated")
+PROTOTYPE_KINDS = ("patch", "image")
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -41,33 +44,73 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize((np.asarray(mask) > 0).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
 
 
-def fit_prototypes(features: torch.Tensor, fraction: float = 0.1, seed: int = 0, n_iter: int = 20) -> torch.Tensor:
-    """Step 2: K = max(1, ⌊fraction·N⌋) seeded k-means centroids of the N whole flattened maps.
+def fit_prototypes(features: torch.Tensor, kind: str = "patch", count: int = 1024, fraction: float = 0.1,
+                   seed: int = 0, n_iter: int = 20) -> torch.Tensor:
+    """Step 2: seeded k-means prototypes of one scale's N×C×H×W normal feature maps.
 
-    N×C×H×W → K×C×H×W (faiss k-means; with K = N the maps themselves)."""
-    n = features.shape[0]
-    k = max(1, int(fraction * n))
-    flat = np.ascontiguousarray(features.reshape(n, -1).float().cpu().numpy())
-    if k >= n:
-        return features.float().cpu().clone()
-    kmeans = faiss.Kmeans(flat.shape[1], k, niter=n_iter, seed=seed, verbose=False, min_points_per_centroid=1)
-    kmeans.train(flat)
-    return torch.from_numpy(kmeans.centroids.copy()).view(k, *features.shape[1:])
+    ``kind`` "image" (the unofficial code): K = max(1, ⌊fraction·N⌋) centroids of the whole flattened maps,
+    K×C×H×W. ``kind`` "patch": ``count`` centroids of the C-dim feature vectors at every position, K×C
+    (k-means on at most 256 seeded random positions per centroid, FAISS's own cap), so that images which are
+    not aligned (textures, shifted parts) still meet a prototype of their own content.
+    """
+    if kind not in PROTOTYPE_KINDS:
+        raise ValueError(f"prototype kind must be one of {PROTOTYPE_KINDS}, got {kind!r}")
+    if kind == "image":
+        flat = features.reshape(features.shape[0], -1)
+        k = max(1, int(fraction * features.shape[0]))
+    else:
+        flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        k = count
+        if flat.shape[0] > 256 * k:
+            keep = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:256 * k]
+            flat = flat[keep]
+    flat = np.ascontiguousarray(flat.float().cpu().numpy())
+    if k >= flat.shape[0]:
+        centroids = flat.copy()
+    else:
+        kmeans = faiss.Kmeans(flat.shape[1], k, niter=n_iter, seed=seed, verbose=False, min_points_per_centroid=1)
+        kmeans.train(flat)
+        centroids = kmeans.centroids.copy()
+    shape = features.shape[1:] if kind == "image" else features.shape[1:2]
+    return torch.from_numpy(centroids).view(-1, *shape)
 
 
-def prototype_residuals(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Step 3: R = (F − p*)², p* = argmin_k ‖F − P_k‖₂ over whole flattened maps (B×C×H×W)."""
-    distances = torch.cdist(features.flatten(1).float(), prototypes.flatten(1).float())
-    nearest = prototypes[distances.argmin(dim=1)]
-    return (features - nearest) ** 2
+def nearest_prototypes(features: torch.Tensor, prototypes: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Step 3's p* = argmin_k ‖F − P_k‖₂: per image (B,) for whole-map prototypes, per position (B×H×W) for
+    patch prototypes (exact FAISS search, ``chunk`` images at a time)."""
+    if prototypes.ndim == 4:
+        distances = torch.cdist(features.flatten(1).float(), prototypes.flatten(1).float().to(features.device))
+        return distances.argmin(dim=1).cpu()
+    batch, channels, height, width = features.shape
+    index = faiss.IndexFlatL2(channels)
+    index.add(np.ascontiguousarray(prototypes.float().cpu().numpy()))
+    nearest = []
+    for start in range(0, batch, chunk):
+        queries = features[start:start + chunk].permute(0, 2, 3, 1).reshape(-1, channels).float().cpu().numpy()
+        nearest.append(torch.from_numpy(index.search(np.ascontiguousarray(queries), 1)[1][:, 0]))
+    return torch.cat(nearest).view(batch, height, width)
+
+
+def prototype_residuals(features: torch.Tensor, prototypes: torch.Tensor,
+                        nearest: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 3: R = (F − p*)² element-wise (B×C×H×W); ``nearest`` from :func:`nearest_prototypes` if known."""
+    if nearest is None:
+        nearest = nearest_prototypes(features, prototypes)
+    prototypes = prototypes.to(features.device)
+    chosen = prototypes[nearest.to(features.device)]
+    if prototypes.ndim == 2:
+        chosen = chosen.permute(0, 3, 1, 2)
+    return (features.float() - chosen) ** 2
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.5, gamma: float = 4.0) -> torch.Tensor:
-    """FL = −α_t (1 − p_t)^γ log p_t, mean over pixels (log p_t from logits for stability)."""
-    positive = target > 0.5
-    log_p_t = torch.where(positive, F.logsigmoid(logits), F.logsigmoid(-logits))
-    alpha_t = torch.where(positive, alpha, 1.0 - alpha)
-    return (-alpha_t * (1.0 - log_p_t.exp()) ** gamma * log_p_t).mean()
+    """FL = −[α t (1 − p)^γ log p + (1 − α)(1 − t) p^γ log(1 − p)], mean over pixels; for a 0/1 target this is
+    −α_t (1 − p_t)^γ log p_t, and a soft target t (a cell's defect fraction) weighs both terms."""
+    log_p, log_not_p = F.logsigmoid(logits), F.logsigmoid(-logits)
+    p = log_p.exp()
+    positive = alpha * target * (1.0 - p) ** gamma * log_p
+    negative = (1.0 - alpha) * (1.0 - target) * p ** gamma * log_not_p
+    return -(positive + negative).mean()
 
 
 def prn_loss(logits: torch.Tensor, target: torch.Tensor, focal_weight: float = 5.0, alpha: float = 0.5,
@@ -75,6 +118,12 @@ def prn_loss(logits: torch.Tensor, target: torch.Tensor, focal_weight: float = 5
     """Step 7: SmoothL1(σ(logits), M) + focal_weight · Focal(α, γ)."""
     return (F.smooth_l1_loss(torch.sigmoid(logits), target)
             + focal_weight * focal_loss(logits, target, alpha, gamma))
+
+
+def cell_targets(masks: np.ndarray, stride: int) -> torch.Tensor:
+    """N×S×S boolean masks → N×1×(S/stride)² float16 defect fraction of each cell of the finest feature grid."""
+    tensor = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[:, None]
+    return F.avg_pool2d(tensor, stride).half()
 
 
 class AnomalySampler:
@@ -115,13 +164,43 @@ class AnomalySampler:
         image, mask = simulate_anomaly(self.normal_images[target], rng, foreground)
         return image, mask, "simulated"
 
+    def pool(self, size: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """``size`` draws stacked: images N×S×S×3, masks N×S×S, source names."""
+        drawn = [self.draw() for _ in tqdm(range(size), desc="PRN anomalies", unit="img", disable=not progress)]
+        return np.stack([d[0] for d in drawn]), np.stack([d[1] for d in drawn]), [d[2] for d in drawn]
+
+
+@dataclass
+class EncodedSet:
+    """Training images as the head sees them: the encoder's maps (three scales then the coarse stage, float16,
+    on the CPU), each scale's nearest-prototype indices and the per-cell defect fractions of the finest scale."""
+
+    maps: list[torch.Tensor]
+    nearest: list[torch.Tensor]
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+    def batch(self, index: torch.Tensor, prototypes: Sequence[torch.Tensor], device: torch.device):
+        """(features, residuals, coarse map, targets) of the images at ``index``, float32 on ``device``."""
+        maps = [m[index].to(device).float() for m in self.maps]
+        residuals = [prototype_residuals(f, p, n[index]) for f, p, n in zip(maps, prototypes, self.nearest)]
+        return maps[:-1], residuals, maps[-1], self.targets[index].to(device).float()
+
+
+def joined(first: tuple, second: tuple) -> tuple:
+    """Two :meth:`EncodedSet.batch` results as one batch (lists joined scale by scale)."""
+    return tuple([torch.cat(pair) for pair in zip(a, b)] if isinstance(a, list) else torch.cat([a, b])
+                 for a, b in zip(first, second))
+
 
 @dataclass
 class PRNTrainHooks:
     """Injection points of a distributed runner (Ray Train) into :func:`train_head`; the defaults are the
     single-process path. ``wrap_model`` wraps the head (e.g. ``prepare_model``); this worker trains on share
     ``rank`` of ``world_size`` of every epoch's normal images (``batch_size`` is per worker); ``on_epoch(epoch,
-    metrics, state)`` runs after each epoch, ``state`` being {"head", "optimizer", "history"}, which
+    metrics, state)`` runs after each epoch, ``state`` being {"head", "optimizer", "scheduler", "history"}, which
     ``initial_state`` takes back to resume after the epochs in its history."""
 
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda model: model
@@ -143,65 +222,65 @@ class PRNTrainHooks:
         return seed if (self.rank, self.start_epoch) == (0, 0) else [seed, self.rank, self.start_epoch]
 
 
-def train_head(head: torch.nn.Module, normal_maps: Sequence[torch.Tensor], prototypes: Sequence[torch.Tensor],
-               sampler: AnomalySampler, encode: Callable[[np.ndarray], list[torch.Tensor]], *, epochs: int,
-               batch_size: int, steps_per_epoch: int | None, lr: float, weight_decay: float, device: torch.device,
-               seed: int = 0, progress: bool = True, loss_kwargs: dict | None = None,
+def train_head(head: torch.nn.Module, normal: EncodedSet, anomalous: EncodedSet, prototypes: Sequence[torch.Tensor],
+               *, epochs: int, batch_size: int, steps_per_epoch: int | None, lr: float, weight_decay: float,
+               device: torch.device, seed: int = 0, progress: bool = True, loss_kwargs: dict | None = None,
                hooks: PRNTrainHooks | None = None) -> list[float]:
-    """Step 9: Adam on ``prn_loss``; each batch = ⌊B/2⌋ cached normal maps + the rest sampled anomalies.
+    """Step 9: Adam on ``prn_loss`` with a cosine learning-rate decay over all steps; each batch is ⌊B/2⌋ cached
+    normal images (an epoch passes over them once) and the rest drawn from the cached anomalies.
 
-    ``normal_maps`` are the cached encoder maps of the normal images (three scales then the coarse stage);
-    ``encode`` maps a uint8 N×S×S×3 batch to the same list on ``device``. ``hooks`` (see
-    :class:`PRNTrainHooks`) shard, wrap, report and resume. Returns the mean loss per epoch (of this worker).
+    ``hooks`` (see :class:`PRNTrainHooks`) shard, wrap, report and resume; the normal images' order and the
+    anomalies drawn depend on (seed, epoch) only, so a resumed run sees what the uninterrupted one would.
+    Returns the mean loss per epoch (of this worker). ``on_epoch``'s metrics hold the loss and ``seconds``, the
+    training time so far (time spent inside ``on_epoch`` itself not counted).
     """
     hooks = hooks or PRNTrainHooks()
-    n_images = normal_maps[0].shape[0]
+    n_images = len(normal)
     n_normal = max(1, batch_size // 2)
     n_anomalous = max(1, batch_size - n_normal)
     per_step = n_normal * hooks.world_size
     steps = steps_per_epoch or math.ceil(n_images / per_step)
     rounds = math.ceil(steps * per_step / n_images)
     history: list[float] = []
-    if hooks.initial_state is not None:
-        head.load_state_dict(hooks.initial_state["head"])
-        history = [float(loss) for loss in hooks.initial_state["history"]]
     model = hooks.wrap_model(head)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps, eta_min=lr * 1e-2)
     if hooks.initial_state is not None:
+        head.load_state_dict(hooks.initial_state["head"])
         optimizer.load_state_dict(hooks.initial_state["optimizer"])
-    rng = np.random.default_rng(seed)
-    for _ in range(hooks.start_epoch * rounds):
-        rng.permutation(n_images)
-    size = sampler.normal_images.shape[1]
-    model.train()
+        schedule.load_state_dict(hooks.initial_state["scheduler"])
+        history = [float(loss) for loss in hooks.initial_state["history"]]
     bar = tqdm(total=max(0, epochs - hooks.start_epoch) * steps, desc="PRN training", unit="step",
                disable=not progress)
+    seconds = 0.0
     for epoch in range(hooks.start_epoch, epochs):
-        order = np.concatenate([rng.permutation(n_images) for _ in range(rounds)])
+        started = time.perf_counter()
+        model.train()
+        order = np.concatenate([np.random.default_rng([seed, epoch, r]).permutation(n_images) for r in range(rounds)])
+        draws = np.random.default_rng([seed, epoch, hooks.world_size, hooks.rank])
         total = 0.0
         for step in range(steps):
             first = (step * hooks.world_size + hooks.rank) * n_normal
-            index = torch.from_numpy(order[first:first + n_normal])
-            drawn = [sampler.draw() for _ in range(n_anomalous)]
-            anomalous_maps = encode(np.stack([image for image, _, _ in drawn]))
-            maps = [torch.cat([cached[index].to(device), fresh]) for cached, fresh in zip(normal_maps, anomalous_maps)]
-            masks = torch.zeros(n_normal + n_anomalous, 1, size, size, device=device)
-            masks[n_normal:, 0] = torch.from_numpy(np.stack([mask for _, mask, _ in drawn])).to(device)
-            residuals = [prototype_residuals(f, p) for f, p in zip(maps[:-1], prototypes)]
+            picks = torch.from_numpy(draws.integers(len(anomalous), size=n_anomalous))
+            features, residuals, coarse, targets = joined(
+                normal.batch(torch.from_numpy(order[first:first + n_normal]), prototypes, device),
+                anomalous.batch(picks, prototypes, device))
             with autocast_for(device):
-                logits = model(maps[:-1], residuals, maps[-1])
-            loss = prn_loss(logits.float(), masks, **(loss_kwargs or {}))
+                logits = model(features, residuals, coarse)
+            loss = prn_loss(logits.float(), targets, **(loss_kwargs or {}))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             total += float(loss.detach())
             bar.update()
         history.append(total / steps)
+        seconds += time.perf_counter() - started
         bar.set_postfix(epoch=epoch + 1, loss=f"{history[-1]:.4f}")
         if hooks.on_epoch is not None:
             state = copy.deepcopy({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "history": history})
-            hooks.on_epoch(epoch, {"loss": history[-1]}, state)
+                                   "scheduler": schedule.state_dict(), "history": history})
+            hooks.on_epoch(epoch, {"loss": history[-1], "seconds": seconds}, state)
     bar.close()
     head.eval()
     return history

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import cv2
@@ -6,8 +7,13 @@ import pytest
 import torch
 
 from anomaly_discovery.models.detectors.protocol import Detector
-from anomaly_discovery.models.detectors.patchcore import (PatchCoreDetector, gaussian_blur, local_patch_features,
-                                                          patch_feature_batches)
+import faiss
+
+from anomaly_discovery.models.detectors.patchcore import (ANOMALIB_NEIGHBOURS, PatchCoreDetector, build_index,
+                                                          embed_batch,
+                                                          gaussian_blur, local_patch_features, patch_feature_batches,
+                                                          reweighting, rows_at, top_patch)
+from anomaly_discovery.models.features.backbones import images_to_tensor
 
 SIZE = 64
 
@@ -167,6 +173,7 @@ def test_bad_image_shape_is_named(tiny_detector):
 @pytest.mark.parametrize("argument, value, message", [
     ("coreset_ratio", 0.0, "coreset_ratio must be in"), ("k", 0, "k must be at least 1"),
     ("image_size", 8, "image_size must be at least 32"), ("batch_size", 0, "batch_size must be at least 1"),
+    ("image_score", "mean", "image_score must be one of"), ("border_pad", 3, "border_pad"),
 ])
 def test_bad_settings_are_refused(argument, value, message):
     with pytest.raises(ValueError, match=message):
@@ -212,3 +219,101 @@ def test_border_padding_that_does_not_fit_the_strides_or_the_image_is_refused(ti
     with pytest.raises(ValueError, match="border_pad"):
         next(patch_feature_batches(tiny_detector.extractor, [np.zeros((SIZE, SIZE, 3), np.uint8)], SIZE, 1,
                                    torch.device("cpu"), border_pad=border_pad))
+
+
+def test_local_features_can_average_over_zero_padding_as_anomalib_does():
+    fine = torch.arange(16.0).view(1, 1, 4, 4)
+    features = local_patch_features([fine], neighbourhood=3, include_padding=True)
+    assert features[0, 0, 0, 0] == fine[0, 0, :2, :2].sum() / 9
+    assert features[0, 0, 1, 1] == fine[0, 0, :3, :3].mean()
+
+
+def test_top_patch_search_finds_the_patch_a_full_search_finds():
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(300, 8, generator=generator)
+    for trial in range(5):
+        patches = torch.randn(500, 8, generator=generator) * (1.0 + trial)
+        distances = torch.cdist(patches, bank).pow(2)
+        any_row = torch.randint(300, (500,), generator=generator)
+        upper = (patches - bank[any_row]).pow(2).sum(1)
+        patch, row, distance = top_patch(patches, upper, bank, bank.pow(2).sum(1), chunk=16)
+        nearest = distances.min(1)
+        assert patch == int(nearest.values.argmax()) and row == int(nearest.indices[patch])
+        assert distance == pytest.approx(float(nearest.values.max()), rel=1e-4)
+
+
+def test_rows_at_takes_the_positions_across_batches_in_the_given_order():
+    batches = [torch.arange(2 * 3 * 2 * 1.0).view(2, 3, 2, 1), torch.arange(100.0, 112.0).view(2, 3, 2, 1)]
+    flat = torch.cat([b.reshape(-1, 1) for b in batches])
+    positions = torch.tensor([13, 0, 5, 23, 12])
+    assert torch.equal(rows_at(iter(batches), positions), flat[positions])
+
+
+def test_the_anomalib_image_score_is_eq7_on_anomalibs_embedding(tiny_detector, test_set):
+    images, _ = test_set
+    assert tiny_detector.image_score == "anomalib"
+    batch = images_to_tensor(images, SIZE)
+    (embedding,) = embed_batch(tiny_detector.extractor, batch, (3,), None, 0, include_padding=True)
+    bank = tiny_detector.score_bank_.numpy()
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(bank)
+    for detection, patches in zip(tiny_detector.predict(images), embedding.reshape(len(images), -1, bank.shape[1])):
+        patches = patches.numpy()
+        distances, nearest = index.search(patches, 1)
+        top = int(distances[:, 0].argmax())
+        weight = reweighting(patches[top], int(nearest[top, 0]), bank, index, ANOMALIB_NEIGHBOURS)
+        assert detection.score == pytest.approx(float(np.sqrt(distances[top, 0])) * weight, rel=1e-5)
+
+
+def test_the_score_bank_is_anomalibs_embedding_at_the_coreset_positions(tiny_detector, normal_images):
+    embeddings = [embed_batch(tiny_detector.extractor, images_to_tensor(normal_images, SIZE), (3,), None, 0,
+                              include_padding=True)[0]]
+    expected = torch.cat([e.reshape(-1, e.shape[-1]) for e in embeddings])[tiny_detector.coreset_indices_]
+    torch.testing.assert_close(tiny_detector.score_bank_, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_map_image_score_is_the_maps_top_patch_distance(normal_images, test_set):
+    images, _ = test_set
+    detector = PatchCoreDetector("tiny", image_size=SIZE, coreset_ratio=0.25, image_score="map", device="cpu",
+                                 progress=False).fit(normal_images)
+    assert detector.score_bank_ is None
+    batches = patch_feature_batches(detector.extractor, images, SIZE, 16, torch.device("cpu"), (3,),
+                                    detector.feature_dim, progress=False, border_pad=detector.border_pad)
+    features = next(batches)[0].reshape(len(images), -1, detector.feature_size)
+    for detection, patches in zip(detector.predict(images), features):
+        nearest = torch.cdist(patches, detector.memory_bank_).amin(1)
+        assert detection.score == pytest.approx(float(nearest.max()), rel=1e-4)
+    _assert_defects_found(detector.predict(images), test_set[1])
+
+
+def test_a_bank_saved_without_a_score_bank_loads_with_the_map_score(tiny_detector, tmp_path: Path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tiny_detector.save(tmp_path / "bank.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        bank = handle.get_tensor("memory_bank")
+    settings = json.loads(metadata["settings"])
+    del settings["image_score"]
+    save_file({"memory_bank": bank}, str(path), metadata={**metadata, "settings": json.dumps(settings)})
+    assert PatchCoreDetector.load(path, device="cpu", progress=False).image_score == "map"
+    settings["image_score"] = "anomalib"
+    save_file({"memory_bank": bank}, str(path), metadata={**metadata, "settings": json.dumps(settings)})
+    with pytest.raises(ValueError, match="bank.safetensors has image_score 'anomalib' but no score bank"):
+        PatchCoreDetector.load(path, device="cpu")
+
+
+def test_the_map_search_is_an_inverted_file_on_large_banks_and_exact_on_small_ones():
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(64 * 40, 16, generator=generator)
+    queries = torch.randn(200, 16, generator=generator).numpy()
+    exact, _ = build_index(bank, torch.device("cpu"), probes=None)
+    inverted, _ = build_index(bank, torch.device("cpu"), probes=8)
+    small, _ = build_index(bank[:64 * 8], torch.device("cpu"), probes=8)
+    assert isinstance(exact, faiss.IndexFlatL2) and isinstance(small, faiss.IndexFlatL2)
+    assert isinstance(inverted, faiss.IndexIVFFlat) and inverted.nlist == 40 and inverted.nprobe == 8
+    true, _ = exact.search(queries, 1)
+    approximate, _ = inverted.search(queries, 1)
+    assert np.all(approximate >= true - 1e-4)
+    assert np.mean(np.isclose(approximate, true, rtol=1e-5)) > 0.8

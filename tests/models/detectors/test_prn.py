@@ -10,7 +10,8 @@ from anomaly_discovery.data.sample import Sample
 from anomaly_discovery.models.detectors.protocol import Detection, Detector
 from anomaly_discovery.models.detectors.prn import (CheckpointError, MultiScaleFusion, MultiSizeSelfAttention,
                                                     PRNConfig, PRNDetector, PRNHead)
-from anomaly_discovery.models.detectors.prn_training import (fit_prototypes, focal_loss, prn_loss, prototype_residuals,
+from anomaly_discovery.models.detectors.prn_training import (cell_targets, fit_prototypes, focal_loss,
+                                                             nearest_prototypes, prn_loss, prototype_residuals,
                                                              select_real_anomalies)
 
 SIZE = 64
@@ -35,7 +36,7 @@ def with_bright_blob(image: np.ndarray, rng: np.random.Generator) -> tuple[np.nd
 
 def tiny_config(**overrides) -> PRNConfig:
     settings = dict(encoder="tiny", image_size=SIZE, epochs=1, steps_per_epoch=1, batch_size=4, lr=2e-3,
-                    progress=False, device="cpu")
+                    n_prototypes=32, anomaly_pool=24, progress=False, device="cpu")
     settings.update(overrides)
     return PRNConfig(**settings)
 
@@ -55,12 +56,12 @@ def trained(toy_data):
     return PRNDetector(tiny_config(epochs=10, steps_per_epoch=5, batch_size=8)).fit(normals, real)
 
 
-def test_head_gives_one_logit_map_at_input_resolution():
+def test_head_gives_one_logit_map_on_the_finest_grid():
     channels, strides = (16, 24, 32), (2, 4, 8)
-    head = PRNHead(channels, strides, coarse_channels=48, decoder_channels=(8, 12, 16), n_msa=2)
+    head = PRNHead(channels, strides, coarse_channels=48, widths=(8, 12, 16), n_msa=2)
     features = [torch.randn(2, c, SIZE // s, SIZE // s) for c, s in zip(channels, strides)]
     logits = head(features, [f ** 2 for f in features], torch.randn(2, 48, SIZE // 16, SIZE // 16))
-    assert logits.shape == (2, 1, SIZE, SIZE)
+    assert logits.shape == (2, 1, SIZE // 2, SIZE // 2)
 
 
 def test_fusion_and_attention_keep_each_scale_shape():
@@ -71,9 +72,29 @@ def test_fusion_and_attention_keep_each_scale_shape():
     assert MultiSizeSelfAttention.patch_sizes(16) == [16, 8, 4, 2]
 
 
-def test_prototype_count_is_a_tenth_of_the_normal_images_and_at_least_one():
-    assert fit_prototypes(torch.randn(25, 4, 3, 3), seed=0).shape == (2, 4, 3, 3)
-    assert fit_prototypes(torch.randn(5, 4, 3, 3), seed=0).shape == (1, 4, 3, 3)
+def test_image_prototype_count_is_a_tenth_of_the_normal_images_and_at_least_one():
+    assert fit_prototypes(torch.randn(25, 4, 3, 3), "image", seed=0).shape == (2, 4, 3, 3)
+    assert fit_prototypes(torch.randn(5, 4, 3, 3), "image", seed=0).shape == (1, 4, 3, 3)
+
+
+def test_patch_prototypes_are_feature_vectors_that_find_each_cluster():
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    rng = torch.Generator().manual_seed(0)
+    labels = torch.randint(3, (6, 5, 5), generator=rng)
+    features = (centres[labels] + 0.1 * torch.randn(6, 5, 5, 2, generator=rng)).permute(0, 3, 1, 2)
+    prototypes = fit_prototypes(features, "patch", count=3, seed=0)
+    assert prototypes.shape == (3, 2)
+    assert torch.cdist(centres, prototypes).amin(1).max() < 0.2
+    nearest = nearest_prototypes(features, prototypes)
+    assert nearest.shape == (6, 5, 5)
+    assert torch.equal(prototypes[nearest].permute(0, 3, 1, 2).round(), centres[labels].permute(0, 3, 1, 2))
+
+
+def test_patch_residual_is_the_squared_difference_to_each_positions_nearest_prototype():
+    prototypes = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
+    features = torch.tensor([[[[1.0, 9.0]], [[2.0, 12.0]]]])  # 1×2×1×2: positions (1, 2) and (9, 12)
+    residuals = prototype_residuals(features, prototypes)
+    assert torch.equal(residuals, torch.tensor([[[[1.0, 1.0]], [[4.0, 4.0]]]]))
 
 
 def test_residual_is_the_squared_difference_to_the_nearest_prototype():
@@ -87,6 +108,21 @@ def test_focal_loss_matches_its_formula_at_one_point():
     assert value.item() == pytest.approx(0.5 * 0.5 ** 4 * np.log(2), rel=1e-5)
     confident = prn_loss(torch.full((1, 1, 2, 2), -20.0), torch.zeros(1, 1, 2, 2))
     assert confident.item() < 1e-6
+
+
+def test_focal_loss_with_a_soft_target_weighs_both_terms_by_it():
+    logits = torch.full((1, 1, 1, 1), 0.7)
+    mixed = focal_loss(logits, torch.full((1, 1, 1, 1), 0.25))
+    ends = [focal_loss(logits, torch.full((1, 1, 1, 1), t)) for t in (1.0, 0.0)]
+    assert mixed.item() == pytest.approx(0.25 * ends[0].item() + 0.75 * ends[1].item(), rel=1e-6)
+
+
+def test_cell_targets_are_the_defect_fraction_of_each_finest_grid_cell():
+    masks = np.zeros((1, 8, 8), bool)
+    masks[0, :4, :2] = True
+    targets = cell_targets(masks, stride=4)
+    assert targets.shape == (1, 1, 2, 2) and targets.dtype == torch.float16
+    assert targets[0, 0].tolist() == [[0.5, 0.0], [0.0, 0.0]]
 
 
 def test_predict_gives_a_map_at_each_image_own_size(trained):
@@ -179,6 +215,17 @@ def test_a_checkpoint_with_mismatched_weights_is_refused(tmp_path, trained):
         PRNDetector.load(broken)
 
 
+def test_a_checkpoint_of_the_earlier_format_is_refused_with_the_way_out(tmp_path, trained):
+    path = tmp_path / "prn.safetensors"
+    trained.save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = {**handle.metadata(), "format": "adisc-prn-1"}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match="adisc-prn-1.*retrain"):
+        PRNDetector.load(path)
+
+
 def test_missing_checkpoint_is_refused():
     with pytest.raises(CheckpointError, match="not found"):
         PRNDetector.load("/nonexistent/prn.safetensors")
@@ -194,6 +241,9 @@ def test_predict_before_fit_is_refused():
     ({"batch_size": 1}, "batch_size"),
     ({"layers": (0, 1, 2)}, "4 encoder taps"),
     ({"encoder": "timm:resnet18"}, "no default PRN layers"),
+    ({"prototypes": "cluster"}, "prototypes must be one of"),
+    ({"anomaly_pool": 0}, "anomaly_pool"),
+    ({"widths": (8, 0, 8)}, "widths"),
 ])
 def test_bad_config_values_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -235,3 +285,32 @@ def test_select_real_anomalies_skips_empty_masks_and_is_seeded(labelled_samples)
     assert [s.image_path for s in first] == [s.image_path for s in again]
     assert len(first) == 14
     assert all(s.name != "stain_0" for s in first)
+
+
+def rendered(product: str, label: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """One generated 128 px image and its defect mask (all False for a normal one)."""
+    from anomaly_discovery.data.synthetic import DEFECT_TYPES, render_image
+
+    kind = DEFECT_TYPES.index(label) if label in DEFECT_TYPES else len(DEFECT_TYPES)
+    image = render_image(product, label, 128, (7, index, kind))
+    mask = image.defect_mask if image.defect_mask is not None else np.zeros(image.image.shape[:2], bool)
+    return image.image, mask
+
+
+@pytest.mark.slow
+def test_prn_trained_with_ten_real_anomalies_ranks_generated_defects_above_normal_images():
+    from anomaly_discovery.data.synthetic import DEFECT_TYPES
+
+    normals = [rendered("metal_plate", "good", i)[0] for i in range(60)]
+    real = [rendered("metal_plate", DEFECT_TYPES[i % len(DEFECT_TYPES)], 1000 + i) for i in range(10)]
+    test = ([rendered("metal_plate", "good", 500 + i) for i in range(30)]
+            + [rendered("metal_plate", DEFECT_TYPES[i % len(DEFECT_TYPES)], 2000 + i) for i in range(30)])
+    config = PRNConfig(image_size=128, epochs=30, batch_size=8, anomaly_pool=256, n_prototypes=256, device="cpu",
+                       progress=False)
+    detector = PRNDetector(config).fit(normals, real)
+    detections = detector.predict([image for image, _ in test])
+    labels = np.array([0] * 30 + [1] * 30)
+    assert roc_auc_score(labels, [d.score for d in detections]) >= 0.95
+    masks = np.stack([mask for _, mask in test[30:]])
+    maps = np.stack([d.anomaly_map for d in detections[30:]])
+    assert roc_auc_score(masks.ravel(), maps.ravel()) >= 0.9

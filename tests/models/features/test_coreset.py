@@ -73,3 +73,15 @@ def test_greedy_runs_in_the_projected_space(clustered_points):
     for pick in picks[1:]:
         assert nearest[pick] >= nearest.max() - 1e-4
         nearest = torch.minimum(nearest, (projected - projected[pick]).norm(dim=1))
+
+
+@pytest.mark.parametrize("candidates", [1, 7, 64, 3000])
+def test_rounds_of_any_size_make_the_one_at_a_time_greedy_picks(clustered_points, candidates):
+    reference = greedy_coreset_indices(clustered_points, 300, projection_dim=None, candidates=1)
+    picks = greedy_coreset_indices(clustered_points, 300, projection_dim=None, candidates=candidates)
+    assert torch.equal(picks, reference)
+
+
+def test_a_bad_candidate_count_is_refused(clustered_points):
+    with pytest.raises(ValueError, match="candidates must be at least 1, got 0"):
+        greedy_coreset_indices(clustered_points, 5, candidates=0)
