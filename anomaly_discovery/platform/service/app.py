@@ -61,6 +61,7 @@ from anomaly_discovery.platform.review.types import ArrivedImage, RegionLabel
 from anomaly_discovery.platform.service.core import ServeSettings, ServiceCore
 from anomaly_discovery.platform.service.io import BodyLimitMiddleware, bad_request, decode_image, encode_mask
 from anomaly_discovery.platform.service.routes import review_router
+from anomaly_discovery.platform.service.shutdown import interrupt_on_terminate
 from anomaly_discovery.platform.service.schemas import (ErrorOut, Health, ImagePredictionOut, IngestedImageOut,
                                                         IngestedRegionOut, IngestResponse, ModelOut, ModelRegistration,
                                                         PredictResponse, RegionOut)
@@ -260,7 +261,8 @@ def build_app(args: dict) -> Application:
 
 
 def run_serve(args: Mapping[str, Any] | Any) -> int:
-    """``adisc serve``: start Ray (if needed) and the application on ``host:port``, block until interrupted.
+    """``adisc serve``: start Ray (if needed) and the application on ``host:port``, block until SIGINT (Ctrl-C)
+    or SIGTERM, then shut Serve down and the Ray it started (raylet, workers, the proxy holding the port).
 
     Arguments (a mapping or an argparse namespace): ``store`` (--store URL), ``index`` (--index PATH),
     ``model`` (--model DIR), ``host`` (--host, default 127.0.0.1), ``port`` (--port, default 8000),
@@ -271,17 +273,24 @@ def run_serve(args: Mapping[str, Any] | Any) -> int:
     replicas = int(values.pop("replicas", None) or 1)
     names = {f.name for f in fields(ServeSettings)}
     settings = ServeSettings.from_args({k: v for k, v in values.items() if k in names and v is not None})
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         ray.init(include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(bound_service(settings, replicas), name="adisc", route_prefix="/", blocking=False)
-    token_state = ("set" if os.environ.get(settings.token_env)
-                   else f"NOT set: writes answer 503 until {settings.token_env} is")
-    print(f"adisc serve: http://{host}:{port} (docs at /docs); token variable {settings.token_env} {token_state}; "
-          "Ctrl-C stops", flush=True)
     try:
-        while True:
-            time.sleep(3600)
+        with interrupt_on_terminate():  # after ray.init, which installs a SIGTERM handler of its own
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(bound_service(settings, replicas), name="adisc", route_prefix="/", blocking=False)
+            token_state = ("set" if os.environ.get(settings.token_env)
+                           else f"NOT set: writes answer 503 until {settings.token_env} is")
+            print(f"adisc serve: http://{host}:{port} (docs at /docs); token variable {settings.token_env} "
+                  f"{token_state}; Ctrl-C or SIGTERM stops", flush=True)
+            while True:
+                time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        print("adisc serve: stopping", flush=True)
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+        if started_ray:
+            ray.shutdown()
     return 0
