@@ -277,7 +277,12 @@ def add_retrain_arguments(parser) -> None:
                        help="current model folder to fine-tune (default: the store's active model version)")
     group.add_argument("--trials", type=int, default=0, help="tune with this many Ray Tune trials first")
     group.add_argument("--max-concurrent", type=int, default=None, help="Tune trials at once")
-    group.add_argument("--activate", action="store_true", help="make the new version the store's active one")
+    group.add_argument("--activate", action="store_true",
+                       help="serve the new version: re-embed every region of the store into a new index beside the "
+                            "work folder's, then swap (needs --store and --workdir)")
+    group.add_argument("--workdir", type=Path, default=None,
+                       help="the service work folder whose index --activate rebuilds (what `adisc serve --workdir` "
+                            "serves)")
 
 
 def run_retrain_cli(args) -> int:

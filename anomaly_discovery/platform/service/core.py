@@ -19,6 +19,7 @@ import numpy as np
 from anomaly_discovery.platform.predictor import MANIFEST, PredictedImage, RegionPredictor, build_predictor
 from anomaly_discovery.platform.review.loop import DiscoveryLoop, InvalidActionError
 from anomaly_discovery.platform.review.types import LoopConfig
+from anomaly_discovery.platform.storage.paths import ServicePaths
 from anomaly_discovery.platform.storage.store import Store, active_model_version
 
 logger = logging.getLogger(__name__)
@@ -26,13 +27,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Application arguments (``args`` in deploy/serve_config.yaml). ``store``: SQLAlchemy URL; ``index``: the
-    index file (embeddings beside it); ``model``: predictor folder used until the store names an active model
-    folder; ``image_dir``: where ingested images are kept (default ``<index folder>/images``)."""
+    """Application arguments (``args`` in deploy/serve_config.yaml). ``workdir``: a work folder whose service
+    state (:class:`ServicePaths`: what ``adisc demo`` publishes and ``adisc serve --workdir`` reads) gives the
+    defaults of ``store`` (SQLAlchemy URL), ``index`` (the index file, embeddings beside it) and ``model``
+    (predictor folder used until the store names an active model folder); ``image_dir``: where ingested images
+    are kept (default ``<index folder>/images``)."""
 
     store: str
     index: str
     model: str
+    workdir: Optional[str] = None
     token_env: str = "ADISC_API_TOKEN"
     image_dir: Optional[str] = None
     product: str = "default"
@@ -52,9 +56,14 @@ class ServeSettings:
         unknown = sorted(set(args) - known)
         if unknown:
             raise ValueError(f"unknown serve argument(s) {unknown}; known: {sorted(known)}")
+        if args.get("workdir"):
+            paths = ServicePaths(Path(args["workdir"]))
+            args = {"store": paths.store_url, "index": str(paths.index), "model": str(paths.model),
+                    **{k: v for k, v in args.items() if v is not None}}
         missing = [name for name in ("store", "index", "model") if not args.get(name)]
         if missing:
-            raise ValueError(f"serve needs the argument(s) {missing} (store URL, index file, model folder)")
+            raise ValueError(f"serve needs the argument(s) {missing} (store URL, index file, model folder) or a "
+                             "workdir holding them")
         settings = cls(**{k: v for k, v in args.items() if v is not None})
         if settings.max_body_mb <= 0 or settings.max_pixels < 1 or settings.max_images < 1 or settings.batch_size < 1:
             raise ValueError(f"max_body_mb, max_pixels, max_images and batch_size must be positive, got {settings}")
