@@ -15,8 +15,9 @@ st.title("Overview")
 arrivals = svc.arrivals()
 counts = (arrivals.groupby("class").size().rename("regions").reset_index()
           .sort_values(["regions", "class"], ascending=[False, True], ignore_index=True))
-statuses = {c.name: c.status for c in svc.classes()}
-counts["status"] = [statuses.get(name, "unassigned") for name in counts["class"]]
+live = {c.name: c for c in svc.classes()}
+counts["status"] = [live[name].status if name in live else "unassigned" for name in counts["class"]]
+counts["images (model)"] = [live[name].images if name in live else 0 for name in counts["class"]]
 
 model = svc.model_version()
 jobs = svc.job_states()

@@ -72,7 +72,7 @@ def test_rle_masks_decode_to_the_predicted_mask(client):
 def test_several_images_in_one_request_are_answered_in_order(client):
     response = client.post("/v1/predict", files=files(defect_image("crack", 1), defect_image("stain", 2)))
     labels = [image["regions"][0]["label"] for image in response.json()["images"]]
-    assert labels[0] == "new" and labels[1] in ("stain", "unknown")
+    assert labels == ["new", "stain"]
 
 
 def test_classes_and_proposals_describe_the_discovery_run(client):
@@ -207,10 +207,8 @@ def test_ray_serve_answers_predictions_and_decisions_and_swaps_models_live(serve
         while not stop.is_set():
             response = requests.post(f"{url}/v1/predict", files=bodies[0], timeout=60)
             statuses.append(response.status_code)
-            if response.status_code != 200:
-                print("NON200", response.status_code, response.text[:2000])
-                continue
-            versions.add(response.json().get("model_version"))
+            if response.status_code == 200:
+                versions.add(response.json().get("model_version"))
 
     flowing = threading.Thread(target=keep_predicting)
     flowing.start()
