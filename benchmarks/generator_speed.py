@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import json
 import platform
 import tempfile
 import time

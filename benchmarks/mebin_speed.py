@@ -8,7 +8,6 @@ For scale it also times the literal algorithm (binary erosion and a component co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time

@@ -7,7 +7,6 @@ Prints a table and writes benchmarks/results/metrics_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time

@@ -17,7 +17,6 @@ Writes benchmarks/results/proposals_page.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
