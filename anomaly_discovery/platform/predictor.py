@@ -36,7 +36,8 @@ from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from anomaly_discovery.models.detectors.protocol import as_rgb
 from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
 from anomaly_discovery.models.discovery.training import predict_regions
-from anomaly_discovery.models.localisation.localise import Localisation, image_regions, localise_image
+from anomaly_discovery.models.localisation.localise import (Localisation, LocalisedImage, image_regions,
+                                                           localise_image)
 from anomaly_discovery.models.localisation.mebin import MAX_LEVEL
 from anomaly_discovery.models.localisation.regions import crop_region
 from anomaly_discovery.models.localisation.priors.base import NoObjectPrior, ObjectPrior
@@ -216,11 +217,19 @@ class DiscoveryRegionPredictor:
         self.class_names = [f"novel_{i}" for i in range(discovery.prototypes.shape[0] - discovery.n_base)]
         self.model_version = name or "discovery"
 
+    def _localise(self, image: np.ndarray, anomaly_map: np.ndarray) -> LocalisedImage:
+        """``localise_image``, except that an image without defect regions skips the object prior (its object
+        mask only ever shapes crops, and such an image has none)."""
+        binarised = self.localisation.binarise(anomaly_map)
+        if binarised.n_regions == 0:
+            return LocalisedImage(binarised, np.ones(image.shape[:2], bool), [])
+        return localise_image(image, anomaly_map, self.localisation, self.object_prior)
+
     def _localised(self, images: list[np.ndarray], timings: dict[str, float] | None):
         with timed(timings, "detector"):
             detections = self.detector.predict(images)
         with timed(timings, "localisation"):
-            return detections, [localise_image(image, detection.anomaly_map, self.localisation, self.object_prior)
+            return detections, [self._localise(image, detection.anomaly_map)
                                 for image, detection in zip(images, detections)]
 
     def _described(self, regions: list, timings: dict[str, float] | None) -> list[PredictedRegion]:
