@@ -39,11 +39,11 @@ def dashboard_environment(settings: UISettings) -> dict[str, str]:
 
 def run_ui(args: Mapping[str, Any] | Any) -> int:
     """Start the dashboard and block until it stops; SIGTERM or SIGINT (Ctrl-C) stops the Streamlit server and
-    every process it started (``platform/service/shutdown.py``), then returns 0. Arguments (a mapping or an argparse namespace): ``store``
-    (--store URL), ``index`` (--index PATH), ``workdir`` (--workdir DIR, default demo_out/), ``port`` (--port,
-    default a free one), ``host`` (--host, default 127.0.0.1); optionally ``model`` and ``data`` (the predictor
-    folder for Inspect and the labelled data set for Evaluation, by default ``model/`` and ``data/`` in the work
-    folder)."""
+    every process it started (``platform/service/shutdown.py``), then returns 0. Arguments (a mapping or an
+    argparse namespace): ``store`` (--store URL), ``index`` (--index PATH), ``workdir`` (--workdir DIR, default
+    demo_out/), ``port`` (--port, default a free one), ``host`` (--host, default 127.0.0.1); optionally ``model``
+    and ``data`` (the predictor folder for Inspect and the labelled data set for Evaluation, by default ``model/``
+    and ``data/`` in the work folder)."""
     values = dict(args if isinstance(args, Mapping) else vars(args))
     settings = UISettings.for_workdir(values.get("workdir") or DEFAULT_WORKDIR, values.get("store"),
                                       values.get("index"), values.get("model"), values.get("data"))

@@ -270,7 +270,8 @@ class ReviewService:
 
     def inspect(self, data: bytes, filename: str) -> Inspection:
         """Predict one uploaded image and label its regions (the model's class where it gives one, a known class,
-        ``new`` or ``unknown``: ``platform/review/labelling.py``); nothing is stored. Raises ``UploadRejected`` for a file that is not a readable image."""
+        ``new`` or ``unknown``: ``platform/review/labelling.py``); nothing is stored. Raises ``UploadRejected`` for
+        a file that is not a readable image."""
         image, _ = decode_upload(data, filename, MAX_UPLOAD_PIXELS)
         predictor = self.predictor()
         prediction = predictor.predict([image])[0]

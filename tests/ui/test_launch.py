@@ -61,8 +61,8 @@ def test_adisc_ui_stops_its_whole_process_tree_on_a_signal(world, tmp_path, stop
     port = free_port()
     log = tmp_path / "ui.log"
     with open(log, "w") as output:
-        process = subprocess.Popen([sys.executable, "-m", "anomaly_discovery.cli", "ui", "--workdir", str(world.workdir),
-                                    "--port", str(port)], stdout=output, stderr=subprocess.STDOUT,
+        process = subprocess.Popen([sys.executable, "-m", "anomaly_discovery.cli", "ui", "--workdir",
+                                    str(world.workdir), "--port", str(port)], stdout=output, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
         assert wait_until(lambda: port_open(port) or process.poll() is not None, 90), log.read_text()

@@ -99,7 +99,8 @@ def test_a_stale_version_is_409_and_undo_restores_the_proposal(client):
     url = f"/v1/proposals/{proposal['id']}/decision"
     assert client.post(url, headers=AUTH, json={"action": "reject", "expected_version": proposal["version"]}
                        ).status_code == 200
-    stale = client.post(url, headers=AUTH, json={"action": "confirm", "name": "x", "expected_version": proposal["version"]})
+    stale = client.post(url, headers=AUTH,
+                        json={"action": "confirm", "name": "x", "expected_version": proposal["version"]})
     assert stale.status_code == 409 and "expected version" in stale.json()["detail"]
     assert client.post("/v1/undo", headers=AUTH).json()["action"] == "undo"
     assert proposal["id"] in [p["id"] for p in client.get("/v1/proposals").json()]
