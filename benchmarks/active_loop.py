@@ -11,14 +11,15 @@ dashboard's) actions.
 
 Oracle: it reads the true labels (the model and the loop never do: nothing is tuned on them); a class "holds" L
 when it is a confirmed class named L. One action per step: (1) a confirmed class named by no label (a split part)
-whose majority label no class holds is renamed to it; else (2) the candidate touching the most regions, ties in
-this order: review — the queue's head proposal (the dashboard's order: size, then id) with majority label L (ties:
-name) is confirmed as L when no class holds L, else merged into the class that does; move (with moves only) — on
-one page of a confirmed class's gallery (its members by region id, 20 per page: the first page that has any), the
-members whose label another class holds go there together; split — a confirmed class whose members of an unheld
-label are a large minority (≥ 3 regions and ≥ 20%) is split in two, once per class, and the rules above sort the
-parts. With nothing left it stops. No rejects: MTD ``defects-5`` has no normal images, so every proposal is a
-defect kind.
+is renamed to its majority label when no class holds it, else merged into the class that does; else (2) the
+candidate touching the most regions, ties in this order: review — the queue's head proposal (the dashboard's
+order: size, then id) with majority label L (ties: name) is confirmed as L when no class holds L, else merged into
+the class that does; move (with moves only) — on one page of a confirmed class's gallery (its members by region
+id, 20 per page: the first page that has any), the members whose label another class holds go there together;
+split — a confirmed class whose members of another label are a large minority (≥ 3 regions and ≥ 20%) is split
+in two by the loop's k-means, at most twice per class (with moves: only for a label no class holds, once per
+class, since moves sort the others), and the rules above sort the parts. With nothing left it stops. No rejects: MTD ``defects-5`` has no normal images, so every
+proposal is a defect kind.
 
 Score after each action: every region's current class (the unassigned form one ``unknown`` cluster) one-hot,
 merged per image by the model's area-weighted ``merge_images``, against the MTD class by ``clustering_report``.
@@ -63,6 +64,7 @@ from results_file import add_output_arguments, write_results  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = (0, 5, 10, 25, 50)
 PAGE = 20
+MAX_SPLITS = 2  # per class, without moves
 TARGET_F1, TARGET_ACTIONS = 0.90, 25
 RESULT_KEYS = ("benchmark", "protocol", "target", "f1_after", "nmi_after", "ari_after", "f1_after_without_moves",
                "nmi_after_without_moves", "ari_after_without_moves", "meets_target", "meets_target_with_moves",
@@ -71,8 +73,8 @@ RESULT_KEYS = ("benchmark", "protocol", "target", "f1_after", "nmi_after", "ari_
 
 @dataclass(frozen=True)
 class Action:
-    """``kind``: confirm / merge (``target`` a proposal id), move / split / rename (``target`` a class id);
-    ``into``: the class merged or moved into; ``label``: the true label the oracle answered with."""
+    """``kind``: confirm / merge (``target`` a proposal id), merge_class / move / split / rename (``target`` a
+    class id); ``into``: the class merged or moved into; ``label``: the true label the oracle answered with."""
 
     kind: str
     target: int
@@ -98,16 +100,17 @@ def first_page(members: list[tuple[int, str]], wanted: str, page: int = PAGE) ->
 
 
 def next_action(members: dict[int, list[tuple[int, str]]], confirmed: dict[int, str], queue: list[tuple[int, int]],
-                labels: set[str], split_done: set[int], moves: bool = True) -> Action | None:
+                labels: set[str], splits: Counter, moves: bool = True) -> Action | None:
     """The oracle's next action (module docstring). ``members``: live class id → (region id, true label) pairs;
     ``confirmed``: confirmed class id → name; ``queue``: open (proposal id, class id), head first; ``labels``:
-    every true label; ``split_done``: classes already split; ``moves``: whether moves are allowed. ``None``:
-    nothing left to do."""
+    every true label; ``splits``: how often each class was split; ``moves``: whether moves are allowed.
+    ``None``: nothing left to do."""
     holder = {name: class_id for class_id, name in confirmed.items() if name in labels}
     for class_id, name in sorted(confirmed.items()):
         top = majority([label for _, label in members[class_id]])
-        if name not in labels and top not in holder:
-            return Action("rename", class_id, None, top)
+        if name not in labels:
+            return Action("merge_class", class_id, holder[top], top) if top in holder else \
+                Action("rename", class_id, None, top)
     candidates = []
     if queue:
         proposal_id, class_id = queue[0]
@@ -120,7 +123,7 @@ def next_action(members: dict[int, list[tuple[int, str]]], confirmed: dict[int, 
             if label in holder and moves:
                 batch = first_page(members[class_id], label)
                 candidates.append((len(batch), 1, Action("move", class_id, holder[label], label, batch)))
-            elif label not in holder and class_id not in split_done and \
+            elif splits[class_id] < (1 if moves else MAX_SPLITS) and \
                     len(everyone) >= max(3, 0.2 * len(members[class_id])):
                 candidates.append((len(everyone), 0, Action("split", class_id, None, label, everyone)))
     return max(candidates, key=lambda c: c[:2])[2] if candidates else None
@@ -192,6 +195,7 @@ def act(loop: DiscoveryLoop, action: Action):
     """The dashboard's call for ``action``."""
     return {"confirm": lambda: loop.confirm(action.target, action.label, reviewer="oracle"),
             "merge": lambda: loop.merge_proposal(action.target, action.into, reviewer="oracle"),
+            "merge_class": lambda: loop.merge(action.target, action.into, reviewer="oracle"),
             "rename": lambda: loop.rename(action.target, action.label, reviewer="oracle"),
             "split": lambda: loop.split(action.target, 2, reviewer="oracle"),
             "move": lambda: loop.move(list(action.region_ids), action.into, reviewer="oracle")}[action.kind]()
@@ -200,12 +204,12 @@ def act(loop: DiscoveryLoop, action: Action):
 def run_loop(loop: DiscoveryLoop, regions: list, region_ids: list[int], truth: dict, max_actions: int,
              moves: bool):
     labels = [truth[r.image_id] for r in regions]
-    curve, taken, split_done = [{"actions": 0, **image_scores(loop, regions, region_ids, truth)}], [], set()
+    curve, taken, splits = [{"actions": 0, **image_scores(loop, regions, region_ids, truth)}], [], Counter()
     while len(taken) < max_actions:
-        action = next_action(*review_state(loop, region_ids, labels), set(labels), split_done, moves)
+        action = next_action(*review_state(loop, region_ids, labels), set(labels), splits, moves)
         if action is None:
             break
-        split_done |= {action.target} if action.kind == "split" else set()
+        splits[action.target] += action.kind == "split"
         result = act(loop, action)
         loop.flush()
         taken.append({"step": len(taken) + 1, "action": action.kind, "target": action.target, "into": action.into,

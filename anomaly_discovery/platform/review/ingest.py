@@ -5,8 +5,8 @@ discovery model assigned them (``DiscoveredRegion.cluster``) its assignment is t
 becomes a proposed class ``novel_<i>``, with an open proposal when it has member regions (the proposals are the
 discovered classes; a cluster that only an image's merged label names has none), ``model_classes`` records which
 class each cluster stands for, every region the model put in a cluster and not over its outlier threshold is a
-member, the model's outliers are unassigned (``unknown``), and each image keeps the model's image class. Regions
-named by a known class go to it; without clusters the unknown regions are grouped into proposals by the loop
+member, the model's outliers are unassigned (``unknown``), and each image keeps the model's image class; more of
+the same run later joins the classes its clusters already stand for. Regions named by a known class go to it; without clusters the unknown regions are grouped into proposals by the loop
 (``propose``). A store serves one model's embeddings: a run of another model is refused (activate that model
 instead, ``platform/review/activation.py``).
 
@@ -30,7 +30,8 @@ from anomaly_discovery.platform.review.mirror import NO_MODEL
 from anomaly_discovery.platform.review.proposals import normalise_rows
 from anomaly_discovery.platform.review.types import (ArrivedImage, DiscoveredImage, DiscoveredRegion, IngestedImage,
                                                      RegionLabel, ReviewContext, Thresholds)
-from anomaly_discovery.platform.storage.models import AssignmentSource, ClassStatus, Image, ModelClass, ModelVersion
+from anomaly_discovery.platform.storage.models import (AssignmentSource, ClassStatus, DefectClass, Image, ModelClass,
+                                                       ModelVersion)
 from anomaly_discovery.platform.storage.store import (NewImage, NewRegion, Store, active_model_version, add_images,
                                                       add_model_version, add_regions, get_or_create_dataset,
                                                       get_or_create_product, known_class_id)
@@ -103,10 +104,17 @@ def ingest_discovery(loop: IngestTarget, images: Sequence[DiscoveredImage], regi
             model = (session.scalar(select(ModelVersion).where(ModelVersion.name == model_version))
                      or add_model_version(session, model_version, artifact_path, metrics))
             change = ChangeSet(loop, session)
-            classes = {}
+            mapped = dict(session.execute(select(ModelClass.cluster, ModelClass.class_id)
+                                          .where(ModelClass.model_version_id == model.id)).all())
+            classes, created = {}, set()
             clusters = {r.cluster for r in regions if is_member(r)} | {i.cluster for i in images}
             for cluster in sorted(clusters - {None}):
+                if cluster in mapped:
+                    if mapped[cluster] is not None:
+                        classes[cluster] = session.get(DefectClass, mapped[cluster])
+                    continue
                 classes[cluster] = change.add_class(f"novel_{cluster}", ClassStatus.PROPOSED)
+                created.add(cluster)
                 session.add(ModelClass(model_version_id=model.id, cluster=cluster, class_id=classes[cluster].id))
             target = get_or_create_dataset(session, get_or_create_product(session, product), dataset)
             image_ids = dict(zip([i.key for i in images], add_images(session, target, [
@@ -119,18 +127,18 @@ def ingest_discovery(loop: IngestTarget, images: Sequence[DiscoveredImage], regi
             change.register_regions(region_ids, embedding_ids)
             for region_id, region in zip(region_ids, regions):
                 class_id = known[region.class_name] if region.class_name is not None else (
-                    classes[region.cluster].id if is_member(region) else None)
+                    classes[region.cluster].id if is_member(region) and region.cluster in classes else None)
                 change.assign([region_id], class_id, AssignmentSource.MODEL,
                               region.confidence if class_id is not None else None)
-            for cluster, row in classes.items():
+            for cluster in sorted(created):
                 members = np.array([rid for rid, r in zip(region_ids, regions)
                                     if is_member(r) and r.cluster == cluster], np.int64)
                 if members.size:
-                    change.add_proposal(row, members)
+                    change.add_proposal(classes[cluster], members)
             change.finish()
         loop.sync()
         loop.thresholds = loop.fit_thresholds()
-        if classes:
+        if any(r.cluster is not None for r in regions):
             loop.refresh()
         else:
             loop.propose()
