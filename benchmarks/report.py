@@ -322,6 +322,8 @@ def section_serve() -> str:
     batched = "; ".join(f"{name.replace('_', ' ')}: {fmt(v['throughput'])} req/s, p99 {fmt(v['p99_ms'])} ms"
                         for name, v in batching.items() if name.startswith("batch_size"))
     missed = [name for name, met in targets.items() if not met]
+    single = r["stage_ms"][min(r["stage_ms"], key=int)]
+    model_ms = sum(single.get(s, 0.0) for s in ("detector", "localisation", "discovery"))
     return "\n".join([
         "## Serve load (`benchmarks/serve_load.py`)", "",
         f"Predictor: the {predictor['kind']} model `{predictor['model_version']}` that `adisc demo` publishes "
@@ -333,7 +335,10 @@ def section_serve() -> str:
         "One request's time by stage (mean ms, from the `Server-Timing` header; queue = waiting for a batch or a "
         "free replica):", "",
         table(["clients", *stages], split), "",
-        f"Batching at {batching['clients']} clients: {batched}.", "",
+        f"With one client the model alone takes {fmt(model_ms, 0)} ms of one core per image (localisation is almost "
+        "all the offline object prior, GrabCut on a 256 px working image, which runs only for images with defect "
+        f"regions), so two cores cap at about {fmt(2000 / model_ms, 1)} images/s before HTTP and the clients' own "
+        "CPU. " + f"Batching at {batching['clients']} clients: {batched}.", "",
         f"At half saturation ({fmt(half.get('throughput'))} req/s answered of {fmt(half.get('offered_rate'))} "
         f"offered): p50 {fmt(half.get('p50_ms'))} ms, p99 {fmt(half.get('p99_ms'))} ms, {half.get('errors')} errors. "
         f"Replica killed under that load: {kill.get('errors')} of {kill.get('requests')} requests failed, a new "

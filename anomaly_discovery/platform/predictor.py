@@ -263,9 +263,9 @@ class DiscoveryRegionPredictor:
         """Each box cropped from its image, the image's map scaled like the run's set (``Localisation``) and its
         object mask, then embedded and assigned by the discovery model."""
         images = [as_rgb(np.asarray(image)) for image in images]
-        _, localised = self._localised(images, None)
         regions, counts = [], []
-        for position, (image, found, image_boxes) in enumerate(zip(images, localised, boxes)):
+        for position, (image, detection, image_boxes) in enumerate(zip(images, self.detector.predict(images), boxes)):
+            found = localise_image(image, detection.anomaly_map, self.localisation, self.object_prior)
             values = found.mebin.normalised_map.astype(np.float32) / MAX_LEVEL
             regions += [crop_region(image, box, values, found.object_mask, f"image{position}") for box in image_boxes]
             counts.append(len(image_boxes))

@@ -128,7 +128,7 @@ def create_app(core: ServiceCore, predict: PredictFn | None = None) -> FastAPI:
     """The FastAPI app of one replica; ``predict`` (default: the predictor in a worker thread) is how the
     model is called — the Serve deployment passes its ``@serve.batch`` method. ``POST /v1/predict`` answers with
     a ``Server-Timing`` header: milliseconds of decode, queue (batching), detector, localisation, discovery, index
-    (labelling) and total."""
+    (labelling the regions against the classes and the index, and encoding the answer) and total."""
     settings = core.settings
     predict = predict or (lambda images: in_thread(core, images))
     app = FastAPI(title="anomaly-discovery", version="1", description=__doc__.split("\n\n")[0],
