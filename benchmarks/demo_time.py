@@ -3,9 +3,9 @@ serve, with the default settings; target under 5 minutes on the 2-core developme
 
 Runs ``adisc demo --out TMP --port FREE`` as a subprocess, reads the seconds each stage prints, and stops the
 clock when the service answers ``GET /healthz`` with 200 (the demo is then serving, with proposals waiting for
-review); then stops the service. Writes benchmarks/results/demo_time.json.
+review); then stops the service. Writes benchmarks/results/demo_time.json (``--tag NAME``: demo_time.NAME.json).
 
-Usage: .venv/bin/python benchmarks/demo_time.py [--timeout 900]
+Usage: .venv/bin/python benchmarks/demo_time.py [--timeout 900] [--tag NAME]
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ import urllib.request
 from pathlib import Path
 
 from machine_info import cpu_model
+from results_file import add_output_arguments, write_results
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-RESULTS = REPOSITORY / "benchmarks" / "results" / "demo_time.json"
+RESULT_KEYS = ("benchmark", "command", "target_s", "seconds_until_serving", "seconds_until_published",
+               "stage_seconds", "meets_target", "machine")
 TARGET_S = 300.0
 STAGE = re.compile(r"^== (\w+)")
 STAGE_SECONDS = re.compile(r"^\((\d+(?:\.\d+)?)s\)$")
@@ -62,7 +64,7 @@ def stage_seconds(lines: list[str]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_output_arguments(parser)
     args = parser.parse_args()
     port = free_port()
     load_before = list(os.getloadavg())
@@ -100,8 +102,8 @@ def main() -> None:
         "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "gpu": "none",
                     "load_average_before": load_before, "load_average_after": list(os.getloadavg())},
     }
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    written = write_results("demo_time", result, RESULT_KEYS, args.tag, args.out, indent=1)
+    print(json.dumps(result, indent=1), f"\nwritten to {written}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import json
 import platform
 import tempfile
 import time
@@ -24,8 +23,11 @@ import numpy as np
 from anomaly_discovery.data.synthetic import generate_dataset, render_image
 from anomaly_discovery.data.synthetic.generate import plan_jobs
 from machine_info import cpu_model
+from results_file import add_output_arguments, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results" / "generator_speed.json"
+RESULT_KEYS = ("benchmark", "images", "image_size", "workers", "seconds", "images_per_s", "cpu_seconds",
+               "render_only_seconds", "render_only_cpu_seconds", "writing_cpu_seconds", "megabytes_written",
+               "target_seconds", "meets_target_wall", "meets_target_cpu", "machine")
 TARGET_SECONDS = 30.0
 
 
@@ -49,7 +51,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None, help="write the dataset here and keep it")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_output_arguments(parser)
     args = parser.parse_args()
 
     use_one_thread()
@@ -99,9 +101,8 @@ def main() -> None:
     print(f"generator speed, {args.image_size} px, 1 worker, 1 thread")
     for name, value in rows:
         print(f"  {name:<26}{value}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    written = write_results("generator_speed", result, RESULT_KEYS, args.tag, args.out)
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import resource
@@ -27,8 +26,9 @@ import numpy as np
 
 from anomaly_discovery.platform.storage.index import IndexConfig, PrototypeIndex
 from machine_info import cpu_model
+from results_file import add_output_arguments, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results" / "index_scale.json"
+RESULT_KEYS = ("benchmark", "machine", "dim", "n_queries", "k", "n_clusters", "peak_rss_mb", "notes", "results")
 N_CLUSTERS = 1000
 BATCH = 250
 
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, default=IndexConfig().nprobe)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_output_arguments(parser)
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -170,9 +170,8 @@ def main() -> None:
         "results": [{key: round(value, 6) if isinstance(value, float) else value for key, value in row.items()}
                     for row in rows],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    written = write_results("index_scale", result, RESULT_KEYS, args.tag, args.out)
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

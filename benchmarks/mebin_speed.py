@@ -8,11 +8,9 @@ For scale it also times the literal algorithm (binary erosion and a component co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,8 +18,10 @@ import numpy as np
 from anomaly_discovery.models.localisation.crops import anomaly_crops
 from anomaly_discovery.models.localisation.mebin import MEBinConfig, mebin, normalise_jointly, select_stable_run
 from machine_info import cpu_model
+from results_file import add_output_arguments, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results" / "mebin_speed.json"
+RESULT_KEYS = ("benchmark", "machine", "n_maps", "map_size", "config", "repeats", "target_maps_per_s", "results",
+               "mean_regions", "maps_without_regions", "n_crops", "literal_loop_agrees")
 
 
 def blob_maps(n_maps: int, size: int, seed: int) -> list[np.ndarray]:
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_output_arguments(parser)
     args = parser.parse_args()
     cv2.setNumThreads(1)
 
@@ -123,9 +123,8 @@ def main() -> None:
         "n_crops": sum(len(c) for c in crops),
         "literal_loop_agrees": agree,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    written = write_results("mebin_speed", result, RESULT_KEYS, args.tag, args.out)
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

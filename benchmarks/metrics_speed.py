@@ -7,19 +7,19 @@ Prints a table and writes benchmarks/results/metrics_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 from anomaly_discovery.models.metrics import aupro, pixel_auroc
 from machine_info import cpu_model
+from results_file import add_output_arguments, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results" / "metrics_speed.json"
+RESULT_KEYS = ("benchmark", "machine", "n_images", "height", "width", "n_pixels", "defect_regions_per_image", "repeats",
+               "results")
 
 
 def blob_masks_and_maps(n_images: int, height: int, width: int, seed: int) -> tuple[list, list]:
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_output_arguments(parser)
     args = parser.parse_args()
 
     masks, maps = blob_masks_and_maps(args.n_images, args.height, args.width, args.seed)
@@ -90,9 +90,8 @@ def main() -> None:
         "repeats": args.repeats,
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    written = write_results("metrics_speed", result, RESULT_KEYS, args.tag, args.out)
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Writes benchmarks/results/proposals_page.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -34,8 +33,10 @@ sys.path.insert(0, str(REPOSITORY))
 from anomaly_discovery.ui.launch import APP, dashboard_environment, free_port, streamlit_command  # noqa: E402
 from tests.ui.review_world import build_review_world, copy_world  # noqa: E402
 from machine_info import cpu_model  # noqa: E402
+from results_file import add_output_arguments, write_results  # noqa: E402
 
-RESULTS = REPOSITORY / "benchmarks" / "results" / "proposals_page.json"
+RESULT_KEYS = ("benchmark", "machine", "crops", "images_per_kind", "setup_s", "script", "browser", "target_s",
+               "measured_by", "meets_target")
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -124,7 +125,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-kind", type=int, default=220, help="images per defect kind (>= 200)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_output_arguments(parser)
     args = parser.parse_args()
     if args.per_kind < CROPS:
         parser.error(f"--per-kind must be at least {CROPS}, got {args.per_kind}")
@@ -147,8 +148,7 @@ def main() -> int:
         "measured_by": "browser" if "cached" in browser else "script",
         "meets_target": shown["max_s"] < TARGET_S,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    written = write_results("proposals_page", result, RESULT_KEYS, args.tag, args.out)
     print(f"{'measure':<42}{'median s':>10}{'max s':>10}")
     print(f"{'script, first run (thumbnails rendered)':<42}{script['first_s']:>10.3f}{script['first_s']:>10.3f}")
     print(f"{'script, cached':<42}{script['cached']['median_s']:>10.3f}{script['cached']['max_s']:>10.3f}")
@@ -159,7 +159,7 @@ def main() -> int:
     else:
         print(f"browser: {browser['skipped']}")
     print(f"target: {CROPS} crops in < {TARGET_S} s after the first load -> "
-          f"{'met' if result['meets_target'] else 'NOT met'}; wrote {args.out}")
+          f"{'met' if result['meets_target'] else 'NOT met'}; wrote {written}")
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import resource
@@ -30,8 +29,10 @@ from anomaly_discovery.platform.review.loop import DiscoveryLoop
 from anomaly_discovery.platform.review.types import DiscoveredImage, DiscoveredRegion
 from anomaly_discovery.platform.storage.store import Store
 from machine_info import cpu_model
+from results_file import add_output_arguments, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results" / "review_actions.json"
+RESULT_KEYS = ("benchmark", "machine", "store", "dim", "setup", "index_save_s", "peak_rss_mb", "target", "actions",
+               "notes")
 
 
 def clustered_embeddings(n: int, n_kinds: int, dim: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +96,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--store", default=None, help="SQLAlchemy URL (default: a SQLite file in a temp folder)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_output_arguments(parser)
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
@@ -133,14 +134,13 @@ def main() -> None:
                  "reviewer's think time); back-to-back actions can wait for it. gc.freeze() after the build, as "
                  "the service does after start-up. Every action is undone right after (undo timed separately).",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    written = write_results("review_actions", result, RESULT_KEYS, args.tag, args.out)
     print(f"{setup['regions']} regions ({setup['reference_regions']} in the reference index, "
           f"{setup['region_index']['index_type']}), {setup['open_proposals']} open proposals; ingest {build_s:.1f}s")
     print(f"{'action':<10}{'median s':>10}{'max s':>10}{'< 1 s':>8}")
     for name, row in rows.items():
         print(f"{name:<10}{row['median_s']:>10.3f}{row['max_s']:>10.3f}{str(row['under_1s']):>8}")
-    print(f"index save alone: {result['index_save_s']:.3f}s; written to {args.out}")
+    print(f"index save alone: {result['index_save_s']:.3f}s; written to {written}")
 
 
 if __name__ == "__main__":

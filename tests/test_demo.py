@@ -1,15 +1,16 @@
-from anomaly_discovery.cli import main
-from anomaly_discovery.platform.storage.paths import ServicePaths
+"""``adisc demo --quick`` runs every stage and publishes what discovery found (the session's discovery world)."""
+
 from anomaly_discovery.platform.storage.store import Store, proposals
 
 
-def test_quick_demo_runs_every_stage_and_leaves_proposals_for_review(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--n", "60"]) == 0
-    out = capsys.readouterr().out
+def test_quick_demo_runs_every_stage_and_leaves_the_discovered_classes_for_review(discovery_world):
     for stage in ("== generate", "== detect", "== discover", "== publish", "adisc ui --workdir"):
-        assert stage in out
-    assert "nmi" in out and "image_auroc" in out
-    paths = ServicePaths(tmp_path)
+        assert stage in discovery_world.output
+    assert "nmi" in discovery_world.output and "image_auroc" in discovery_world.output
+    paths = discovery_world.paths
     assert paths.index.is_file() and (paths.model / "predictor.json").is_file()
-    with Store(paths.store_url).session() as session:
-        assert len(proposals(session)) >= 1
+    discovered = {name for name in discovery_world.region_counts() if name != "unknown"}
+    store = Store(paths.store_url)
+    with store.session() as session:
+        assert len(proposals(session)) == len(discovered) >= 2
+    store.dispose()

@@ -114,6 +114,33 @@ def test_the_rayservice_serves_the_same_application_as_serve_config_with_valid_a
         ServeSettings.from_args(app["args"])
 
 
+def serve_applications() -> list[tuple[Path, dict]]:
+    return [(path, app) for path, documents in ALL.items() for d in documents if isinstance(d, dict)
+            for app in d.get("applications", [])]
+
+
+def test_serve_applications_use_the_paths_the_service_uses():
+    pytest.importorskip("ray.serve")
+    from anomaly_discovery.platform.service.core import ServeSettings
+    from anomaly_discovery.platform.storage.paths import ServicePaths
+
+    assert serve_applications(), "deploy/ holds no Serve application"
+    for path, app in serve_applications():
+        args = app["args"]
+        assert args.get("workdir"), f"{path.name}: the application names no workdir"
+        settings, paths = ServeSettings.from_args(args), ServicePaths(Path(args["workdir"]))
+        assert (settings.index, settings.model) == (str(paths.index), str(paths.model)), path.name
+        assert settings.store == paths.store_url or settings.store.startswith("postgresql"), path.name
+
+
+def test_the_cluster_jobs_and_the_service_share_one_work_folder():
+    served = {app["args"]["workdir"] for path, app in serve_applications() if "kuberay" in path.parts}
+    for path, documents in ALL.items():
+        for argv in commands(documents):
+            if "--workdir" in argv:
+                assert {argv[argv.index("--workdir") + 1]} == served, f"{path.name}: {' '.join(argv)}"
+
+
 def test_the_dockerfile_installs_the_package_from_pyproject():
     text = (DEPLOY / "Dockerfile").read_text()
     steps = [line.split() for line in text.splitlines() if line and not line.startswith("#")]

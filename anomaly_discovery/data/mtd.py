@@ -1,4 +1,4 @@
-"""Magnetic Tile Defect dataset: ``MT_<Class>/Imgs/<name>.jpg`` with its mask ``<name>.png`` beside it.
+"""Magnetic Tile Defect dataset: ``MT_<Class>/Imgs/<name>.jpg`` with its mask ``<name>.png`` beside it (optional).
 
 The split file lists the MT_Free images held out as the normal test set; the other MT_Free images are the
 normal training images, and every defect image is a test image. ``MT_Free`` is labelled ``good``.
@@ -38,7 +38,7 @@ def read_mtd(root: str | Path, split_file: str | Path | None = None) -> list[Sam
         label = NORMAL_LABEL if normal else class_dir.name.removeprefix("MT_")
         for image in sorted((class_dir / "Imgs").glob("*.jpg")):
             split = ("test" if image.name in normal_test else "train") if normal else "test"
-            mask = None if normal else image.with_suffix(".png")
+            mask = None if normal or not image.with_suffix(".png").is_file() else image.with_suffix(".png")
             samples.append(Sample(image_path=image, label=label, mask_path=mask, split=split, product="magnetic_tile"))
     missing = normal_test - {s.image_path.name for s in samples if s.label == NORMAL_LABEL}
     if missing:

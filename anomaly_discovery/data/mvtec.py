@@ -1,4 +1,4 @@
-"""MVTec AD layout: ``<product>/train/good``, ``<product>/test/<type>``,
+"""MVTec AD layout: ``<product>/train/good``, ``<product>/test/<type>``, and optionally
 ``<product>/ground_truth/<type>/<name>_mask.png``. The synthetic generator writes this layout too."""
 
 from __future__ import annotations
@@ -28,20 +28,18 @@ def product_folders(root: Path) -> list[Path]:
 
 
 def _mask_for(product: Path, defect: str, image: Path) -> Path | None:
+    """``ground_truth/<type>/<stem>_mask.png`` (or ``<stem>.png``); ``None`` for normal images and for defect
+    images without a mask (masks are optional: they are only read to score results)."""
     if defect == NORMAL_LABEL:
         return None
     folder = product / "ground_truth" / defect
-    for name in (f"{image.stem}_mask.png", f"{image.stem}.png"):
-        if (folder / name).exists():
-            return folder / name
-    return folder / f"{image.stem}_mask.png"
+    return next((folder / name for name in (f"{image.stem}_mask.png", f"{image.stem}.png")
+                 if (folder / name).is_file()), None)
 
 
 def read_mvtec(root: str | Path, products: list[str] | None = None) -> list[Sample]:
-    """Every train and test image of each product, with its defect type and mask path.
-
-    A defect image whose mask is missing keeps the expected mask path, so that checking reports it.
-    """
+    """Every train and test image of each product, with its defect type and mask path (``None`` where the
+    product has no ``ground_truth/`` mask for it)."""
     samples: list[Sample] = []
     for product in product_folders(Path(root)):
         if products and product.name not in products:

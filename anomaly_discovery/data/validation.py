@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -19,8 +19,15 @@ class ReadReport:
     samples: list[Sample]
     skipped: list[DataError] = field(default_factory=list)
 
+    @property
+    def defects_without_mask(self) -> int:
+        """Labelled defect images that have no pixel mask (read all the same: masks only score results)."""
+        return sum(s.label is not None and not s.is_normal and s.mask_path is None for s in self.samples)
+
     def summary(self) -> str:
         text = f"{len(self.samples)} images"
+        if self.defects_without_mask:
+            text += f", {self.defects_without_mask} defect images without a mask"
         if self.skipped:
             text += f", {len(self.skipped)} bad files skipped"
         return text
@@ -66,6 +73,3 @@ def check_samples(samples: Iterable[Sample], skip_bad: bool = False) -> ReadRepo
             report.skipped.append(error)
     return report
 
-
-def without_mask(sample: Sample) -> Sample:
-    return replace(sample, mask_path=None)

@@ -1,9 +1,12 @@
 """The model interface the review loop and the service call (issue 6 items 3–4), and the predictors behind it.
 
-``RegionPredictor.predict(images) -> list[PredictedImage]``: per image an anomaly score, a float anomaly map and
-a boolean defect mask at the image's size, and its defect regions, each with a box, an L2-normalised float32
-embedding, and what the model itself says (known-class index and confidence, its own outlier score; ``None``
-where it says nothing). ``model_version`` names the weights; ``embedding_dim`` fixes the index's dimension.
+``RegionPredictor.predict(images, timings=None) -> list[PredictedImage]``: per image an anomaly score, a float
+anomaly map and a boolean defect mask at the image's size, and its defect regions, each with a box, an
+L2-normalised float32 embedding, and what the model itself says (its novel cluster, confidence, outlier score and
+whether that is over its outlier threshold; ``None`` where it says nothing); ``timings`` (a dict) collects the
+seconds of each stage. ``embed_boxes(images, boxes)`` describes given boxes the same way (how a newly activated
+model re-embeds the regions already stored). ``model_version`` names the weights; ``embedding_dim`` fixes the
+index's dimension.
 
 ``build_predictor(model_dir)`` reads ``model_dir/predictor.json`` (``{"kind": ..., ...}``):
 
@@ -19,6 +22,9 @@ where it says nothing). ``model_version`` names the weights; ``embedding_dim`` f
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
@@ -30,7 +36,10 @@ from anomaly_discovery.data.images import as_rgb
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
 from anomaly_discovery.models.discovery.training import predict_regions
-from anomaly_discovery.models.localisation.localise import Localisation, image_regions, localise_image
+from anomaly_discovery.models.localisation.localise import (Localisation, LocalisedImage, image_regions,
+                                                           localise_image)
+from anomaly_discovery.models.localisation.mebin import MAX_LEVEL
+from anomaly_discovery.models.localisation.regions import crop_region
 from anomaly_discovery.models.localisation.priors.base import NoObjectPrior, ObjectPrior
 from anomaly_discovery.models.localisation.priors.factory import build_object_prior
 
@@ -41,7 +50,8 @@ Box = tuple[int, int, int, int]
 @dataclass
 class PredictedRegion:
     """One defect region: ``box`` (x0, y0, x1, y1; x1/y1 exclusive), unit ``embedding``, the region's anomaly
-    score, and the model's own known-class index / confidence / outlier score (``None`` when it has none)."""
+    score, and the model's own novel-class index / confidence / outlier score and outlier flag (``None`` when it
+    has none)."""
 
     box: Box
     embedding: np.ndarray
@@ -49,6 +59,7 @@ class PredictedRegion:
     class_index: int | None = None
     confidence: float | None = None
     outlier_score: float | None = None
+    is_outlier: bool | None = None
 
 
 @dataclass
@@ -67,7 +78,22 @@ class RegionPredictor(Protocol):
     embedding_dim: int
     class_names: list[str]
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[PredictedImage]: ...
+    def predict(self, images: Sequence[np.ndarray], timings: dict[str, float] | None = None
+                ) -> list[PredictedImage]: ...
+
+    def embed_boxes(self, images: Sequence[np.ndarray], boxes: Sequence[Sequence[Box]]
+                    ) -> list[list[PredictedRegion]]: ...
+
+
+@contextmanager
+def timed(timings: dict[str, float] | None, stage: str) -> Iterator[None]:
+    """Add the block's wall seconds to ``timings[stage]`` (nothing without a dict)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
 
 
 @dataclass(frozen=True)
@@ -132,10 +158,14 @@ class PixelStatsPredictor:
         vector = statistics @ self.projection_
         return (vector / max(float(np.linalg.norm(vector)), 1e-12)).astype(np.float32)
 
-    def _predict_one(self, image: np.ndarray) -> PredictedImage:
+    def _checked(self, image: np.ndarray) -> np.ndarray:
         image = as_rgb(np.asarray(image))
         if image.dtype != np.uint8:
             raise ValueError(f"images must be uint8, got {image.dtype}")
+        return image
+
+    def _predict_one(self, image: np.ndarray) -> PredictedImage:
+        image = self._checked(image)
         anomaly_map = self.anomaly_map(image)
         mask = anomaly_map >= self.config.mask_level
         count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
@@ -149,8 +179,30 @@ class PixelStatsPredictor:
                                            float(anomaly_map[component].max())))
         return PredictedImage(float(anomaly_map.max()), anomaly_map, mask, regions)
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[PredictedImage]:
-        return [self._predict_one(image) for image in images]
+    def predict(self, images: Sequence[np.ndarray], timings: dict[str, float] | None = None
+                ) -> list[PredictedImage]:
+        with timed(timings, "detector"):
+            return [self._predict_one(image) for image in images]
+
+    def embed_boxes(self, images: Sequence[np.ndarray], boxes: Sequence[Sequence[Box]]
+                    ) -> list[list[PredictedRegion]]:
+        """Each box's statistics over its defect pixels (map ≥ ``mask_level`` inside the box; the whole box when
+        it holds none)."""
+        described = []
+        for image, image_boxes in zip(images, boxes):
+            image = self._checked(image)
+            anomaly_map = self.anomaly_map(image)
+            regions = []
+            for box in image_boxes:
+                x0, y0, x1, y1 = (int(v) for v in box)
+                component = np.zeros(anomaly_map.shape, bool)
+                inside = anomaly_map[y0:y1, x0:x1] >= self.config.mask_level
+                component[y0:y1, x0:x1] = inside if inside.any() else True
+                regions.append(PredictedRegion((x0, y0, x1, y1), self.embed(region_statistics(image, component,
+                                                                                              (x0, y0, x1, y1))),
+                                               float(anomaly_map[component].max())))
+            described.append(regions)
+        return described
 
 
 class DiscoveryRegionPredictor:
@@ -165,24 +217,62 @@ class DiscoveryRegionPredictor:
         self.class_names = [f"novel_{i}" for i in range(discovery.prototypes.shape[0] - discovery.n_base)]
         self.model_version = name or "discovery"
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[PredictedImage]:
+    def _localise(self, image: np.ndarray, anomaly_map: np.ndarray) -> LocalisedImage:
+        """``localise_image``, except that an image without defect regions skips the object prior (its object
+        mask only ever shapes crops, and such an image has none)."""
+        binarised = self.localisation.binarise(anomaly_map)
+        if binarised.n_regions == 0:
+            return LocalisedImage(binarised, np.ones(image.shape[:2], bool), [])
+        return localise_image(image, anomaly_map, self.localisation, self.object_prior)
+
+    def _localised(self, images: list[np.ndarray], timings: dict[str, float] | None):
+        with timed(timings, "detector"):
+            detections = self.detector.predict(images)
+        with timed(timings, "localisation"):
+            return detections, [self._localise(image, detection.anomaly_map)
+                                for image, detection in zip(images, detections)]
+
+    def _described(self, regions: list, images: Sequence[np.ndarray], timings: dict[str, float] | None
+                   ) -> list[PredictedRegion]:
+        if not regions:
+            return []
+        with timed(timings, "discovery"):
+            predicted = predict_regions(self.discovery, regions,
+                                        {f"image{position}": image for position, image in enumerate(images)})
+        flags = predicted.is_outlier
+        return [PredictedRegion(region.box, predicted.embeddings[i].astype(np.float32), region.score,
+                                int(predicted.clusters[i]), float(predicted.confidence[i]),
+                                float(predicted.outlier_score[i]), None if flags is None else bool(flags[i]))
+                for i, region in enumerate(regions)]
+
+    def predict(self, images: Sequence[np.ndarray], timings: dict[str, float] | None = None
+                ) -> list[PredictedImage]:
         images = [as_rgb(np.asarray(image)) for image in images]
+        detections, localised = self._localised(images, timings)
         results, regions, owners = [], [], []
-        for position, (image, detection) in enumerate(zip(images, self.detector.predict(images))):
-            localised = localise_image(image, detection.anomaly_map, self.localisation, self.object_prior)
-            image_regions_ = image_regions(f"image{position}", image, localised)
+        for position, (image, detection, found) in enumerate(zip(images, detections, localised)):
+            image_regions_ = image_regions(f"image{position}", image, found)
             regions += image_regions_
             owners += [position] * len(image_regions_)
             results.append(PredictedImage(float(detection.score), detection.anomaly_map.astype(np.float32),
-                                          localised.mebin.mask))
-        if regions:
-            predicted = predict_regions(self.discovery, regions,
-                                        {f"image{position}": image for position, image in enumerate(images)})
-            for i, (region, owner) in enumerate(zip(regions, owners)):
-                results[owner].regions.append(PredictedRegion(
-                    region.box, predicted.embeddings[i].astype(np.float32), region.score,
-                    int(predicted.clusters[i]), float(predicted.confidence[i]), float(predicted.outlier_score[i])))
+                                          found.mebin.mask))
+        for owner, region in zip(owners, self._described(regions, images, timings)):
+            results[owner].regions.append(region)
         return results
+
+    def embed_boxes(self, images: Sequence[np.ndarray], boxes: Sequence[Sequence[Box]]
+                    ) -> list[list[PredictedRegion]]:
+        """Each box cropped from its image, the image's map scaled like the run's set (``Localisation``) and its
+        object mask, then embedded and assigned by the discovery model."""
+        images = [as_rgb(np.asarray(image)) for image in images]
+        regions, counts = [], []
+        for position, (image, detection, image_boxes) in enumerate(zip(images, self.detector.predict(images), boxes)):
+            found = localise_image(image, detection.anomaly_map, self.localisation, self.object_prior)
+            values = found.mebin.normalised_map.astype(np.float32) / MAX_LEVEL
+            regions += [crop_region(image, box, values, found.object_mask, f"image{position}") for box in image_boxes]
+            counts.append(len(image_boxes))
+        described, ends = self._described(regions, images, None), np.cumsum(counts)
+        return [described[end - count:end] for count, end in zip(counts, ends)]
 
 
 def write_discovery_model(folder: str | Path, discovery, detector, localisation: Localisation,

@@ -47,9 +47,11 @@ REVIEWER_CODE = SOURCE_CODE[AssignmentSource.REVIEWER]
 MAX_UPLOAD_PIXELS = 40_000_000
 
 
-def embedding_dim(index_path: Path) -> int:
-    """The dimension the review loop was built with: the embeddings file's header, else the index metadata."""
-    path = embeddings_path(index_path)
+def embedding_dim(store: Store, index_path: Path) -> int:
+    """The dimension of the active model's embeddings: its embeddings file's header, else the index metadata."""
+    with store.session() as session:
+        active = active_model_version(session)
+    path = embeddings_path(index_path, active.name) if active is not None else embeddings_path(index_path)
     dim = stored_dim(path)
     if dim is not None:
         return dim
@@ -65,6 +67,7 @@ class ClassRow:
     status: str
     size: int
     version: int
+    images: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,19 +119,27 @@ class ReviewService:
     def __init__(self, settings: UISettings, config: LoopConfig | None = None):
         self.settings = settings
         self.store = Store(settings.store)
-        self.loop = DiscoveryLoop(self.store, settings.index, embedding_dim(settings.index), config)
+        self.config = config
+        self.loop = DiscoveryLoop(self.store, settings.index, embedding_dim(self.store, settings.index), config)
         self._predictor: tuple[Path, RegionPredictor] | None = None
         self._predictor_lock = threading.Lock()
 
     def refresh(self) -> None:
-        """Catch up with changes other processes (the service, another dashboard) made to the store."""
+        """Catch up with changes other processes (the service, another dashboard) made to the store; when another
+        model version was activated, open the loop on its embeddings."""
         self.loop.sync()
+        if self.loop.stale:
+            old = self.loop
+            self.loop = DiscoveryLoop(self.store, self.settings.index, embedding_dim(self.store, self.settings.index),
+                                      self.config)
+            old.close()
 
     # ------------------------------------------------------------------ classes and proposals
     def classes(self, statuses=LIVE) -> list[ClassRow]:
-        sizes = self.loop.class_sizes()
+        sizes, images = self.loop.class_sizes(), self.loop.image_counts()
         with self.loop.lock:
-            return [ClassRow(c.id, c.name, ClassStatus(c.status).value, sizes.get(c.id, 0), c.version)
+            return [ClassRow(c.id, c.name, ClassStatus(c.status).value, sizes.get(c.id, 0), c.version,
+                             images.get(c.id, 0))
                     for c in sorted(self.loop.classes.values(), key=lambda c: c.id) if c.status in statuses]
 
     def reference_classes(self) -> list[ClassRow]:
@@ -298,13 +309,13 @@ class ReviewService:
             return self._predictor[1]
 
     def inspect(self, data: bytes, filename: str) -> Inspection:
-        """Predict one uploaded image and label its regions (known class, ``new`` or ``unknown``); nothing is
-        stored. Raises ``UploadRejected`` for a file that is not a readable image."""
+        """Predict one uploaded image and label its regions (the model's class where it gives one, a known class,
+        ``new`` or ``unknown``: ``platform/review/labelling.py``); nothing is stored. Raises ``UploadRejected`` for
+        a file that is not a readable image."""
         image, _ = decode_upload(data, filename, MAX_UPLOAD_PIXELS)
         predictor = self.predictor()
         prediction = predictor.predict([image])[0]
-        vectors = np.stack([r.embedding for r in prediction.regions]) if prediction.regions else np.zeros((0, 1))
-        labels = self.loop.label_embeddings(vectors) if prediction.regions else []
+        labels = self.loop.label_predictions(prediction.regions)
         return Inspection(image, prediction, labels, predictor.model_version)
 
     # ------------------------------------------------------------------ evaluation

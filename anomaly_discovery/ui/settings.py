@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from anomaly_discovery.platform.review.mirror import embeddings_path
 from anomaly_discovery.platform.storage.paths import ServicePaths
 
 ENVIRONMENT = {"store": "ADISC_UI_STORE", "index": "ADISC_UI_INDEX", "workdir": "ADISC_UI_WORKDIR",
@@ -55,5 +54,5 @@ class UISettings:
             database = Path(self.store.removeprefix("sqlite:///"))
             if not database.is_file():
                 raise FileNotFoundError(f"no store at {database}: run `adisc demo` first or pass --store")
-        if not self.index.is_file() and not embeddings_path(self.index).is_file():
+        if not self.index.is_file() and not any(self.index.parent.glob(f"{self.index.name}.*embeddings.f32")):
             raise FileNotFoundError(f"no index at {self.index}: run `adisc demo` first or pass --index")

@@ -37,11 +37,32 @@ def test_mvtec_reader_accepts_a_single_product_folder(tmp_path, rng):
     assert len(read_dataset(root / "bottle", "mvtec").samples) == 8
 
 
-def test_missing_mask_is_an_error_naming_it(tmp_path, rng):
+def test_a_defect_image_without_its_mask_is_read_without_one(tmp_path, rng):
     root = _mvtec_tree(tmp_path, rng)
     (root / "bottle" / "ground_truth" / "hole" / "001_mask.png").unlink()
-    with pytest.raises(ImageReadError, match="001_mask.png"):
-        read_dataset(root, "mvtec")
+    report = read_dataset(root, "mvtec")
+    hole = {s.name: s.mask_path for s in report.samples if s.label == "hole"}
+    assert hole["001"] is None and hole["000"].name == "000_mask.png"
+    assert report.defects_without_mask == 1 and "1 defect images without a mask" in report.summary()
+
+
+def test_an_mvtec_product_without_ground_truth_is_read(tmp_path, rng):
+    root = _mvtec_tree(tmp_path, rng)
+    for mask in (root / "bottle" / "ground_truth").rglob("*.png"):
+        mask.unlink()
+    report = read_dataset(root, "mvtec")
+    assert len(report.samples) == 8 and all(s.mask_path is None for s in report.samples)
+    assert report.defects_without_mask == 4
+
+
+def test_mtd_images_without_their_mask_file_are_read(tmp_path, rng):
+    for folder, names in (("MT_Crack", ("a", "b")), ("MT_Free", ("n0", "n1"))):
+        for name in names:
+            write_png(tmp_path / "mtd" / folder / "Imgs" / f"{name}.jpg", rng.integers(0, 256, (12, 12), np.uint8))
+    write_png(tmp_path / "mtd" / "MT_Crack" / "Imgs" / "a.png", np.full((12, 12), 255, np.uint8))
+    (tmp_path / "mtd_split.json").write_text('{"normal_test": ["n1.jpg"]}')
+    masks = {s.name: s.mask_path for s in read_dataset(tmp_path / "mtd", "mtd").samples if s.label == "Crack"}
+    assert masks["a"].name == "a.png" and masks["b"] is None
 
 
 def test_mask_of_other_size_is_an_error_naming_it(tmp_path, rng):

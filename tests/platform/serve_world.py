@@ -1,5 +1,6 @@
-"""A small real world for the service tests: synthetic defect images, a pixel-statistics predictor folder, and a
-store + index loaded with a discovery run over them (two known kinds, two novel kinds waiting as proposals)."""
+"""A small real world for the service tests: synthetic defect images (written to disk, so a new model can
+re-embed them), a pixel-statistics predictor folder, and a store + index loaded with a discovery run over them (two
+known kinds, two novel kinds waiting as proposals). The discovery-model world is ``discovery_world``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from anomaly_discovery.data import save_image
 from anomaly_discovery.platform.review.loop import DiscoveryLoop
 from anomaly_discovery.platform.review.types import DiscoveredImage, DiscoveredRegion
 from anomaly_discovery.platform.predictor import PixelStatsConfig, build_predictor, write_pixel_stats_model
@@ -66,8 +68,9 @@ def build_world(folder: Path, per_kind: int = 12) -> World:
     images, regions = [], []
     for k, kind in enumerate(KINDS):
         arrays = [defect_image(kind, seed=100 * k + i) for i in range(per_kind)]
-        for i, prediction in enumerate(predictor.predict(arrays)):
+        for i, (array, prediction) in enumerate(zip(arrays, predictor.predict(arrays))):
             key = f"{kind}_{i}"
+            save_image(folder / f"{key}.png", array)
             images.append(DiscoveredImage(key, f"{folder}/{key}.png", f"hash-{key}"))
             for region in prediction.regions[:1]:
                 known = kind if kind in KNOWN_KINDS else None

@@ -1,14 +1,20 @@
-"""``run_ui`` / ``adisc ui``: its settings, the ``streamlit run`` flags, and a clear error for a missing store."""
+"""``run_ui`` / ``adisc ui``: its settings, the ``streamlit run`` flags, a clear error for a missing store, and a
+real ``adisc ui`` process whose whole tree ends on SIGTERM and on SIGINT."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 
 from anomaly_discovery.platform.storage.paths import ServicePaths
 from anomaly_discovery.ui.launch import APP, free_port, run_ui, streamlit_command
 from anomaly_discovery.ui.settings import UISettings
+from tests.processes import alive, command_line, descendants, port_open, wait_until
 
 
 def test_streamlit_runs_headless_without_usage_stats_or_file_watcher_on_the_given_address():
@@ -47,3 +53,28 @@ def test_run_ui_refuses_a_workdir_without_a_store_before_starting_anything(tmp_p
 def test_run_ui_refuses_a_missing_index(world, tmp_path):
     with pytest.raises(FileNotFoundError, match="no index at"):
         run_ui({"workdir": str(world.workdir), "index": str(tmp_path / "none.npz")})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_adisc_ui_stops_its_whole_process_tree_on_a_signal(world, tmp_path, stop):
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "anomaly_discovery.cli", "ui", "--workdir",
+                                    str(world.workdir), "--port", str(port)], stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        assert wait_until(lambda: port_open(port) or process.poll() is not None, 90), log.read_text()
+        assert process.poll() is None, log.read_text()
+        tree = descendants(process.pid)
+        assert tree, "the dashboard runs in a child process"
+        os.kill(process.pid, stop)
+        assert process.wait(timeout=60) == 0, log.read_text()
+        assert wait_until(lambda: not any(alive(pid) for pid in tree), 10), \
+            [command_line(pid) for pid in tree if alive(pid)]
+        assert not port_open(port), f"port {port} still accepts connections"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -352,7 +352,8 @@ def test_inspect_says_new_for_a_defect_like_an_open_proposal(world):
     app = open_page("inspect")
     app.file_uploader(key="inspect-upload").set_value(("hole.png", png_bytes(defect_image("hole", 999)),
                                                        "image/png")).run()
-    assert app.dataframe[0].value.iloc[0]["kind"] in ("new", "unknown")
+    region = app.dataframe[0].value.iloc[0]
+    assert (region["kind"], region["label"]) == ("new", "new")
 
 
 def test_inspect_shows_an_error_for_a_file_that_is_not_an_image(world):

@@ -63,7 +63,7 @@ def run_demo(out: Path, n_images: int = 240, seed: int = 0, quick: bool = False,
     _done(t)
 
     t = _stage("publish: serving model, SQL store, FAISS index, new-class proposals")
-    published = publish_discovery(detection, discovery, out)
+    published = publish_discovery(detection, discovery, out, replace=True)
     print(published.describe())
     _done(t)
 

@@ -9,6 +9,7 @@ ground-truth masks are never read here, except the ≤ 10 anomalies PRN is allow
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from anomaly_discovery.config import config_to_dict
-from anomaly_discovery.data import Sample, load_image, load_mask, read_dataset, save_image
+from anomaly_discovery.data import DataError, Sample, load_image, load_mask, read_dataset, save_image
 from anomaly_discovery.models.localisation.crops import Crop
 from anomaly_discovery.models.detectors.protocol import Detection
 from anomaly_discovery.models.localisation.localise import localise_set
@@ -112,12 +113,26 @@ class DetectSummary:
 
 
 def image_id(sample: Sample, root: Path) -> str:
-    """A stable id from the image's path below the dataset root."""
-    try:
-        relative = sample.image_path.resolve().relative_to(root.resolve())
-    except ValueError:
-        relative = Path(sample.image_path.name)
+    """The image's path below the dataset root as given (never resolved: a dataset folder of symlinks keeps
+    its own layout), without its suffix, parts joined by ``__``: ``test/crack/000.png`` → ``test__crack__000``."""
+    relative = Path(os.path.relpath(sample.image_path, root))
+    if relative.parts[:1] == ("..",) or relative.is_absolute():
+        raise DataError(sample.image_path, f"image is not inside the dataset folder {root}")
     return "__".join(relative.with_suffix("").parts)
+
+
+def image_ids(samples: list[Sample], root: Path) -> list[str]:
+    """:func:`image_id` of every sample; two images with one id (``a.png`` and ``a.jpg`` side by side, or
+    ``a__b/c.png`` and ``a/b__c.png``) are an error naming both, since their outputs would overwrite each other."""
+    ids, first = [], {}
+    for sample in samples:
+        found = image_id(sample, root)
+        if found in first:
+            raise DataError(sample.image_path, f"its output id {found!r} is also the id of {first[found]}: rename "
+                                               "one of the two files (outputs are written per id)")
+        first[found] = sample.image_path
+        ids.append(found)
+    return ids
 
 
 def split_for_detector(samples: list[Sample], detector: str) -> tuple[list[Sample], list[Sample]]:
@@ -243,6 +258,7 @@ def run_detect(config: DetectConfig) -> DetectSummary:
     report = read_dataset(config.data, data_format, skip_bad=config.skip_bad, split_file=config.split_file,
                           masks_root=config.masks)
     fit_samples, test_samples = split_for_detector(report.samples, config.detector)
+    id_of = dict(zip([s.image_path for s in test_samples], image_ids(test_samples, Path(config.data))))
     seconds: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -263,8 +279,7 @@ def run_detect(config: DetectConfig) -> DetectSummary:
                              prior, progress=config.progress)
     seconds["localise"] = time.perf_counter() - start
 
-    root = Path(config.data)
-    results = [ImageResult(image_id(s, root), s, d, x.mebin, x.object_mask, x.crops)
+    results = [ImageResult(id_of[s.image_path], s, d, x.mebin, x.object_mask, x.crops)
                for s, d, x in zip(test_samples, detections, localised)]
     summary = DetectSummary(config, results, len(fit_samples), held_out, prior_used, seconds, len(report.skipped),
                             detector)

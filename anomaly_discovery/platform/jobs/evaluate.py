@@ -47,7 +47,10 @@ def ground_truth(summary: dict, data: Path | None, format: str | None, split_fil
 
 
 def evaluate_detection(output: Path, summary: dict, truth: dict) -> EvaluationReport:
+    """Image AUROC over every image; pixel AUROC and AUPRO over the images whose ground truth is known (normal
+    images, defect images with a mask), with a note naming the defect images left out for lack of a mask."""
     labels, scores, masks, maps, notes = [], [], [], [], []
+    without_mask = 0
     for record in summary["images"]:
         sample = truth.get(str(Path(record["image"]).resolve()))
         if sample is None or sample.label is None:
@@ -55,18 +58,25 @@ def evaluate_detection(output: Path, summary: dict, truth: dict) -> EvaluationRe
         labels.append(sample.label != NORMAL_LABEL)
         scores.append(record["score"])
         map_path = Path(output) / "images" / record["id"] / "anomaly_map.npy"
-        if map_path.is_file():
-            anomaly_map = np.load(map_path).astype(np.float32)
-            mask = (load_mask(sample.mask_path, anomaly_map.shape) if sample.mask_path is not None
-                    else np.zeros(anomaly_map.shape, bool))
-            maps.append(anomaly_map)
-            masks.append(mask)
+        if not map_path.is_file():
+            continue
+        if sample.label != NORMAL_LABEL and sample.mask_path is None:
+            without_mask += 1
+            continue
+        anomaly_map = np.load(map_path).astype(np.float32)
+        masks.append(load_mask(sample.mask_path, anomaly_map.shape) if sample.mask_path is not None
+                     else np.zeros(anomaly_map.shape, bool))
+        maps.append(anomaly_map)
     metrics = {"image_auroc": image_auroc(np.array(labels), np.array(scores))}
     if masks and any(m.any() for m in masks):
         metrics["pixel_auroc"] = pixel_auroc(masks, maps)
         metrics["aupro"] = aupro(masks, maps)
+        if without_mask:
+            notes.append(f"{without_mask} defect images have no pixel mask: pixel AUROC and AUPRO are computed over "
+                         f"the other {len(masks)} images")
     else:
-        notes.append("no pixel masks available: pixel AUROC and AUPRO not computed")
+        notes.append(f"no pixel masks available{f' for the {without_mask} defect images' if without_mask else ''}: "
+                     "pixel AUROC and AUPRO not computed (image AUROC needs only the labels)")
     return EvaluationReport("detect", metrics, len(labels), notes)
 
 

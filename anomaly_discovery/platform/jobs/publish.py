@@ -1,12 +1,17 @@
 """Hand a discovery run to the service: a serving model folder, the store, the index and the first proposals.
 
-A work folder holds one product line's service state, laid out by :class:`ServicePaths`, so that ``adisc serve``
-and ``adisc ui`` need no settings after ``adisc demo``.
+The store's first assignment is the discovery model's own: every region in its novel cluster (``novel_<i>``, as
+``assignments.csv`` names it), unassigned only when over the model's outlier threshold; every image with the
+model's image class; and one open proposal per discovered class. So ``adisc discover``, the API and the
+dashboard count the same. A work folder holds one product line's service state, laid out by
+:class:`ServicePaths`, so that ``adisc serve`` and ``adisc ui`` need no settings after ``adisc demo``; publishing
+into a folder that already holds a store is refused (``replace=True`` starts it afresh).
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +43,34 @@ def file_hash(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def discovered_records(discovery: DiscoverSummary, detect_images: Path
+                       ) -> tuple[list[DiscoveredImage], list[DiscoveredRegion]]:
+    """The run's images (with the model's image class) and regions (embedding, cluster, confidence, whether over
+    the outlier threshold, and the MEBin mask ``adisc detect`` wrote for the image)."""
+    artifacts, predictions = discovery.artifacts, discovery.artifacts.regions
+    images = [DiscoveredImage(image_id, path, file_hash(path), "test",
+                              int(artifacts.images[image_id].label) if image_id in artifacts.images else None)
+              for image_id, path in discovery.image_paths.items()]
+    flags = predictions.is_outlier
+    regions = [DiscoveredRegion(region.image_id, tuple(int(v) for v in region.box), float(region.score),
+                                predictions.embeddings[i], confidence=float(predictions.confidence[i]),
+                                mask_path=str(detect_images / region.image_id / "mebin_mask.png"),
+                                cluster=int(predictions.clusters[i]),
+                                is_outlier=bool(flags[i]) if flags is not None else False)
+               for i, region in enumerate(discovery.regions)]
+    return images, regions
+
+
 def publish_discovery(detection: DetectSummary, discovery: DiscoverSummary, workdir: str | Path,
-                      model_version: str | None = None) -> PublishResult:
-    """Write the serving model (detector + the run's map scale and MEBin level + discovery model), load the
-    run's images and regions (with their learned embeddings) into the store and index, and propose classes."""
+                      model_version: str | None = None, replace: bool = False) -> PublishResult:
+    """Write the serving model (detector + the run's map scale and MEBin level + discovery model), then load the
+    run's images and regions (with their learned embeddings and the model's classes) into the store and index."""
     paths = ServicePaths(Path(workdir))
+    if paths.service.exists() and any(paths.service.iterdir()):
+        if not replace:
+            raise ValueError(f"{paths.service} already holds a published service state: publish into another work "
+                             "folder, or replace it")
+        shutil.rmtree(paths.service)
     paths.service.mkdir(parents=True, exist_ok=True)
     if detection.detector is None or not hasattr(detection.detector, "save"):
         raise ValueError(f"the {detection.config.detector} detector cannot be saved for serving; use patchcore")
@@ -57,20 +85,16 @@ def publish_discovery(detection: DetectSummary, discovery: DiscoverSummary, work
     write_discovery_model(paths.model, discovery.artifacts.predictor, detection.detector, localisation, version,
                           {k: str(v) if isinstance(v, Path) else v for k, v in prior.items() if v is not None})
 
+    images, regions = discovered_records(discovery, Path(detection.config.out) / "images")
     embeddings = discovery.artifacts.regions.embeddings
-    images = [DiscoveredImage(image_id, path, file_hash(path), "test")
-              for image_id, path in discovery.image_paths.items()]
-    images_dir = Path(detection.config.out) / "images"
-    regions = [DiscoveredRegion(region.image_id, tuple(int(v) for v in region.box), float(region.score),
-                                embeddings[i], mask_path=str(images_dir / region.image_id / "mebin_mask.png"))
-               for i, region in enumerate(discovery.regions)]
     loop = DiscoveryLoop(Store(paths.store_url), paths.index, dim=embeddings.shape[1])
     try:
         loop.ingest_discovery(images, regions, model_version=version, artifact_path=str(paths.model),
                               metrics={k: v for k, v in discovery.artifacts.metrics.items()
                                        if isinstance(v, (int, float))})
-        proposal_ids = sorted(loop.open_proposals)
+        proposal_ids = sorted(loop.open_proposals.values())
         loop.flush()
     finally:
         loop.close()
+        loop.store.dispose()
     return PublishResult(paths, version, len(regions), proposal_ids)

@@ -5,7 +5,8 @@ label names is moved from the novel set to the base set under its class name, th
 model is fine-tuned from the current one (backbone and projector; fresh prototype heads, since the class
 list changed) with Ray Train — or tuned first with Ray Tune when ``--trials`` is given. The result is a new
 model version folder ``<out>/vNNNN/`` (discover-style outputs plus ``version.json``) and, with a store, a
-``model_versions`` row.
+``model_versions`` row; ``--activate`` (with ``--workdir``, the service's work folder) serves it at once: every
+region of the store is re-embedded by the new version into a new index beside the served one, then swapped.
 
 The current model is a discovery model folder (``model/`` of ``adisc discover`` / ``adisc train``) or a
 serving folder (``predictor.json`` of kind "discovery", as the store's model versions are). From a serving
@@ -39,9 +40,11 @@ from anomaly_discovery.models.discovery.checkpoints import CheckpointError
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
 from anomaly_discovery.models.localisation.regions import Region
 from anomaly_discovery.platform.jobs.discover import DiscoverJobConfig
-from anomaly_discovery.platform.predictor import MANIFEST
-from anomaly_discovery.platform.storage.models import ClassStatus, DefectClass, Image
+from anomaly_discovery.platform.predictor import MANIFEST, build_predictor
+from anomaly_discovery.platform.review.activation import activate_model
+from anomaly_discovery.platform.storage.models import ClassStatus, DefectClass, Image, ModelVersion
 from anomaly_discovery.platform.storage.models import Region as StoredRegion
+from anomaly_discovery.platform.storage.paths import ServicePaths
 from anomaly_discovery.platform.storage.store import Store, active_model_version, add_model_version, current_assignments
 
 from .cluster import ClusterConfig, add_cluster_arguments, cluster_from_args
@@ -218,12 +221,26 @@ class RetrainOutcome:
         return "\n".join(lines)
 
 
+def check_activation(store_url: Optional[str], index: Optional[Path], model: Optional[Path]) -> None:
+    """``--activate`` needs the store, the served index (``--workdir``) and a serving folder to start from; said
+    before any training."""
+    if store_url is None or index is None:
+        raise ValueError("--activate needs --store and --workdir (the service work folder whose index is rebuilt)")
+    if model is None or not (Path(model) / MANIFEST).is_file():
+        raise ValueError(f"--activate needs a serving model folder (with {MANIFEST}) as the current model, got "
+                         f"{model}: only a serving folder gives the new version one")
+
+
 def run_retrain(job: DiscoverJobConfig, cluster: ClusterConfig, labels: Sequence[ConfirmedLabel],
                 model: Optional[Path], labels_source: str, trials: int = 0, max_concurrent: Optional[int] = None,
-                store_url: Optional[str] = None, activate: bool = False, data: Optional[TrainData] = None
-                ) -> RetrainOutcome:
+                store_url: Optional[str] = None, activate: bool = False, data: Optional[TrainData] = None,
+                index: Optional[Path] = None) -> RetrainOutcome:
     """Relabel the detections with the confirmed classes and fine-tune ``model`` on the cluster into
-    ``<job.out>/vNNNN``; with ``trials`` ≥ 1 tune first and keep the best trial's model."""
+    ``<job.out>/vNNNN``; with ``trials`` ≥ 1 tune first and keep the best trial's model. With ``activate`` the
+    new version is activated on the store and the served ``index`` (every region re-embedded into a new index
+    beside it, then swapped: ``platform/review/activation.py``)."""
+    if activate:
+        check_activation(store_url, index, model)
     data = data or load_train_data(job)
     remaining, labelled, unmatched = apply_labels(data.novel, data.image_paths, labels)
     if not labelled:
@@ -257,9 +274,15 @@ def run_retrain(job: DiscoverJobConfig, cluster: ClusterConfig, labels: Sequence
     if store_url:
         store = Store(store_url)
         try:
+            if activate:
+                activated = activate_model(store, index, name, record["artifact_path"],
+                                           build_predictor(record["artifact_path"]), metrics, progress=True)
+                record["reembedded_regions"] = activated.regions
+            else:
+                with store.session() as session:
+                    add_model_version(session, name, record["artifact_path"], metrics, activate=False)
             with store.session() as session:
-                row = add_model_version(session, name, record["artifact_path"], metrics, activate=activate)
-                record["model_version_id"] = row.id
+                record["model_version_id"] = session.scalar(select(ModelVersion.id).where(ModelVersion.name == name))
         finally:
             store.dispose()
     (version / VERSION_FILE).write_text(json.dumps(record, indent=1))
@@ -277,7 +300,12 @@ def add_retrain_arguments(parser) -> None:
                        help="current model folder to fine-tune (default: the store's active model version)")
     group.add_argument("--trials", type=int, default=0, help="tune with this many Ray Tune trials first")
     group.add_argument("--max-concurrent", type=int, default=None, help="Tune trials at once")
-    group.add_argument("--activate", action="store_true", help="make the new version the store's active one")
+    group.add_argument("--activate", action="store_true",
+                       help="serve the new version: re-embed every region of the store into a new index beside the "
+                            "work folder's, then swap (needs --store and --workdir)")
+    group.add_argument("--workdir", type=Path, default=None,
+                       help="the service work folder whose index --activate rebuilds (what `adisc serve --workdir` "
+                            "serves)")
 
 
 def run_retrain_cli(args) -> int:
@@ -294,6 +322,6 @@ def run_retrain_cli(args) -> int:
         discovery = discovery.replace(epochs=args.epochs)
     outcome = run_retrain(job_from_args(args, discovery), cluster_from_args(args), labels, model, source,
                           trials=args.trials, max_concurrent=args.max_concurrent, store_url=args.store,
-                          activate=args.activate)
+                          activate=args.activate, index=ServicePaths(args.workdir).index if args.workdir else None)
     print(outcome.describe())
     return 0

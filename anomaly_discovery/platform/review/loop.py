@@ -44,46 +44,58 @@ from sqlalchemy.orm import Session
 from anomaly_discovery.platform.review import actions as review
 from anomaly_discovery.platform.storage.embedding_file import EmbeddingFile
 from anomaly_discovery.platform.storage.index import PrototypeIndex, read_index_metadata
-from anomaly_discovery.platform.review.labelling import fit_thresholds, label_vectors
-from anomaly_discovery.platform.review.mirror import NO_ID, SOURCE_CODE, AssignmentMirror, embeddings_path
+from anomaly_discovery.platform.review import ingest
+from anomaly_discovery.platform.review.labelling import fit_thresholds, label_by_model, label_vectors, live_class
+from anomaly_discovery.platform.review.mirror import NO_ID, NO_MODEL, SOURCE_CODE, AssignmentMirror, embeddings_path
 from anomaly_discovery.platform.review.types import (ActionResult, ArrivedImage, ClassInfo, DiscoveredImage,
                                                      DiscoveredRegion, IngestedImage, LoopConfig, RegionLabel,
                                                      Thresholds)
-from anomaly_discovery.platform.predictor import PredictedImage, RegionPredictor
+from anomaly_discovery.platform.predictor import PredictedImage, PredictedRegion, RegionPredictor
 from anomaly_discovery.platform.review.saver import CoalescingSaver
 from anomaly_discovery.platform.review.proposals import ProposalConfig, normalise_rows, prototype
-from anomaly_discovery.platform.storage.store import (NewAssignment, NewImage, NewRegion, Store, active_model_version,
-                                                      add_images, add_model_version, add_regions, get_or_create_dataset,
-                                                      get_or_create_product, known_class_id, set_assignments)
+from anomaly_discovery.platform.storage.store import Store, active_model_version
 from anomaly_discovery.platform.review.actions import (LIVE, REFERENCE, ChangeSet, InvalidActionError, LoopError,
                                                        NotFoundError, propose_rows, serialise_writes)
+from anomaly_discovery.platform.review.ingest import ModelChangedError
 from anomaly_discovery.platform.storage.models import (Assignment, AssignmentSource, ClassStatus, Decision, DefectClass,
-                                                       Image, ModelVersion, Proposal, ProposalStatus, Region)
+                                                       Image, ModelClass, Proposal, ProposalStatus, Region)
 
-__all__ = ["DiscoveryLoop", "InvalidActionError", "LoopError", "NotFoundError"]
+__all__ = ["DiscoveryLoop", "InvalidActionError", "LoopError", "ModelChangedError", "NotFoundError"]
 logger = logging.getLogger(__name__)
 
 
 class DiscoveryLoop:
     """Store + index + embeddings of one product line; see the module docstring. Thread-safe (one lock)."""
 
-    def __init__(self, store: Store, index_path: str | Path, dim: int, config: LoopConfig | None = None):
+    def __init__(self, store: Store, index_path: str | Path, dim: int, config: LoopConfig | None = None,
+                 model_version: str | None = None, served_index: str | Path | None = None):
+        """``model_version`` (default: the store's active one) names whose embeddings the loop works with; another
+        than the active one, with the ``served_index`` whose embeddings to read, builds a new index at
+        ``index_path`` beside the served one (``platform/review/activation.py``)."""
         self.store, self.index_path, self.dim = store, Path(index_path), int(dim)
         self.config = config or LoopConfig()
-        self.embeddings = EmbeddingFile(embeddings_path(self.index_path), self.dim)
+        self.model_version = model_version or self.store_model()
+        self.pinned = model_version is not None
+        self.stale = False
+        self.embeddings = EmbeddingFile(embeddings_path(served_index or self.index_path, self.model_version), self.dim)
+        self.model_classes: dict[int, int | None] = {}
         self.lock = threading.RLock()
         self.mirror = AssignmentMirror()
         self.classes: dict[int, ClassInfo] = {}
         self.open_proposals: dict[int, int] = {}
         self.centroids: dict[int, np.ndarray] = {}
         self.thresholds = Thresholds()
-        self.model_version = "none"
         self._assignment_mark = 0
         self._decision_mark = 0
         self.saver = CoalescingSaver(self.save_index, self.lock, self.config.background_save, self.config.save_delay_s)
         self.recovery = self._open()
 
     # ---------------------------------------------------------------- derived state
+    def store_model(self) -> str:
+        """The name of the store's active model version (``"none"`` without one)."""
+        with self.store.session() as session:
+            return ingest.active_name(session)
+
     def _read_store(self, session: Session, since: int) -> tuple[list, list, dict[int, int], int, int, str]:
         rows = session.execute(
             select(Assignment.region_id, Assignment.class_id, Assignment.source, Region.embedding_id)
@@ -96,7 +108,11 @@ class DiscoveryLoop:
         assignment_mark = session.scalar(select(func.max(Assignment.id))) or 0
         decision_mark = session.scalar(select(func.max(Decision.id))) or 0
         active = active_model_version(session)
-        return rows, classes, proposals, assignment_mark, decision_mark, active.name if active else "none"
+        name = active.name if active else NO_MODEL
+        if name == self.model_version and active is not None:
+            self.model_classes = dict(session.execute(select(ModelClass.cluster, ModelClass.class_id).where(
+                ModelClass.model_version_id == active.id)).all())
+        return rows, classes, proposals, assignment_mark, decision_mark, name
 
     def _apply_rows(self, rows: list) -> np.ndarray:
         if not rows:
@@ -153,14 +169,15 @@ class DiscoveryLoop:
         with self.store.session() as session:
             rows, classes, proposals, assignment_mark, decision_mark, model = self._read_store(session, 0)
         self._apply_rows(rows)
+        self._check_embeddings()
         self._set_classes(classes, proposals)
-        self.model_version = model
+        self._note_model(model)
         self._assignment_mark, self._decision_mark = assignment_mark, decision_mark
         recovery, extra = "rebuilt", {}
         try:
             metadata = read_index_metadata(self.index_path)
             index, saved_model = PrototypeIndex.load(self.index_path, use_gpu=self.config.use_gpu)
-            if index.dim == self.dim and saved_model == model:
+            if index.dim == self.dim and saved_model == self.model_version:
                 self.index, extra = index, metadata.get("extra", {})
                 current = (extra.get("assignment_mark"), extra.get("decision_mark")) == (assignment_mark, decision_mark)
                 recovery = "current" if current else "replayed"
@@ -172,7 +189,7 @@ class DiscoveryLoop:
         self._reconcile_regions(None)
         self._recompute_centres(list(self.classes) + self.index.ids("prototype").tolist())
         saved = extra.get("thresholds")
-        self.thresholds = Thresholds(**saved) if recovery != "rebuilt" and saved else self._fit_thresholds()
+        self.thresholds = Thresholds(**saved) if recovery != "rebuilt" and saved else self.fit_thresholds()
         if recovery != "current":
             self.save_index()
         logger.info("review loop opened: index %s (%d regions, %d classes)", recovery, self.mirror.count(),
@@ -195,12 +212,41 @@ class DiscoveryLoop:
             self._reconcile_regions(np.unique(np.concatenate([region_ids, *status_members])))
             self._recompute_centres(sorted(affected))
             self._assignment_mark, self._decision_mark = assignment_mark, decision_mark
-            self.model_version = model
+            self._note_model(model)
             if self.thresholds.knn is None:
-                self.thresholds = self._fit_thresholds()
+                self.thresholds = self.fit_thresholds()
             return len(region_ids)
 
-    def _fit_thresholds(self) -> Thresholds:
+    def _check_embeddings(self) -> None:
+        ids = self.mirror.embedding_id[self.mirror.embedding_id >= 0]
+        if ids.size and int(ids.max()) >= len(self.embeddings):
+            raise ValueError(f"{self.embeddings.path} holds {len(self.embeddings)} embeddings but the store's regions "
+                             f"name ids up to {int(ids.max())}: model {self.model_version!r} was made active without "
+                             "re-embedding the regions (activate models with POST /v1/models or adisc retrain "
+                             "--activate), or the work folder comes from an older version (publish it again)")
+
+    def _note_model(self, active: str) -> None:
+        """A loop whose model is no longer the store's active one is stale: it stops saving the index (the new
+        model's loop owns the file now) and refuses arrivals; its owner opens a new loop."""
+        if active != self.model_version and not self.pinned:
+            if not self.stale:
+                logger.info("the store now serves model %s (this loop: %s)", active, self.model_version)
+            self.stale = True
+
+    def use_model(self, model_version: str) -> None:
+        """Work with ``model_version``'s embeddings from now on: how the first discovery run enters a store that
+        serves no model yet (a store with regions already keeps its model; see ``ingest_discovery``)."""
+        with self.lock:
+            if model_version == self.model_version:
+                return
+            if self.model_version != NO_MODEL or self.mirror.count():
+                raise ValueError(f"the store serves model {self.model_version!r} ({self.mirror.count()} regions): a "
+                                 f"run of model {model_version!r} needs that model activated first, or a new work "
+                                 "folder")
+            self.model_version = model_version
+            self.embeddings = EmbeddingFile(embeddings_path(self.index_path, model_version), self.dim)
+
+    def fit_thresholds(self) -> Thresholds:
         return fit_thresholds(self.mirror, self.embeddings, self.index, self.centroids, self._reference_class_ids(),
                               self.config)
 
@@ -215,8 +261,13 @@ class DiscoveryLoop:
         return self.config.proposals.distance_cut if t is None else t
 
     def save_index(self) -> Path:
-        """Write the index atomically, tagged with the active model version and the store watermark."""
+        """Write the index atomically, tagged with the loop's model version and the store watermark; a stale loop
+        (its model no longer the store's active one) writes nothing."""
         with self.lock:
+            if not self.pinned:
+                self._note_model(self.store_model())
+            if self.stale:
+                return self.index_path
             extra = {"assignment_mark": self._assignment_mark, "decision_mark": self._decision_mark,
                      "thresholds": self.thresholds.__dict__}
             return self.index.save(self.index_path, self.model_version, extra=extra)
@@ -249,6 +300,15 @@ class DiscoveryLoop:
             return label_vectors(vectors, self.index, self.config.k, self.thresholds, self.classes, self.centroids,
                                  self.open_proposals, self.near_radius())
 
+    def label_predictions(self, regions: Sequence[PredictedRegion]) -> list[RegionLabel]:
+        """Labels of predicted regions: the discovery model's own class where it gives one, else the index's
+        (``labelling``)."""
+        if not regions:
+            return []
+        with self.lock:
+            index_labels = self.label_embeddings(np.stack([r.embedding for r in regions]))
+            return label_by_model(regions, index_labels, self.classes, self.model_classes, self.centroids)
+
     def current_label(self, region_id: int, outlier_score: float, similarity: float) -> RegionLabel:
         """The label a stored region has now (its current assignment)."""
         class_id = int(self.mirror.class_id[region_id])
@@ -264,37 +324,10 @@ class DiscoveryLoop:
                          known_classes: Sequence[str] = (), *, model_version: str, artifact_path: str = "",
                          metrics: dict | None = None, product: str | None = None,
                          dataset: str = "discovery") -> list[int]:
-        """Load a discovery run: images, regions (+ embeddings), known classes and the model's assignments;
-        fit the thresholds, then group the outliers into proposals. Returns the new region ids."""
-        keys = {image.key for image in images}
-        for region in regions:
-            if region.image_key not in keys:
-                raise ValueError(f"region {region.box} names image {region.image_key!r}, which is not in images")
-            if region.class_name is not None and region.class_name not in known_classes:
-                raise ValueError(f"region of {region.image_key!r} has class {region.class_name!r}, not among the "
-                                 f"known classes {list(known_classes)}")
-        vectors = normalise_rows(np.stack([r.embedding for r in regions])) if regions else None
-        with self.lock:
-            embedding_ids = self.embeddings.append(vectors) if regions else np.zeros(0, np.int64)
-            with self.store.session() as session:
-                serialise_writes(session)
-                if session.scalar(select(ModelVersion).where(ModelVersion.name == model_version)) is None:
-                    add_model_version(session, model_version, artifact_path, metrics)
-                target = get_or_create_dataset(session, get_or_create_product(session, product or self.config.product),
-                                               dataset)
-                image_ids = dict(zip([i.key for i in images], add_images(
-                    session, target, [NewImage(i.path, i.content_hash, i.split) for i in images])))
-                class_ids = {name: known_class_id(session, name) for name in known_classes}
-                region_ids = add_regions(session, [
-                    NewRegion(image_ids[r.image_key], tuple(int(v) for v in r.box), r.anomaly_score, r.mask_path,
-                              int(e)) for r, e in zip(regions, embedding_ids)])
-                set_assignments(session, [
-                    NewAssignment(rid, class_ids.get(r.class_name), r.confidence if r.class_name else None)
-                    for rid, r in zip(region_ids, regions)], AssignmentSource.MODEL)
-            self.sync()
-            self.thresholds = self._fit_thresholds()
-            self.propose()
-            return region_ids
+        """Load a discovery run: images, regions (+ embeddings), and the model's first assignments (``ingest``).
+        Returns the new region ids."""
+        return ingest.ingest_discovery(self, images, regions, known_classes, model_version, artifact_path, metrics,
+                                       product or self.config.product, dataset)
 
     def ingest_images(self, images: Sequence[ArrivedImage], predictor: RegionPredictor,
                       arrays: Sequence[np.ndarray]) -> list[IngestedImage]:
@@ -303,58 +336,8 @@ class DiscoveryLoop:
 
     def ingest_predictions(self, images: Sequence[ArrivedImage],
                            predictions: Sequence[PredictedImage]) -> list[IngestedImage]:
-        """Store new arrivals and their predicted regions (+ embeddings), label every region (known class,
-        an open proposal, or unknown) in the same transaction, then propose new classes from the unknown ones.
-        An image whose content hash is already in the arrivals dataset (or earlier in ``images``) is not stored
-        again: its existing id is returned with ``duplicate=True``."""
-        if len(images) != len(predictions):
-            raise ValueError(f"got {len(images)} images for {len(predictions)} predictions")
-        with self.lock:
-            with self.store.session() as session:
-                target = get_or_create_dataset(session, get_or_create_product(session, self.config.product),
-                                               self.config.dataset)
-                stored = dict(session.execute(select(Image.content_hash, Image.id).where(
-                    Image.dataset_id == target.id, Image.content_hash.in_([i.content_hash for i in images]))).all())
-            first = {}
-            for position, image in enumerate(images):
-                first.setdefault(image.content_hash, position)
-            fresh = [i for i, image in enumerate(images) if image.content_hash not in stored
-                     and first[image.content_hash] == i]
-            regions = [(i, r) for i in fresh for r in predictions[i].regions]
-            vectors = normalise_rows(np.stack([r.embedding for _, r in regions])) if regions else None
-            labels = self.label_embeddings(vectors) if regions else []
-            embedding_ids = self.embeddings.append(vectors) if regions else np.zeros(0, np.int64)
-            with self.store.session() as session:
-                serialise_writes(session)
-                target = get_or_create_dataset(session, get_or_create_product(session, self.config.product),
-                                               self.config.dataset)
-                new_ids = dict(zip(fresh, add_images(session, target, [
-                    NewImage(images[i].path, images[i].content_hash, images[i].split) for i in fresh])))
-                region_ids = add_regions(session, [
-                    NewRegion(new_ids[i], tuple(int(v) for v in r.box), r.anomaly_score, None, int(e))
-                    for (i, r), e in zip(regions, embedding_ids)])
-                change = ChangeSet(self, session)
-                change.register_regions(region_ids, embedding_ids)
-                for region_id, label in zip(region_ids, labels):
-                    change.assign([region_id], label.class_id, AssignmentSource.MODEL, label.similarity)
-                change.finish()
-            self.sync()
-            if sum(label.kind == "unknown" for label in labels) >= self.config.proposals.min_size:
-                self.propose()
-            else:
-                self.checkpoint()
-            per_image: dict[int, list[tuple[int, RegionLabel]]] = {i: [] for i in fresh}
-            for (i, _), region_id, label in zip(regions, region_ids, labels):
-                per_image[i].append((region_id, self.current_label(region_id, label.outlier_score, label.similarity)))
-            results = []
-            for i, image in enumerate(images):
-                if i in new_ids:
-                    results.append(IngestedImage(new_ids[i], [r for r, _ in per_image[i]],
-                                                 [lab for _, lab in per_image[i]], False))
-                else:
-                    image_id = stored.get(image.content_hash) or new_ids[first[image.content_hash]]
-                    results.append(IngestedImage(image_id, [], [], True))
-            return results
+        """Store and label new arrivals (``ingest.ingest_predictions``)."""
+        return ingest.ingest_predictions(self, images, predictions)
 
     def propose(self) -> list[int]:
         """Re-label the unknown model-labelled regions and group the remaining outliers into new proposals
@@ -434,6 +417,19 @@ class DiscoveryLoop:
             assigned = self.mirror.class_id[self.mirror.class_id >= 0]
             ids, counts = np.unique(assigned, return_counts=True)
             return dict(zip(ids.tolist(), counts.tolist()))
+
+    def image_counts(self) -> dict[int, int]:
+        """Images per live class by the discovery model's image class (followed through merges)."""
+        with self.store.session() as session:
+            rows = session.execute(select(Image.model_class_id, func.count()).where(Image.model_class_id.is_not(None))
+                                   .group_by(Image.model_class_id)).all()
+        counts: dict[int, int] = {}
+        with self.lock:
+            for class_id, n in rows:
+                info = live_class(class_id, self.classes)
+                if info is not None:
+                    counts[info.id] = counts.get(info.id, 0) + int(n)
+        return counts
 
     def list_proposals(self, statuses: Sequence[ProposalStatus] = (ProposalStatus.OPEN,)) -> list[Proposal]:
         with self.store.session() as session:

@@ -3,6 +3,8 @@ and where the loop keeps the embeddings beside its index file."""
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,19 @@ from anomaly_discovery.platform.storage.models import AssignmentSource
 
 SOURCE_CODE = {AssignmentSource.MODEL: 0, AssignmentSource.REVIEWER: 1}
 NO_ID = -1
+NO_MODEL = "none"
 
 
-def embeddings_path(index_path: str | Path) -> Path:
+def embeddings_path(index_path: str | Path, model_version: str = NO_MODEL) -> Path:
+    """The embeddings of the regions as ``model_version`` embeds them, beside the index: one file per model
+    version (its name in the file name, plus a hash that keeps names apart), ``<index>.embeddings.f32`` while
+    the store has no model version."""
     index_path = Path(index_path)
-    return index_path.with_name(index_path.name + ".embeddings.f32")
+    if model_version == NO_MODEL:
+        return index_path.with_name(index_path.name + ".embeddings.f32")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_version)[:40]
+    digest = hashlib.sha1(model_version.encode()).hexdigest()[:8]
+    return index_path.with_name(f"{index_path.name}.{slug}-{digest}.embeddings.f32")
 
 
 class AssignmentMirror:

@@ -75,15 +75,19 @@ class ActionResult:
 
 @dataclass(frozen=True)
 class DiscoveredImage:
+    """An image of a discovery run; ``cluster`` the discovery model's image class (its novel cluster)."""
+
     key: str
     path: str
     content_hash: str
     split: str = "test"
+    cluster: int | None = None
 
 
 @dataclass(frozen=True)
 class DiscoveredRegion:
-    """A region found by the discovery job; ``class_name`` a known class the model assigned, else ``None``."""
+    """A region found by the discovery job: ``class_name`` a known class the model assigned, or ``cluster`` the
+    discovery model's novel cluster (``is_outlier``: over the model's outlier threshold), else neither."""
 
     image_key: str
     box: tuple[int, int, int, int]
@@ -92,6 +96,8 @@ class DiscoveredRegion:
     class_name: str | None = None
     confidence: float | None = None
     mask_path: str | None = None
+    cluster: int | None = None
+    is_outlier: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,10 @@ from typing import Any, Optional
 import numpy as np
 
 from anomaly_discovery.platform.predictor import MANIFEST, PredictedImage, RegionPredictor, build_predictor
-from anomaly_discovery.platform.review.loop import DiscoveryLoop, InvalidActionError
+from anomaly_discovery.platform.review.activation import ActivationRefused, activate_model, check_embeddings
+from anomaly_discovery.platform.review.loop import DiscoveryLoop
 from anomaly_discovery.platform.review.types import LoopConfig
+from anomaly_discovery.platform.storage.paths import ServicePaths
 from anomaly_discovery.platform.storage.store import Store, active_model_version
 
 logger = logging.getLogger(__name__)
@@ -26,13 +28,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Application arguments (``args`` in deploy/serve_config.yaml). ``store``: SQLAlchemy URL; ``index``: the
-    index file (embeddings beside it); ``model``: predictor folder used until the store names an active model
-    folder; ``image_dir``: where ingested images are kept (default ``<index folder>/images``)."""
+    """Application arguments (``args`` in deploy/serve_config.yaml). ``workdir``: a work folder whose service
+    state (:class:`ServicePaths`: what ``adisc demo`` publishes and ``adisc serve --workdir`` reads) gives the
+    defaults of ``store`` (SQLAlchemy URL), ``index`` (the index file, embeddings beside it) and ``model``
+    (predictor folder used until the store names an active model folder); ``image_dir``: where ingested images
+    are kept (default ``<index folder>/images``)."""
 
     store: str
     index: str
     model: str
+    workdir: Optional[str] = None
     token_env: str = "ADISC_API_TOKEN"
     image_dir: Optional[str] = None
     product: str = "default"
@@ -52,9 +57,14 @@ class ServeSettings:
         unknown = sorted(set(args) - known)
         if unknown:
             raise ValueError(f"unknown serve argument(s) {unknown}; known: {sorted(known)}")
+        if args.get("workdir"):
+            paths = ServicePaths(Path(args["workdir"]))
+            args = {"store": paths.store_url, "index": str(paths.index), "model": str(paths.model),
+                    **{k: v for k, v in args.items() if v is not None}}
         missing = [name for name in ("store", "index", "model") if not args.get(name)]
         if missing:
-            raise ValueError(f"serve needs the argument(s) {missing} (store URL, index file, model folder)")
+            raise ValueError(f"serve needs the argument(s) {missing} (store URL, index file, model folder) or a "
+                             "workdir holding them")
         settings = cls(**{k: v for k, v in args.items() if v is not None})
         if settings.max_body_mb <= 0 or settings.max_pixels < 1 or settings.max_images < 1 or settings.batch_size < 1:
             raise ValueError(f"max_body_mb, max_pixels, max_images and batch_size must be positive, got {settings}")
@@ -64,25 +74,47 @@ class ServeSettings:
 
 
 
+@dataclass(frozen=True)
+class Serving:
+    """The predictor and the review loop on its embeddings: swapped together, used together by a request."""
+
+    predictor: RegionPredictor
+    loop: DiscoveryLoop
+
+
 class ServiceCore:
     """Store, review loop and the current predictor of one replica; no HTTP here. After start-up every object is
     moved out of the garbage collector's reach (``gc.freeze``): a full collection over the ~10⁵ objects of
-    torch, sklearn and SQLAlchemy would otherwise stall a request for about half a second now and then."""
+    torch, sklearn and SQLAlchemy would otherwise stall a request for about half a second now and then.
+
+    Model swaps: ``register_model`` activates a model folder (``platform/review/activation.py``: every region
+    re-embedded into a new index beside, then swapped; or refused with the reason) and serves it at once;
+    ``check_model`` (polled every ``model_poll_s``) follows the store's active model version that another
+    replica or ``adisc retrain --activate`` activated. A swap loads the predictor and opens a loop on the new
+    embeddings beside the serving pair (:class:`Serving`), then replaces the pair; a request labels its regions
+    with the loop of the pair that predicted them, so requests in flight finish on the old pair."""
 
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.store = Store(settings.store)
         self.model_lock = threading.Lock()
-        self.loaded_path: str | None = None
-        self.predictor = self._initial_predictor()
-        self.loop = DiscoveryLoop(self.store, settings.index, self.predictor.embedding_dim,
-                                  LoopConfig(product=settings.product))
+        predictor = self._initial_predictor()
+        self.serving = Serving(predictor, self._open_loop(predictor))
         self.token = os.environ.get(settings.token_env) or None
         self.image_dir = Path(settings.image_dir) if settings.image_dir else Path(settings.index).parent / "images"
         self._last_sync = time.monotonic()
+        self._refused_model: str | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         gc.freeze()
+
+    @property
+    def predictor(self) -> RegionPredictor:
+        return self.serving.predictor
+
+    @property
+    def loop(self) -> DiscoveryLoop:
+        return self.serving.loop
 
     def active_model_folder(self) -> tuple[str | None, str | None]:
         with self.store.session() as session:
@@ -93,35 +125,48 @@ class ServiceCore:
 
     def _initial_predictor(self) -> RegionPredictor:
         _, path = self.active_model_folder()
-        chosen = path if path and (Path(path) / MANIFEST).is_file() else self.settings.model
-        predictor = build_predictor(chosen)
-        self.loaded_path = chosen
-        return predictor
+        return build_predictor(path if path and (Path(path) / MANIFEST).is_file() else self.settings.model)
 
-    def predict(self, images: list[np.ndarray]) -> list[PredictedImage]:
-        predictor = self.predictor
-        return predictor.predict(images)
+    def _open_loop(self, predictor: RegionPredictor) -> DiscoveryLoop:
+        return DiscoveryLoop(self.store, self.settings.index, predictor.embedding_dim,
+                             LoopConfig(product=self.settings.product))
 
-    def load_model(self, path: str) -> RegionPredictor:
-        """Load the predictor in ``path`` beside the serving one and swap them; refuses another dimension."""
-        predictor = build_predictor(path)
-        if predictor.embedding_dim != self.loop.dim:
-            raise InvalidActionError(f"model {path} gives {predictor.embedding_dim}-d embeddings but the index holds "
-                                     f"{self.loop.dim}-d ones: re-ingest the discovery run for a new embedding space")
+    def predict(self, images: list[np.ndarray]) -> tuple[list[PredictedImage], dict[str, float], Serving]:
+        """The serving predictor's answer, the seconds of each of its stages, and the pair that answered."""
+        serving, timings = self.serving, {}
+        return serving.predictor.predict(images, timings), timings, serving
+
+    def _serve(self, predictor: RegionPredictor) -> None:
+        loop = self._open_loop(predictor)
         with self.model_lock:
-            self.predictor, self.loaded_path = predictor, path
-        logger.info("now serving model %s from %s", predictor.model_version, path)
+            old, self.serving = self.serving, Serving(predictor, loop)
+        old.loop.close()
+        logger.info("now serving model version %s (%s)", loop.model_version, predictor.model_version)
+
+    def register_model(self, name: str, artifact_path: str) -> RegionPredictor:
+        """Activate the model folder ``artifact_path`` as version ``name`` and serve it (``ActivationRefused``
+        when it cannot be; OSError / ValueError when the folder holds no loadable predictor)."""
+        predictor = build_predictor(artifact_path)
+        activate_model(self.store, self.settings.index, name, artifact_path, predictor, config=self.loop.config)
+        self._serve(predictor)
         return predictor
 
     def check_model(self) -> None:
-        """Swap to the store's active model folder when it changed (and holds a predictor)."""
-        _, path = self.active_model_folder()
-        if path and path != self.loaded_path and (Path(path) / MANIFEST).is_file():
-            try:
-                self.load_model(path)
-            except (OSError, ValueError) as exc:
-                logger.error("active model %s cannot be served: %s", path, exc)
-                self.loaded_path = path
+        """Serve the store's active model version when it is not the one served (and can be served)."""
+        name, path = self.active_model_folder()
+        if name is None or name == self.loop.model_version or name == self._refused_model:
+            return
+        try:
+            if not path or not (Path(path) / MANIFEST).is_file():
+                raise FileNotFoundError(f"{path} holds no {MANIFEST}")
+            predictor = build_predictor(path)
+            check_embeddings(self.settings.index, name, predictor.embedding_dim)
+        except (OSError, ValueError, ActivationRefused) as exc:
+            logger.error("the store's active model %s cannot be served (%s): still serving %s", name, exc,
+                         self.loop.model_version)
+            self._refused_model = name
+            return
+        self._serve(predictor)
 
     def maybe_sync(self) -> None:
         if time.monotonic() - self._last_sync >= self.settings.sync_interval_s:

@@ -39,10 +39,11 @@ def review_router(core: ServiceCore, write: Sequence[params.Depends]) -> APIRout
     @router.get("/v1/classes", response_model=list[ClassOut])
     def list_classes(all: bool = False) -> list[ClassOut]:
         core.maybe_sync()
-        sizes = core.loop.class_sizes()
+        loop = core.loop
+        sizes, images = loop.class_sizes(), loop.image_counts()
         return [ClassOut(id=c.id, name=c.name, status=c.status.value, version=c.version, size=sizes.get(c.id, 0),
-                         parent_id=c.parent_id, merged_into_id=c.merged_into_id)
-                for c in sorted(core.loop.classes.values(), key=lambda c: c.id) if all or c.status in LIVE]
+                         images=images.get(c.id, 0), parent_id=c.parent_id, merged_into_id=c.merged_into_id)
+                for c in sorted(loop.classes.values(), key=lambda c: c.id) if all or c.status in LIVE]
 
     @router.get("/v1/proposals", response_model=list[ProposalOut])
     def list_proposals(status: Literal["open", "confirmed", "rejected", "superseded", "all"] = "open"

@@ -30,6 +30,7 @@ class RegionOut(BaseModel):
     proposal_id: Optional[int] = None
     outlier_score: float = Field(description="k-NN cosine distance to known/confirmed regions (higher = less known)")
     similarity: float = Field(description="cosine to the chosen prototype / proposal centre")
+    model_cluster: Optional[int] = Field(None, description="the discovery model's novel cluster of the region")
     model_outlier_score: Optional[float] = None
     model_confidence: Optional[float] = None
 
@@ -70,7 +71,8 @@ class ClassOut(BaseModel):
     name: str
     status: str
     version: int
-    size: int
+    size: int = Field(description="regions now in the class")
+    images: int = Field(0, description="images whose class the discovery model said this one is (merges followed)")
     parent_id: Optional[int] = None
     merged_into_id: Optional[int] = None
 

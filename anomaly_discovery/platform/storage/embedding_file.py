@@ -108,3 +108,26 @@ class EmbeddingFile:
             bad = ids[(ids < 0) | (ids >= len(self._map))][:10].tolist()
             raise KeyError(f"embedding ids {bad} are not in {self.path} ({len(self._map)} rows)")
         return np.array(self._map[ids], dtype=np.float32)
+
+
+def write_embedding_file(path: str | Path, dim: int, ids: np.ndarray, vectors: np.ndarray) -> Path:
+    """A whole embeddings file whose row ``ids[i]`` is ``vectors[i]`` (rows no id names are zeros: never
+    referenced), written through a temporary file in the same folder and ``os.replace``d into ``path``."""
+    path, ids = Path(path), np.asarray(ids, np.int64)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), dim)
+    if not np.isfinite(vectors).all():
+        raise ValueError("embeddings must be finite")
+    rows = np.zeros((int(ids.max()) + 1 if ids.size else 0, dim), np.float32)
+    rows[ids] = vectors
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(HEADER.pack(MAGIC, dim, 0))
+            handle.write(rows.tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path

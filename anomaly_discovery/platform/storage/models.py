@@ -11,6 +11,8 @@ Tables, created by the Alembic migrations in ``platform/storage/migrations`` (ne
 * ``proposals``: a proposed class with representative regions, size and cohesion.
 * ``decisions``: the audit trail (reviewer, action, JSON before/after); ``reverts_id`` marks an undo.
 * ``model_versions``: artifacts with metrics; at most one ``is_active`` (a partial unique index).
+* ``model_classes``: which class each novel cluster of a model version stands for; ``images.model_class_id`` is
+  the discovery model's image class (what ``adisc discover`` counts per class), kept as the model said it.
 
 ``classes`` and ``proposals`` carry a ``version`` column used as SQLAlchemy's ``version_id_col``: every
 UPDATE checks and bumps it, so two sessions that read the same row cannot both write it.
@@ -121,6 +123,7 @@ class Image(Base):
     content_hash: Mapped[str] = mapped_column(String(64), index=True)
     split: Mapped[str] = mapped_column(String(32))
     arrived_at: Mapped[datetime] = mapped_column(default=utc_now, index=True)
+    model_class_id: Mapped[int | None] = mapped_column(ForeignKey("classes.id", ondelete="SET NULL"))
 
     dataset: Mapped[Dataset] = relationship()
 
@@ -154,6 +157,18 @@ class ModelVersion(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     is_active: Mapped[bool] = mapped_column(Boolean(create_constraint=True, name="is_active_bool"), default=False)
+
+
+class ModelClass(Base):
+    """Novel cluster ``cluster`` of a model version stands for class ``class_id`` (``None``: for none)."""
+
+    __tablename__ = "model_classes"
+    __table_args__ = (UniqueConstraint("model_version_id", "cluster"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    cluster: Mapped[int] = mapped_column(Integer)
+    class_id: Mapped[int | None] = mapped_column(ForeignKey("classes.id", ondelete="SET NULL"))
 
 
 class DefectClass(Base):

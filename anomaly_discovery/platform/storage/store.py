@@ -222,10 +222,13 @@ def get_or_create_dataset(session: Session, product: Product, name: str, root: s
 
 @dataclass(frozen=True)
 class NewImage:
+    """An image to add; ``model_class_id`` the class of the discovery model's image label, if it gave one."""
+
     path: str
     content_hash: str
     split: str = "test"
     arrived_at: datetime | None = None
+    model_class_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -267,7 +270,8 @@ def add_images(session: Session, dataset: Dataset, images: Sequence[NewImage]) -
     """Insert images of ``dataset`` in bulk; returns their ids in input order."""
     now = utc_now()
     rows = [{"dataset_id": dataset.id, "path": str(image.path), "content_hash": image.content_hash,
-             "split": image.split, "arrived_at": image.arrived_at or now} for image in images]
+             "split": image.split, "arrived_at": image.arrived_at or now, "model_class_id": image.model_class_id}
+            for image in images]
     return _insert_returning_ids(session, Image, rows)
 
 

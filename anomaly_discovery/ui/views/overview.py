@@ -16,6 +16,8 @@ st.title("Overview")
 
 arrivals = svc.arrivals()
 counts = pareto_table(arrivals)
+images_of_class = {c.name: c.images for c in svc.classes()}
+counts["images (model)"] = [images_of_class.get(name, 0) for name in counts["class"]]
 
 model = svc.model_version()
 jobs = svc.job_states()

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -116,3 +117,70 @@ def test_zero_shot_detect_runs_on_a_neu_det_subset_through_the_cli(tmp_path):
     for record in written["images"]:
         height, width = load_image(record["image"]).shape[:2]
         assert np.load(tmp_path / "out" / "images" / record["id"] / "anomaly_map.npy").shape == (height, width)
+
+
+def _linked_copy(source, target):
+    """``target`` mirrors ``source``'s folders, each file a symlink to the original (how data is often assembled)."""
+    for path in sorted(source.rglob("*")):
+        link = target / path.relative_to(source)
+        if path.is_dir():
+            link.mkdir(parents=True, exist_ok=True)
+        else:
+            link.symlink_to(path)
+    return target
+
+
+def test_a_symlinked_mvtec_layout_keeps_one_output_per_image(bottle_data, tmp_path):
+    linked = _linked_copy(bottle_data, tmp_path / "linked" / "metal_plate")
+    summary = run_detect(_config(linked, tmp_path / "out"))
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    ids = [record["id"] for record in written["images"]]
+    names = [r.sample.image_path.name for r in summary.results]
+    assert len(names) > len(set(names)), "the defect types share file names (000.png, ...)"
+    assert len(set(ids)) == len(ids) == len(summary.results)
+    assert "test__good__000" in ids and sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == sorted(ids)
+    assert evaluate_output(tmp_path / "out").n_images == len(ids)
+
+
+def test_the_same_file_name_in_two_class_folders_gives_two_ids(tmp_path, rng):
+    from anomaly_discovery.data import read_dataset
+    from anomaly_discovery.platform.jobs.detect import image_ids
+    from tests.conftest import write_png
+
+    for cls in ("scratch", "stain"):
+        write_png(tmp_path / "line" / cls / "b.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    samples = read_dataset(tmp_path / "line", "folder").samples
+    assert image_ids(samples, tmp_path / "line") == ["scratch__b", "stain__b"]
+
+
+def test_two_files_with_one_id_are_an_error_naming_both(tmp_path, rng):
+    from anomaly_discovery.data import DataError, read_dataset
+    from anomaly_discovery.platform.jobs.detect import image_ids
+    from tests.conftest import write_png
+
+    write_png(tmp_path / "line" / "scratch" / "b.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "line" / "scratch" / "b.jpg")
+    samples = read_dataset(tmp_path / "line", "folder").samples
+    with pytest.raises(DataError, match=r"b\.(png|jpg).*scratch__b.*b\.(png|jpg)"):
+        image_ids(samples, tmp_path / "line")
+
+
+def test_detect_and_discover_metrics_without_any_mask(tmp_path):
+    from anomaly_discovery.models.discovery.config import DiscoveryConfig
+    from anomaly_discovery.platform.jobs.discover import DiscoverJobConfig, run_discover
+
+    root = tmp_path / "gen"
+    generate_dataset(root, n_images=60, seed=2, progress=False)
+    data = root / "metal_plate"
+    shutil.rmtree(data / "ground_truth")
+    run_detect(_config(data, tmp_path / "detect"))
+    detection = evaluate_output(tmp_path / "detect")
+    assert set(detection.metrics) == {"image_auroc"}
+    assert any("no pixel masks available" in note and "defect images" in note for note in detection.notes)
+    run_discover(DiscoverJobConfig(data=data, out=tmp_path / "discover", format="mvtec", detections=tmp_path / "detect",
+                                   k=3, discovery=DiscoveryConfig(cnn="tiny", image_size=32, depth=1, epochs=1),
+                                   progress=False))
+    discovery = evaluate_output(tmp_path / "discover")
+    assert {"nmi", "ari", "f1"} <= set(discovery.metrics) and discovery.metrics["k_true"] >= 2

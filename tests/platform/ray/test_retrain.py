@@ -23,6 +23,9 @@ from anomaly_discovery.platform.storage.store import (NewAssignment, NewImage, N
                                                       get_or_create_product, set_assignments)
 from anomaly_discovery.platform.storage.models import AssignmentSource, ClassStatus, ModelVersion
 from anomaly_discovery.platform.ray.train import load_train_data
+from anomaly_discovery.platform.review.mirror import embeddings_path
+from anomaly_discovery.platform.storage.index import read_index_metadata
+from anomaly_discovery.platform.storage.paths import ServicePaths
 from tests.platform.ray_cluster import ray_session  # noqa: F401  (the session's Ray)
 from tests.platform.ray_cluster import KIND_NAMES, TINY_SETTINGS, write_detect_output
 
@@ -76,19 +79,35 @@ def store_url(detections, summary_images, current_model, tmp_path_factory):
     return url
 
 
-@pytest.fixture(scope="module")
-def retrained(ray_session, detections, store_url, tmp_path_factory):
-    folder, _ = detections
-    out = tmp_path_factory.mktemp("versions")
+def retrain_arguments(folder, store_url, out, *extra):
     parser = argparse.ArgumentParser()
     add_retrain_arguments(parser)
-    args = parser.parse_args(["--data", str(folder / "data"), "--format", "folder", "--detections", str(folder),
+    return parser.parse_args(["--data", str(folder / "data"), "--format", "folder", "--detections", str(folder),
                               "--store", store_url, "--out", str(out), "--epochs", "1", "--workers", "1",
-                              "--cpus-per-worker", "0.5", "--activate", "--quiet"])
+                              "--cpus-per-worker", "0.5", "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def service_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("service")
+
+
+@pytest.fixture(scope="module")
+def retrained(ray_session, detections, store_url, service_folder, tmp_path_factory):
+    folder, _ = detections
+    out = tmp_path_factory.mktemp("versions")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert run_retrain_cli(args) == 0
+        assert run_retrain_cli(retrain_arguments(folder, store_url, out, "--activate", "--workdir",
+                                                 str(service_folder))) == 0
     return out, printed.getvalue()
+
+
+def test_activate_without_the_service_folder_is_refused_before_training(detections, store_url, tmp_path):
+    folder, _ = detections
+    with pytest.raises(ValueError, match="--activate needs --store and --workdir"):
+        run_retrain_cli(retrain_arguments(folder, store_url, tmp_path / "out", "--activate"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_retrain_from_the_store_writes_a_new_version_with_the_confirmed_class_as_base(retrained, current_model):
@@ -103,7 +122,8 @@ def test_retrain_from_the_store_writes_a_new_version_with_the_confirmed_class_as
     assert next_version_folder(out).name == "v0002"
 
 
-def test_retrain_registers_and_activates_the_version_in_the_store(retrained, store_url):
+def test_retrain_registers_and_activates_the_version_in_the_store_and_the_served_index(retrained, store_url,
+                                                                                      service_folder):
     out, _ = retrained
     store = Store(store_url)
     with store.session() as session:
@@ -111,6 +131,10 @@ def test_retrain_registers_and_activates_the_version_in_the_store(retrained, sto
         assert active.artifact_path == str((out / "v0001" / "serving").resolve())
         assert session.query(ModelVersion).count() == 2
     store.dispose()
+    index = ServicePaths(service_folder).index
+    assert read_index_metadata(index)["model_version"] == active.name
+    assert embeddings_path(index, active.name).is_file()
+    assert json.loads((out / "v0001" / "version.json").read_text())["reembedded_regions"] == 0
 
 
 def test_the_new_serving_folder_loads_and_predicts(retrained, detections, summary_images):

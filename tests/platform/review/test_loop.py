@@ -115,7 +115,7 @@ def test_split_separates_a_merged_class_back_into_its_two_kinds(loop):
     loop.merge(dent, scratch)
     loop.split(scratch, 2, expected_version=loop.classes[scratch].version)
     child = next(c for c in loop.classes.values() if c.parent_id == scratch)
-    assert child.status == ClassStatus.CONFIRMED and child.name in ("scratch (2)",)
+    assert child.status == ClassStatus.CONFIRMED and child.name == "scratch (2)"
     parts = [set(loop.mirror.members(scratch).tolist()), set(loop.mirror.members(child.id).tolist())]
     assert dent_members in parts
     assert {scratch, child.id} <= set(loop.index.ids("prototype").tolist())

@@ -23,7 +23,7 @@ from anomaly_discovery.platform.storage.models import (AssignmentSource, Base, C
                                                        ModelVersion, Proposal, ProposalStatus, Region)
 
 TABLES = {"products", "datasets", "images", "regions", "classes", "assignments", "proposals", "decisions",
-          "model_versions"}
+          "model_versions", "model_classes"}
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_upgrading_twice_is_a_no_op(sqlite_url):
     upgrade_database(sqlite_url)
     engine = create_engine(sqlite_url)
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
     engine.dispose()
 
 
@@ -72,7 +72,7 @@ def test_concurrent_upgrades_are_serialised(database_url):
         list(pool.map(upgrade_database, [database_url] * 3))
     engine = create_engine(database_url)
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
     engine.dispose()
 
 
