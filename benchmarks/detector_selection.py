@@ -46,9 +46,9 @@ from anomaly_discovery.models.detectors.anomaly_synthesis import simulate_anomal
 from anomaly_discovery.models.metrics import aupro, image_auroc, pixel_auroc
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from machine_info import cpu_model
+from results_file import add_output_arguments, results_path, write_results
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 RESULT_KEYS = ("benchmark", "data", "protocol", "machine", "candidates", "chosen", "search")
 SEARCH_PROBES = 32
 SEARCH_TOLERANCE = 0.002
@@ -102,10 +102,10 @@ def main() -> None:
     parser.add_argument("--held-out-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tag", default=None, help="write results/detector_selection.<TAG>.json instead")
+    add_output_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out = RESULTS / (f"detector_selection.{args.tag}.json" if args.tag else "detector_selection.json")
+    out = args.out or results_path("detector_selection", args.tag)
     normals = [s for s in read_dataset(args.data, "mtd", check=False).samples if s.is_normal and s.split == "train"]
     order = np.random.default_rng(args.seed).permutation(len(normals))
     n_held_out = int(round(len(normals) * args.held_out_fraction))
@@ -134,12 +134,12 @@ def main() -> None:
             result["candidates"][name] = {**fit_setting, "k": k, "fit_seconds": fit_seconds, **scores,
                                           "selection_score": selection_score(scores)}
             print(name, result["candidates"][name], flush=True)
-            write_results(result, out)
+            save(result, out)
     result["chosen"] = chosen(result["candidates"], candidate_name(BASELINE_FIT, 1))
-    write_results(result, out)
+    save(result, out)
     if result["search"] is None:
         result["search"] = search_check(fit_images, sets)
-        write_results(result, out)
+        save(result, out)
     print(f"chosen: {result['chosen']}; inverted file adopted: {result['search']['adopted']}; wrote {out}")
 
 
@@ -164,13 +164,9 @@ def search_check(fit_images: list, sets: dict) -> dict:
     return check
 
 
-def write_results(result: dict, out: Path) -> None:
-    """Write exactly RESULT_KEYS, atomically (a temporary file renamed over the old one)."""
-    if set(result) != set(RESULT_KEYS):
-        raise KeyError(f"result keys {sorted(result)} differ from RESULT_KEYS {sorted(RESULT_KEYS)}")
-    temporary = out.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({key: result[key] for key in RESULT_KEYS}, indent=1))
-    os.replace(temporary, out)
+def save(result: dict, out: Path) -> None:
+    """Write exactly RESULT_KEYS, atomically, through the shared writer."""
+    write_results("detector_selection", result, RESULT_KEYS, out=out, indent=1)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Rules, written down before the runs:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -43,9 +42,9 @@ from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.platform.jobs.discover import neu_base_regions, subset_by_class, synthetic_base_regions
 from machine_info import cpu_model
 from mtd_discovery import cached_maps, regions_for, score
+from results_file import add_output_arguments, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "discovery_selection.json"
 RESULT_KEYS = ("machine", "protocol", "views", "class_count", "learned", "known_classes")
 NEU_SEEDS = (0, 1, 2)
 GENERATED = ("bottle", "metal_plate")
@@ -132,10 +131,10 @@ def learned_rows(task: dict, base=None) -> list[dict]:
     return rows
 
 
-def write(path: Path, result: dict) -> None:
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({key: result.get(key) for key in RESULT_KEYS}, indent=1, default=float))
-    temporary.replace(path)
+def write(result: dict, args: argparse.Namespace) -> Path:
+    """Every key of ``RESULT_KEYS`` (``None`` for a part not run yet), through the shared writer."""
+    return write_results("discovery_selection", {key: result.get(key) for key in RESULT_KEYS}, RESULT_KEYS,
+                         args.tag, args.out, indent=1)
 
 
 def main() -> None:
@@ -144,12 +143,11 @@ def main() -> None:
     parser.add_argument("--parts", default="views,class_count,learned,known_classes")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-discovery-maps"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tag", default=None, help="write benchmarks/results/discovery_selection.<TAG>.json instead")
+    add_output_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
-    out = RESULTS.with_name(f"discovery_selection.{args.tag}.json") if args.tag else RESULTS
-    result = json.loads(out.read_text()) if out.is_file() else {}
+    result = {}
     result["machine"] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
                          "load_average": list(os.getloadavg()), "gpu": "none"}
     with tempfile.TemporaryDirectory() as folder:
@@ -173,10 +171,10 @@ def main() -> None:
             result["views"] = views
         if "class_count" in parts:
             result["class_count"] = counts
-        write(out, result)
+        write(result, args)
         if "learned" in parts:
             result["learned"] = [row for task in tasks for row in learned_rows(task)]
-            write(out, result)
+            write(result, args)
         if "known_classes" in parts:
             neu_base = neu_base_regions(args.neu, 30, seed=0, progress=False)
             plate_base = synthetic_base_regions(generated, generated / "bottle", 30, 0, product="metal_plate",
@@ -186,8 +184,8 @@ def main() -> None:
                                      (tasks[3], neu_base, "NEU-DET")):
                 rows += [row | {"base": name} for row in learned_rows(task, base) if row["model"] == "learned"]
             result["known_classes"] = rows
-            write(out, result)
-    print(f"wrote {out}")
+            write(result, args)
+    print(f"wrote {write(result, args)}")
 
 
 if __name__ == "__main__":

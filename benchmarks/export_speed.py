@@ -13,7 +13,6 @@ Writes benchmarks/results/export_speed.json (``--tag NAME``: export_speed.NAME.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import tempfile
@@ -31,9 +30,9 @@ from anomaly_discovery.platform.review.loop import DiscoveryLoop
 from anomaly_discovery.platform.review.types import DiscoveredImage, DiscoveredRegion, LoopConfig
 from anomaly_discovery.platform.storage.store import Store
 from machine_info import cpu_model
+from results_file import add_output_arguments, write_results
 from review_actions import clustered_embeddings
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RESULT_KEYS = ("machine", "load_average", "settings", "build_s", "seconds", "output_mb", "peak_rss_mb")
 SIZE = 64
 KNOWN, NOVEL = 8, 4
@@ -75,7 +74,7 @@ def main() -> None:
     parser.add_argument("--regions", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", default=None, help="write export_speed.<tag>.json (keeps the main result)")
+    add_output_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="adisc-export-bench-") as tmp:
         folder = Path(tmp)
@@ -108,9 +107,7 @@ def main() -> None:
               "build_s": round(build_s, 2), "seconds": {k: round(v, 3) for k, v in seconds.items()},
               "output_mb": {k: round(v, 2) for k, v in output_mb.items()},
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    assert set(result) == set(RESULT_KEYS)
-    path = RESULTS / (f"export_speed.{args.tag}.json" if args.tag else "export_speed.json")
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_results("export_speed", result, RESULT_KEYS, args.tag, args.out)
     for name, value in result["seconds"].items():
         print(f"{name:<42}{value:>10.2f} s")
     print(f"written {path}")

@@ -53,10 +53,10 @@ from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from anomaly_discovery.models.detectors.prn import PRNConfig, PRNDetector
 from anomaly_discovery.models.detectors.prn_training import select_real_anomalies
 from machine_info import cpu_model
+from results_file import add_output_arguments, results_path, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
-RESULTS = Path(__file__).resolve().parent / "results"
 RESULT_KEYS = ("benchmark", "machine", "protocol", "run_started", "load_average_at_start", "detectors", "anomalib",
                "neu_det_zero_shot", "load_average_at_end", "notes")
 DETECTORS = ("patchcore", "zero-shot", "prn")
@@ -250,12 +250,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--anomalib-python", default=None, help="python of a virtualenv with anomalib")
     parser.add_argument("--limit", type=int, default=None, help="at most N images per group (quick runs only)")
-    parser.add_argument("--tag", default=None, help="write results/mtd_detection.<TAG>.json instead")
+    add_output_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
-    out = RESULTS / (f"mtd_detection.{args.tag}.json" if args.tag else "mtd_detection.json")
+    out = args.out or results_path("mtd_detection", args.tag)
 
     train, test = read_mtd_protocol(args.data, args.split_file, args.limit)
     log(f"MTD: {len(train)} normal training images, {len(test)} test images; loading")
@@ -323,13 +323,8 @@ def compare(ours: dict, theirs: dict) -> dict:
 
 
 def save(results: dict, out: Path) -> None:
-    """Write exactly RESULT_KEYS, atomically (a temporary file renamed over the old one)."""
-    if set(results) != set(RESULT_KEYS):
-        raise KeyError(f"results keys {sorted(results)} differ from RESULT_KEYS {sorted(RESULT_KEYS)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({key: results[key] for key in RESULT_KEYS}, indent=2) + "\n")
-    os.replace(temporary, out)
+    """Write exactly RESULT_KEYS, atomically, through the shared writer."""
+    write_results("mtd_detection", results, RESULT_KEYS, out=out)
 
 
 def print_table(results: dict) -> None:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from anomaly_discovery.platform.jobs.evaluate import evaluate_output
 from machine_info import cpu_model
+from results_file import add_output_arguments, write_results
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DATASETS = REPOSITORY.parent / "shared" / "datasets"
-RESULTS = REPOSITORY / "benchmarks" / "results" / "mtd_discover_time.json"
 TARGET_S = 300.0
 FROZEN_TARGET_S = 60.0
 MEMORY_TARGET_MB = 3072
@@ -60,9 +60,8 @@ def timed_discover(*arguments: str) -> tuple[float, dict, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATASETS / "mtd")
-    parser.add_argument("--tag", default=None, help="write benchmarks/results/mtd_discover_time.<TAG>.json instead")
+    add_output_arguments(parser)
     args = parser.parse_args()
-    out = RESULTS.with_name(f"mtd_discover_time.{args.tag}.json") if args.tag else RESULTS
     load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="adisc-mtd-discover-") as work:
         learned = Path(work) / "discover"
@@ -85,10 +84,9 @@ def main() -> None:
               "peak_child_rss_mb": round(peak_mb), "memory_target_mb": MEMORY_TARGET_MB,
               "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": "none"}}
-    temporary = out.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({key: result[key] for key in RESULT_KEYS}, indent=1) + "\n")
-    temporary.replace(out)
+    out = write_results("mtd_discover_time", result, RESULT_KEYS, args.tag, args.out, indent=1)
     print(json.dumps(result, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

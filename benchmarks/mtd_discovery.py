@@ -44,9 +44,9 @@ from anomaly_discovery.models.localisation.localise import image_regions, locali
 from anomaly_discovery.models.localisation.priors.factory import build_object_prior
 from anomaly_discovery.models.metrics import clustering_report
 from machine_info import cpu_model
+from results_file import add_output_arguments, results_path, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "mtd_discovery.json"
 RESULT_KEYS = ("machine", "settings", "semi", "zero-shot", "leave_one_class_out", "rows", "learning_curve")
 PROTOCOLS = ("defects-5", "with-good-6")
 MODELS = ("frozen", "learned")
@@ -145,13 +145,11 @@ def leave_one_class_out(regions, paths: dict, truth: dict, normals: list[str], s
 
 
 def write_result(path: Path, result: dict) -> None:
-    """Exactly ``RESULT_KEYS``, atomically (temp file + rename), after every row."""
+    """Exactly ``RESULT_KEYS`` (``None`` for a part not run yet), through the shared writer, after every row."""
     unknown = sorted(set(result) - set(RESULT_KEYS))
     if unknown:
         raise ValueError(f"keys {unknown} are not among RESULT_KEYS")
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({key: result.get(key) for key in RESULT_KEYS}, indent=1))
-    temporary.replace(path)
+    write_results("mtd_discovery", {key: result.get(key) for key in RESULT_KEYS}, RESULT_KEYS, out=path, indent=1)
 
 
 def main() -> None:
@@ -162,12 +160,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-discovery-maps"),
                         help="where each data set's anomaly maps are kept between runs")
-    parser.add_argument("--tag", default=None, help="write benchmarks/results/mtd_discovery.<TAG>.json instead")
+    add_output_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
-    out = RESULTS.with_name(f"mtd_discovery.{args.tag}.json") if args.tag else RESULTS
-    result = json.loads(out.read_text()) if out.is_file() else {}
+    out = args.out or results_path("mtd_discovery", args.tag)
+    earlier = json.loads(out.read_text()) if out.is_file() else {}
+    result = {key: earlier[key] for key in RESULT_KEYS if key in earlier}
     result["machine"] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
                          "load_average": list(os.getloadavg()), "gpu": "none"}
     result["settings"] = {"detector_semi": "patchcore (defaults)", "detector_zero_shot": "mutual scoring (defaults)",

@@ -46,6 +46,13 @@ def check_keys(payload: Mapping, keys: Iterable[str], name: str) -> None:
                          f"{sorted(declared - given)}, not declared {sorted(given - declared)}")
 
 
+def plain(value):
+    """JSON for numpy scalars and arrays (``.item()`` / ``.tolist()``); anything else is refused as json does."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 def write_results(name: str, payload: Mapping, keys: Iterable[str], tag: str | None = None,
                   out: Path | None = None, indent: int = 2) -> Path:
     """Write ``payload`` (top-level keys exactly ``keys``) to ``out``, else to :func:`results_path`; atomic."""
@@ -55,7 +62,7 @@ def write_results(name: str, payload: Mapping, keys: Iterable[str], tag: str | N
     handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
         with handle:
-            handle.write(json.dumps(payload, indent=indent) + "\n")
+            handle.write(json.dumps(payload, indent=indent, default=plain) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(handle.name, path)

@@ -40,8 +40,10 @@ from anomaly_discovery.platform.jobs.discover import DiscoverJobConfig
 from anomaly_discovery.platform.ray.cluster import ClusterConfig, EpochEvent
 from anomaly_discovery.platform.ray.train import TrainData, run_train
 from machine_info import cpu_model
+from results_file import add_output_arguments, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results" / "train_scaling.json"
+RESULT_KEYS = ("benchmark", "machine", "load_average_before", "load_average_after", "settings", "ray_startup", "results",
+               "speedup_2_vs_1_workers", "target_speedup_on_separate_devices", "target_met", "note")
 TARGET_SPEEDUP = 1.7
 
 
@@ -162,11 +164,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32, help="per worker")
+    add_output_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = DiscoveryConfig.of(cnn="mobilenet_v2", image_size=args.image_size, depth=2, embed_dim=128,
-                             attention_heads=4, projection_hidden=256, projection_dim=128, n_heads=2,
-                             batch_size=args.batch_size, epochs=args.epochs, cached_views=4, k=6, progress=False)
+    config = DiscoveryConfig.of(kind="transformer", cnn="mobilenet_v2", image_size=args.image_size, depth=2,
+                                embed_dim=128, attention_heads=4, projection_hidden=256, projection_dim=128, n_heads=2,
+                                batch_size=args.batch_size, epochs=args.epochs, cached_views=4, k=6, progress=False)
     regions = generated_crops(args.crops, args.image_size)
     load_before = os.getloadavg()
     rows = [single_process(config, regions, "first")]
@@ -202,8 +205,7 @@ def main() -> None:
                  "the first epoch: it is in wall_s, not in epoch_s. Peak RSS of the single-process rows is the "
                  "benchmark process's peak so far."),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
+    written = write_results("train_scaling", result, RESULT_KEYS, args.tag, args.out, indent=1)
     print(f"{'mode':<38}{'epoch s':>9}{'crops/s':>10}{'wall s':>9}{'load':>7}  peak RSS MB per worker")
     for row in rows:
         print(f"{row['mode']:<38}{row['epoch_s']:>9.2f}{row['crops_per_s']:>10.1f}{row['wall_s']:>9.1f}"
@@ -212,7 +214,7 @@ def main() -> None:
     print(f"Ray start-up: init {startup['ray_init_s']:.1f} s, "
           f"no-op 1-worker fit {startup['noop_1_worker_fit_s']:.1f} s")
     print(f"2 vs 1 workers: {speedup:.2f}x (target {TARGET_SPEEDUP}x needs separate devices); load average "
-          f"{load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} cores; written to {RESULTS}")
+          f"{load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} cores; written to {written}")
 
 
 if __name__ == "__main__":

@@ -180,7 +180,8 @@ def test_detect_and_discover_metrics_without_any_mask(tmp_path):
     assert set(detection.metrics) == {"image_auroc"}
     assert any("no pixel masks available" in note and "defect images" in note for note in detection.notes)
     run_discover(DiscoverJobConfig(data=data, out=tmp_path / "discover", format="mvtec", detections=tmp_path / "detect",
-                                   k=3, discovery=DiscoveryConfig(cnn="tiny", image_size=32, depth=1, epochs=1),
+                                   k=3, discovery=DiscoveryConfig.of(kind="transformer", cnn="tiny", image_size=32,
+                                                                     depth=1, epochs=1),
                                    progress=False))
     discovery = evaluate_output(tmp_path / "discover")
     assert {"nmi", "ari", "f1"} <= set(discovery.metrics) and discovery.metrics["k_true"] >= 2
