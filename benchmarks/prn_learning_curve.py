@@ -42,8 +42,8 @@ from anomaly_discovery.models.detectors.prn_training import PRNTrainHooks, selec
 from anomaly_discovery.models.metrics import aupro, image_auroc, pixel_auroc
 from detector_selection import HELD_OUT_SETS, held_out_set
 from machine_info import cpu_model
+from results_file import add_output_arguments, results_path, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 RESULT_KEYS = ("benchmark", "machine", "protocol", "rule", "candidates", "chosen", "default_epochs",
                "load_average_at_start", "load_average_at_end")
@@ -117,15 +117,9 @@ def choose(candidates: dict) -> tuple[str, int | None]:
     return winner, (fitting[0] if fitting else None)
 
 
-def write_results(results: dict, out: Path) -> None:
-    """Write exactly RESULT_KEYS, atomically."""
-    missing, extra = set(RESULT_KEYS) - set(results), set(results) - set(RESULT_KEYS)
-    if missing or extra:
-        raise KeyError(f"results keys differ from RESULT_KEYS: missing {sorted(missing)}, extra {sorted(extra)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({key: results[key] for key in RESULT_KEYS}, indent=1) + "\n")
-    os.replace(temporary, out)
+def save(results: dict, out: Path) -> None:
+    """Write exactly RESULT_KEYS, atomically, through the shared writer."""
+    write_results("prn_learning_curve", results, RESULT_KEYS, out=out, indent=1)
 
 
 def main() -> None:
@@ -138,11 +132,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most N fit images (quick checks only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tag", default=None, help="write results/prn_learning_curve.<TAG>.json instead")
+    add_output_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    out = RESULTS / (f"prn_learning_curve.{args.tag}.json" if args.tag else "prn_learning_curve.json")
+    out = args.out or results_path("prn_learning_curve", args.tag)
 
     samples = read_dataset(args.data, "mtd", check=False).samples
     normals = [s for s in samples if s.is_normal and s.split == "train"]
@@ -173,9 +167,9 @@ def main() -> None:
         config = replace(base, **CANDIDATES[name])
         results["candidates"][name] = run_candidate(config, fit_images, real, held_out, args.eval_every)
         results["load_average_at_end"] = load_average()
-        write_results(results, out)
+        save(results, out)
     results["chosen"], results["default_epochs"] = choose(results["candidates"])
-    write_results(results, out)
+    save(results, out)
     print(f"chosen: {results['chosen']}, default epochs {results['default_epochs']}; wrote {out}")
 
 

@@ -29,7 +29,7 @@ from anomaly_discovery.platform.review.loop import DiscoveryLoop
 from anomaly_discovery.platform.export.job import export_bytes
 from anomaly_discovery.platform.export.report import render_report
 from anomaly_discovery.platform.export.snapshot import ExportSnapshot, read_snapshot
-from anomaly_discovery.platform.review.mirror import NO_ID, SOURCE_CODE, embeddings_path
+from anomaly_discovery.platform.review.mirror import NO_ID, SOURCE_CODE, active_embeddings_path
 from anomaly_discovery.platform.review.types import LoopConfig, RegionLabel
 from anomaly_discovery.platform.predictor import MANIFEST, PredictedImage, RegionPredictor, build_predictor
 from anomaly_discovery.platform.review.actions import LIVE, REFERENCE
@@ -49,9 +49,7 @@ MAX_UPLOAD_PIXELS = 40_000_000
 
 def embedding_dim(store: Store, index_path: Path) -> int:
     """The dimension of the active model's embeddings: its embeddings file's header, else the index metadata."""
-    with store.session() as session:
-        active = active_model_version(session)
-    path = embeddings_path(index_path, active.name) if active is not None else embeddings_path(index_path)
+    path = active_embeddings_path(store, index_path)
     dim = stored_dim(path)
     if dim is not None:
         return dim

@@ -131,7 +131,7 @@ def test_the_export_page_downloads_the_reviewed_csv_and_report(world, dashboard,
 
     store = Store(world.store, upgrade=False)
     try:
-        expected = regions_csv(read_snapshot(store, open_embeddings(world.index)).regions)
+        expected = regions_csv(read_snapshot(store, open_embeddings(store, world.index)).regions)
     finally:
         store.dispose()
     name, csv = downloaded["Regions (CSV)"]

@@ -136,9 +136,14 @@ def _eigengaps(points: np.ndarray, ks: range) -> dict[int, float]:
 
 
 def _prediction_strengths(points: np.ndarray, ks: range, seed: int, n_splits: int = 5) -> dict[int, float]:
+    """Each K's prediction strength over ``n_splits`` random halves; 0 where a half has fewer points than K (a
+    partition that cannot be tested is not reached)."""
     rng = np.random.default_rng(seed)
     strengths = {}
     for k in ks:
+        if k > len(points) // 2:
+            strengths[k] = 0.0
+            continue
         shares = []
         for split in range(n_splits):
             order = rng.permutation(len(points))

@@ -189,16 +189,25 @@ def run_notes(config: DiscoveryConfig, estimate: Optional[ClassCountEstimate], t
 
 def assemble_artifacts(config: DiscoveryConfig, model, classes: list[str], novel: Sequence[Region],
                        embeddings: torch.Tensor, n_train: int, prototypes: torch.Tensor,
-                       estimate: Optional[ClassCountEstimate], history: list[dict]) -> DiscoveryArtifacts:
+                       estimate: Optional[ClassCountEstimate], history: list[dict],
+                       novel_known: bool = False) -> DiscoveryArtifacts:
     """What every kind of model ends with (methods.md §1 step 7, §2 step 7): the k-NN outlier threshold that
     accepts ``outlier_accept_rate`` of the held-out base crops (rows after ``n_train``), the predictor, the novel
     regions' assignments and outlier scores, and image labels by area-weighted merging. ``embeddings`` holds every
-    region's unit embedding: novel, base train, base validation."""
+    region's unit embedding: novel, base train, base validation. With ``novel_known`` (the view models, whose
+    clusters are classes they know) the novel crops' own scores, each leaving itself out, join the held-out base
+    crops in setting the threshold, so a threshold exists without a base set and flags the crops farthest from
+    all the others."""
     novel_embeddings, references, val_embeddings = embeddings[:len(novel)], embeddings[:n_train], embeddings[n_train:]
-    val_scores = (knn_distance_score(val_embeddings, references, k=min(config.classes.outlier_k, n_train))
+    k = config.classes.outlier_k
+    val_scores = (knn_distance_score(val_embeddings, references, k=min(k, n_train))
                   if len(val_embeddings) else np.zeros(0))
-    threshold = (OutlierThreshold(config.classes.outlier_accept_rate).fit(val_scores).threshold_
-                 if len(val_scores) else None)
+    known_scores = val_scores
+    if novel_known and len(novel) > 1:
+        own = knn_distance_score(novel_embeddings, references, k=min(k + 1, n_train))
+        known_scores = np.concatenate([val_scores, own])
+    threshold = (OutlierThreshold(config.classes.outlier_accept_rate).fit(known_scores).threshold_
+                 if len(known_scores) else None)
     predictor = DiscoveryPredictor(config, model, classes, prototypes, references, threshold)
     predictions = score_embeddings(predictor, novel_embeddings, exclude_self=True)
     images = merge_images(novel, predictions.probs)

@@ -10,8 +10,8 @@
 4. the floor: k-means on the novel regions' embeddings; its centres (and the base classes' means) are the
    prototypes of a :class:`ViewDiscoveryModel`, whose untrained embedding is the floor's exactly;
 5. ``learned`` only: neighbour-consistency training (``neighbour_consistency``) from there;
-6. embeddings, assignments, the k-NN outlier threshold on held-out base crops, and image labels by area-weighted
-   merging, as the other kinds give them.
+6. embeddings, assignments, the k-NN outlier threshold (on the held-out base crops and the novel crops, each
+   leaving itself out: ``predict.assemble_artifacts``), and image labels by area-weighted merging.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
         embeddings = embed_cached(model, cache)
     prototypes = F.normalize(model.prototypes.detach(), dim=1)
     artifacts = assemble_artifacts(config, model, classes, novel, embeddings.float(), n_train, prototypes, estimate,
-                                   history)
+                                   history, novel_known=True)
     val_scores = artifacts.metrics.pop("val_scores")
     artifacts.metrics |= scores(embeddings.float())
     artifacts.metrics |= {"view_weights": weights, "view_silhouettes": silhouettes, "n_novel": n_novel,

@@ -22,7 +22,7 @@ from anomaly_discovery.platform.export.coco import coco_document, coco_json
 from anomaly_discovery.platform.export.folder import write_folder
 from anomaly_discovery.platform.export.output import ExportError, check_folder, staged_folder
 from anomaly_discovery.platform.export.snapshot import ExportSnapshot, read_snapshot, regions_csv
-from anomaly_discovery.platform.review.mirror import embeddings_path
+from anomaly_discovery.platform.review.mirror import active_embeddings_path
 from anomaly_discovery.platform.storage.embedding_file import EmbeddingFile, stored_dim
 from anomaly_discovery.platform.storage.paths import ServicePaths
 from anomaly_discovery.platform.storage.store import Store
@@ -89,10 +89,10 @@ def open_store(url: str) -> Store:
         raise ExportError(f"cannot open the store {parsed.render_as_string(hide_password=True)}: {exc}") from exc
 
 
-def open_embeddings(index_path: Path) -> EmbeddingFile | None:
-    """The loop's embeddings file beside ``index_path``, or ``None`` when there is none (outlier scores stay
-    empty then)."""
-    path = embeddings_path(index_path)
+def open_embeddings(store: Store, index_path: Path) -> EmbeddingFile | None:
+    """The active model's embeddings file beside ``index_path``, or ``None`` when there is none (outlier scores
+    stay empty then)."""
+    path = active_embeddings_path(store, index_path)
     dim = stored_dim(path)
     return EmbeddingFile(path, dim) if dim is not None else None
 
@@ -101,7 +101,7 @@ def load_snapshot(store_url: str, index_path: Path) -> ExportSnapshot:
     """Open the store and embeddings, read one snapshot, close them."""
     store = open_store(store_url)
     try:
-        return read_snapshot(store, open_embeddings(index_path))
+        return read_snapshot(store, open_embeddings(store, index_path))
     except SQLAlchemyError as exc:
         shown = store.engine.url.render_as_string(hide_password=True)
         raise ExportError(f"cannot read the store {shown} (is it an adisc store?): "

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from anomaly_discovery.platform.storage.models import AssignmentSource
+from anomaly_discovery.platform.storage.store import Store, active_model_version
 
 SOURCE_CODE = {AssignmentSource.MODEL: 0, AssignmentSource.REVIEWER: 1}
 NO_ID = -1
@@ -26,6 +27,13 @@ def embeddings_path(index_path: str | Path, model_version: str = NO_MODEL) -> Pa
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_version)[:40]
     digest = hashlib.sha1(model_version.encode()).hexdigest()[:8]
     return index_path.with_name(f"{index_path.name}.{slug}-{digest}.embeddings.f32")
+
+
+def active_embeddings_path(store: Store, index_path: str | Path) -> Path:
+    """The embeddings file of the store's active model version (``embeddings_path`` of no model without one)."""
+    with store.session() as session:
+        active = active_model_version(session)
+    return embeddings_path(index_path, active.name) if active is not None else embeddings_path(index_path)
 
 
 class AssignmentMirror:

@@ -55,6 +55,17 @@ def test_consensus_is_the_median_of_its_three_criteria():
     assert sum(estimate.scores_by_k.values()) == 3
 
 
+def test_few_points_keep_every_criterion_below_half_the_set():
+    """19 points and K up to 18: prediction strength cannot test a K above the size of a half (9 points), so it
+    does not reach it, and the consensus still answers."""
+    points, _, _ = sphere_clusters(3, seed=2, n_per_class=7, sigma=0.1)
+    points = points[:19]
+    estimate = estimate_class_count(points, k_min=2, k_max=18)
+    strength = estimate_class_count(points, k_min=2, k_max=18, method="prediction_strength")
+    assert all(strength.scores_by_k[k] == 0.0 for k in range(10, 19)) and strength.k <= 9
+    assert abs(estimate.k - 3) <= 1
+
+
 def test_silhouette_scores_peak_at_true_k_on_well_separated_clusters():
     points, _, _ = sphere_clusters(4, seed=1, sigma=0.1)
     estimate = estimate_class_count(points, k_min=2, k_max=8, method="silhouette")

@@ -10,7 +10,8 @@ from anomaly_discovery.models.discovery.neighbour_consistency import mine_neighb
 from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
 from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
 from anomaly_discovery.models.metrics import clustering_report
-from tests.models.discovery.view_world import square_world
+from anomaly_discovery.models.localisation.regions import crop_region
+from tests.models.discovery.view_world import SIZE, square_world
 
 SMALL = dict(view_size=64, progress=False)
 
@@ -35,6 +36,20 @@ def test_the_frozen_floor_finds_the_three_colours_without_training(frozen, world
     assert nmi(frozen, world[2]) == pytest.approx(1.0)
     assert frozen.history == [] and frozen.k == 3
     assert sum(frozen.metrics["view_weights"].values()) == pytest.approx(1.0)
+
+
+def test_without_a_base_set_the_novel_crops_set_the_outlier_threshold(frozen, world):
+    """The view models' threshold accepts outlier_accept_rate (.95) of the novel crops' own leave-one-out scores:
+    at most 5% of the training crops are flagged, and a square of a colour never seen is."""
+    threshold = frozen.predictor.outlier_threshold
+    assert threshold is not None and frozen.regions.is_outlier.mean() <= 0.05 + 1e-9
+    image = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    image[30:54, 30:54] = (250, 250, 250)
+    anomaly = np.zeros((SIZE, SIZE), np.float32)
+    anomaly[30:54, 30:54] = 0.9
+    new = crop_region(image, (18, 18, 66, 66), anomaly, None, "new")
+    flagged = predict_regions(frozen.predictor, [new], {"new": image})
+    assert flagged.is_outlier.all() and (flagged.outlier_score > threshold).all()
 
 
 def test_the_untrained_learned_model_is_the_floor(frozen, world):
