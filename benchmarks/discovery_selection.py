@@ -33,7 +33,7 @@ from anomaly_discovery.data.synthetic import generate_dataset
 from anomaly_discovery.models.discovery.class_count import CONSENSUS, estimate_class_count
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
 from anomaly_discovery.models.discovery.frozen import (WEIGHT_GRID, fit_projection, image_level, image_getter,
-                                                       kmeans, select_view_weights)
+                                                       kmeans, region_images, select_view_weights)
 from anomaly_discovery.models.discovery.predict import merge_images
 from anomaly_discovery.models.discovery.training import train_discovery
 from anomaly_discovery.models.discovery.views import (ViewExtractor, combine_views, extract_region_features,
@@ -123,8 +123,8 @@ def learned_rows(task: dict, base=None) -> list[dict]:
     for model in ("frozen", "learned"):
         for k in ("given", "estimated"):
             config = DiscoveryConfig.of(kind=model, k=k_true if k == "given" else "auto", progress=False)
-            images = task["paths"] | {r.image_id: r.image_id for r in base or []}
-            artifacts = train_discovery(config, task["regions"], base, images=images, normal_images=task["normals"])
+            artifacts = train_discovery(config, task["regions"], base, images=region_images(task["paths"], base or []),
+                                        normal_images=task["normals"])
             rows.append({"task": task["name"], "model": model, "k": k, "k_estimated": artifacts.k,
                          **score(artifacts, task["truth"])})
             print(rows[-1], flush=True)

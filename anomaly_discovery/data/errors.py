@@ -13,6 +13,10 @@ class DataError(ValueError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self):
+        """Pickled as its path and reason (Ray sends a worker's exception back to the driver this way)."""
+        return type(self), (self.path, self.reason)
+
 
 class ImageReadError(DataError):
     """An image or mask file that cannot be decoded (zero bytes, truncated, not an image)."""

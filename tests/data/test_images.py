@@ -1,4 +1,5 @@
 import io
+import pickle
 
 import numpy as np
 import pytest
@@ -94,3 +95,13 @@ def test_decode_upload_refuses_bad_bytes_naming_the_file(data, reason):
     with pytest.raises(UploadRejected, match="upload.bin") as refused:
         decode_upload(data, "upload.bin", max_pixels=100)
     assert refused.value.reason == reason
+
+
+def test_a_read_error_survives_pickling_with_its_path_and_reason(tmp_path):
+    """Ray sends a worker's exception to the driver pickled: it must arrive as the same error, not a TypeError."""
+    missing = tmp_path / "gone.png"
+    with pytest.raises(ImageReadError) as raised:
+        load_image(missing)
+    again = pickle.loads(pickle.dumps(raised.value))
+    assert type(again) is ImageReadError and again.path == missing and again.reason == raised.value.reason
+    assert str(again) == str(raised.value)

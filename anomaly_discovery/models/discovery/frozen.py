@@ -42,6 +42,12 @@ def image_getter(images: Mapping[str, ImageSource]):
     return get
 
 
+def region_images(image_paths: Mapping[str, ImageSource], base: Sequence[Region] = ()) -> dict[str, ImageSource]:
+    """Where every region's whole image is: the run's images by id, and base crops, whose ids are their image
+    paths, by their own id (an id the run already maps keeps the run's image)."""
+    return {r.image_id: r.image_id for r in base} | dict(image_paths)
+
+
 def kmeans(points: np.ndarray, k: int, seed: int, n_init: int = 10) -> KMeans:
     return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(points)
 

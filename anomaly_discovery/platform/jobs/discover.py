@@ -27,6 +27,7 @@ from anomaly_discovery.data import DataError, LayoutError, Sample, load_image, r
 from anomaly_discovery.data.readers import detect_format
 from anomaly_discovery.models.discovery.training import DiscoveryArtifacts, train_discovery
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
+from anomaly_discovery.models.discovery.frozen import region_images
 from anomaly_discovery.models.localisation.regions import (Region, base_regions_from_boxes, base_regions_from_mask,
                                                            crop_region, novel_regions)
 from .detect import DETECTORS, SUMMARY_FILE, DetectConfig, run_detect, split_for_detector
@@ -329,8 +330,7 @@ def run_discover(config: DiscoverJobConfig) -> DiscoverSummary:
         k=config.k, seed=config.seed, device=config.device, progress=config.progress,
         checkpoint_dir=config.discovery.runtime.checkpoint_dir or str(Path(config.out) / "checkpoints"))
     start = time.perf_counter()
-    images = paths | {r.image_id: r.image_id for r in base or []}
-    artifacts = train_discovery(discovery, regions, base, images=images,
+    artifacts = train_discovery(discovery, regions, base, images=region_images(paths, base or []),
                                 normal_images=normal_images_of(detect_config))
     seconds["train"] = time.perf_counter() - start
     summary = DiscoverSummary(config, artifacts, paths, regions, base_description, data_format, seconds)

@@ -40,6 +40,7 @@ from anomaly_discovery.config import load_config
 from anomaly_discovery.data.readers import detect_format
 from anomaly_discovery.models.discovery.checkpoints import CHECKPOINT_PREFIX, MODEL_FILE, STATE_FILE, CheckpointError
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
+from anomaly_discovery.models.discovery.frozen import region_images
 from anomaly_discovery.models.discovery.model import DiscoveryModel
 from anomaly_discovery.models.discovery.selection import SCORE_METRIC, SelectionProbe
 from anomaly_discovery.models.discovery.hooks import TrainHooks
@@ -202,8 +203,8 @@ def discovery_train_loop(loop_config: dict) -> None:
 
         hooks = TrainHooks(wrap_model=wrap_model, wrap_loader=ray.train.torch.prepare_data_loader, report=report,
                            save_checkpoints=rank == 0)
-        images = plan.image_paths | {r.image_id: r.image_id for r in base or []}
-        artifacts = train_discovery(discovery, novel, base, hooks=hooks, images=images,
+        artifacts = train_discovery(discovery, novel, base, hooks=hooks,
+                                    images=region_images(plan.image_paths, base or []),
                                     normal_images=plan.normal_images)
         final = scalar_metrics(artifacts.metrics) | {"epochs_done": discovery.optimisation.epochs, "k": artifacts.k}
         out = None
