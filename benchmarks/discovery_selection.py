@@ -15,12 +15,15 @@ Rules, written down before the runs:
 * ``known_classes``: the learned model with a labelled base set (generated metal-plate defects for NEU-DET,
   NEU-DET crops for the generated bottle) against none; the base set is kept only if it helps every task.
 
+``--parts`` runs some parts; the others are kept from the results file as they are.
+
     .venv/bin/python benchmarks/discovery_selection.py [--parts views,class_count,learned,known_classes]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -42,7 +45,7 @@ from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.platform.jobs.discover import neu_base_regions, subset_by_class, synthetic_base_regions
 from machine_info import cpu_model
 from mtd_discovery import cached_maps, regions_for, score
-from results_file import add_output_arguments, write_results
+from results_file import add_output_arguments, results_path, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_KEYS = ("machine", "protocol", "views", "class_count", "learned", "known_classes")
@@ -117,10 +120,10 @@ def class_count_rows(task: dict, embedding: np.ndarray, rng: np.random.Generator
     return rows
 
 
-def learned_rows(task: dict, base=None) -> list[dict]:
+def learned_rows(task: dict, base=None, models=("frozen", "learned")) -> list[dict]:
     rows = []
     k_true = len(set(task["truth"].values()))
-    for model in ("frozen", "learned"):
+    for model in models:
         for k in ("given", "estimated"):
             config = DiscoveryConfig.of(kind=model, k=k_true if k == "given" else "auto", progress=False)
             artifacts = train_discovery(config, task["regions"], base, images=region_images(task["paths"], base or []),
@@ -147,7 +150,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
-    result = {}
+    earlier = json.loads(results_path("discovery_selection", args.tag).read_text()) if not args.out and \
+        results_path("discovery_selection", args.tag).is_file() else {}
+    result = {key: earlier.get(key) for key in RESULT_KEYS}  # the parts not run now are kept
     result["machine"] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
                          "load_average": list(os.getloadavg()), "gpu": "none"}
     with tempfile.TemporaryDirectory() as folder:
@@ -161,7 +166,7 @@ def main() -> None:
         extractor = ViewExtractor("mobilenet_v2")
         rng = np.random.default_rng(0)
         views, counts = {}, []
-        for task in tasks:
+        for task in tasks if parts & {"views", "class_count"} else ():
             grid = view_grid(task, extractor)
             views[task["name"]] = {kind: {k: v for k, v in entry.items() if k != "embedding"}
                                    for kind, entry in grid.items()}
@@ -182,7 +187,8 @@ def main() -> None:
             rows = []
             for task, base, name in ((tasks[0], plate_base, "generated metal_plate"),
                                      (tasks[3], neu_base, "NEU-DET")):
-                rows += [row | {"base": name} for row in learned_rows(task, base) if row["model"] == "learned"]
+                rows += [row | {"base": "none"} for row in learned_rows(task, models=("learned",))]
+                rows += [row | {"base": name} for row in learned_rows(task, base, models=("learned",))]
             result["known_classes"] = rows
             write(result, args)
     print(f"wrote {write(result, args)}")

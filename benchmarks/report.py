@@ -262,12 +262,13 @@ def section_discovery_selection() -> str:
         lines += ["**Learned model against its floor** (defaults; frozen → learned):", "",
                   table(["task", "K", "NMI", "ARI", "F1", "K frozen / learned (true)"], _pair_rows(r["learned"])), ""]
     if r.get("known_classes"):
-        base = {(row["task"], row["k"]): row for row in r["learned"] or [] if row["model"] == "learned"}
-        rows = [[row["task"], row["base"], row["k"], fmt(base[(row["task"], row["k"])]["nmi"]) + " → " + fmt(row["nmi"]),
-                 fmt(base[(row["task"], row["k"])]["f1"]) + " → " + fmt(row["f1"]), row["k_estimated"]]
-                for row in r["known_classes"] if (row["task"], row["k"]) in base]
+        none = {(row["task"], row["k"]): row for row in r["known_classes"] if row["base"] == "none"}
+        rows = [[row["task"], row["base"], row["k"], f"{fmt(none[(row['task'], row['k'])]['nmi'])} → {fmt(row['nmi'])}",
+                 f"{fmt(none[(row['task'], row['k'])]['f1'])} → {fmt(row['f1'])}",
+                 f"{none[(row['task'], row['k'])]['k_estimated']} → {row['k_estimated']}"]
+                for row in r["known_classes"] if row["base"] != "none" and (row["task"], row["k"]) in none]
         lines += ["**Known classes** (learned model; no base set → with the labelled base set):", "",
-                  table(["task", "base set", "K", "NMI", "F1", "K estimated"], rows), ""]
+                  table(["task", "base set", "K", "NMI", "F1", "K"], rows), ""]
     lines += [machine(r)]
     return "\n".join(lines)
 
