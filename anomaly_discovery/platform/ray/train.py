@@ -209,7 +209,8 @@ def discovery_train_loop(loop_config: dict) -> None:
         final = scalar_metrics(artifacts.metrics) | {"epochs_done": discovery.optimisation.epochs, "k": artifacts.k}
         out = None
         if rank == 0:
-            final |= probe_metrics(artifacts.history[-1]["cluster_per_head"] if artifacts.history else [])
+            if probe is not None:
+                final |= probe_metrics(artifacts.history[-1]["cluster_per_head"] if artifacts.history else [])
             out = local / FINAL_CHECKPOINT
             job = replace(plan.job, out=out, discovery=discovery)
             seconds = plan.seconds | {"train": artifacts.metrics["train_seconds"]}
