@@ -142,7 +142,8 @@ def test_the_new_serving_folder_loads_and_predicts(retrained, detections, summar
     predictor = build_predictor(out / "v0001" / "serving")
     image = cv2.imread(summary_images[0]["image"])[..., ::-1]
     predicted = predictor.predict([image])
-    assert len(predicted) == 1 and predictor.embedding_dim == 64
+    assert len(predicted) == 1 and predicted[0].regions
+    assert all(region.embedding.shape == (predictor.embedding_dim,) for region in predicted[0].regions)
 
 
 def test_store_labels_are_the_current_assignments_to_confirmed_classes(store_url, current_model):
