@@ -13,11 +13,6 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 RESULTS = BENCHMARKS / "results"
-# Scripts whose owners migrate them to results_file.py in their own issues; remove an entry when it lands.
-STILL_TO_MIGRATE = {
-    "mtd_detection", "detector_selection", "anomalib_patchcore",  # issue 13
-    "mtd_discovery", "discovery_selection", "mtd_discover_time", "train_scaling",  # issue 14
-}
 
 
 def declared_keys(script: Path) -> list[str] | None:
@@ -48,25 +43,19 @@ def load_writer():
 def test_each_results_file_has_exactly_the_keys_its_script_writes(path):
     script = script_of(path)
     assert script.is_file(), f"{path.name} has no script {script.name} in benchmarks/"
-    if script.stem in STILL_TO_MIGRATE:
-        pytest.skip(f"{script.name} is still to be migrated to results_file.py by its owner")
     keys = declared_keys(script)
     assert keys is not None, f"{script.name} declares no RESULT_KEYS"
     assert set(json.loads(path.read_text())) == set(keys), f"{path.name} does not hold exactly {script.name}'s keys"
 
 
-def test_every_migrated_script_declares_its_keys_and_writes_through_the_shared_writer():
-    scripts = {script_of(path) for path in results_files()} - {BENCHMARKS / f"{n}.py" for n in STILL_TO_MIGRATE}
-    assert scripts, "no migrated benchmark script found"
+def test_every_script_with_results_declares_its_keys_and_writes_through_the_shared_writer():
+    scripts = {script_of(path) for path in results_files()}
+    assert scripts, "no benchmark script with a results file found"
     for script in sorted(scripts):
         assert declared_keys(script), f"{script.name} declares no RESULT_KEYS"
         source = script.read_text()
         assert "write_results(" in source and ".write_text(json" not in source, \
             f"{script.name} must write its results with results_file.write_results"
-
-
-def test_the_list_still_to_migrate_names_real_scripts_only():
-    assert all((BENCHMARKS / f"{name}.py").is_file() for name in STILL_TO_MIGRATE)
 
 
 def test_the_writer_refuses_other_keys_and_names_them(tmp_path):
