@@ -124,8 +124,11 @@ def _gap_sphere_scores(points: np.ndarray, ks: range, seed: int,
 
 
 def _eigengaps(points: np.ndarray, ks: range) -> dict[int, float]:
-    """λ_k − λ_{k−1} of the normalised Laplacian of the symmetric kNN graph (Gaussian weights, median scale)."""
-    n_neighbours = min(GRAPH_NEIGHBOURS, len(points) - 1)
+    """λ_k − λ_{k−1} of the normalised Laplacian of the symmetric kNN graph (Gaussian weights, median scale). Each
+    point links to its 2nd to (n+1)-th nearest other points (``kneighbors()`` already leaves the point itself out
+    and the first column is dropped, as when the defaults were chosen: near-duplicate crops of one image do not
+    decide the graph)."""
+    n_neighbours = min(GRAPH_NEIGHBOURS, len(points) - 2)
     distances, neighbours = NearestNeighbors(n_neighbors=n_neighbours + 1, metric="cosine").fit(points).kneighbors()
     sigma = max(float(np.median(distances[:, 1:])), 1e-12)
     rows = np.repeat(np.arange(len(points)), n_neighbours)

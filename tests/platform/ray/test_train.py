@@ -123,7 +123,8 @@ def test_cli_train_with_two_workers_writes_what_discover_writes(two_worker_cli_r
     assert summary["kind"] == "discover" and summary["config"]["out"] == str(out)
     assert [h["epoch"] for h in summary["history"]] == [0, 1]
     assert len(summary["images"]) == len(detections[1]) and (out / "assignments.csv").is_file()
-    assert DiscoveryPredictor.load(out / "model").config.model.depth == 1
+    saved = DiscoveryPredictor.load(out / "model").config
+    assert saved.model.kind == "learned" and saved.model.view_size == FILE_SETTINGS["view_size"]
     report = evaluate_output(out)
     assert report.kind == "discover" and report.n_images == 24
 
@@ -174,9 +175,9 @@ def test_two_worker_clustering_matches_one_worker_within_seed_noise(two_worker_c
                                     images=data.image_paths)
         by_seed.append(clustering_report(truth, [artifacts.images[r.image_id].label for r in data.novel])["nmi"])
     one, two = nmi_of(killed_one_worker_run[0].out, kinds), nmi_of(two_worker_cli_run[0], kinds)
-    noise = max(by_seed) - min(by_seed)
     assert one > 0.4 and two > 0.4
-    assert abs(two - one) <= max(noise, 0.15), (one, two, by_seed)
+    for nmi in (one, two):  # each run lies within the single-process seeds' range, widened by .15
+        assert min(by_seed) - 0.15 <= nmi <= max(by_seed) + 0.15, (one, two, by_seed)
 
 
 def _one_epoch_checkpoint(tmp_path):
