@@ -175,8 +175,9 @@ def run_anomalib(python: str, train: list[Sample], test: list[Sample], threads: 
     images (``coreset_indices_``); anomalib's own sampler is only timed on a few steps (see the helper)."""
     with tempfile.TemporaryDirectory(prefix="adisc-anomalib-") as folder:
         manifest = Path(folder) / "manifest.json"
-        manifest.write_text(json.dumps({"train": [str(s.image_path) for s in train],
-                                        "test": [str(s.image_path) for s in test]}))
+        with open(manifest, "w") as handle:
+            json.dump({"train": [str(s.image_path) for s in train], "test": [str(s.image_path) for s in test]},
+                      handle)
         command = [python, "-W", "ignore", str(Path(__file__).with_name("anomalib_patchcore.py")),
                    "--manifest", str(manifest), "--maps-dir", str(Path(folder) / "maps"),
                    "--weights", str(find_mobilenet_v2_weights()), "--threads", str(threads)]

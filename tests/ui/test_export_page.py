@@ -57,4 +57,4 @@ def test_the_overview_offers_the_pareto_and_trend_as_png_and_csv(world):
     app = open_page("overview")
     assert set(labels(app)) == {"pareto-png", "pareto-csv", "trend-png", "trend-csv"}
     counts = app.dataframe[0].value
-    assert list(counts.columns) == ["class", "status", "regions", "share %", "cumulative %"]
+    assert list(counts.columns) == ["class", "status", "regions", "share %", "cumulative %", "images (model)"]

@@ -20,7 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .crops import Crop, CropConfig, anomaly_crops
-from .mebin import MAX_LEVEL, MEBinConfig, MEBinResult, erosion_kernel, mebin, normalise_jointly
+from .mebin import (MAX_LEVEL, MEBinConfig, MEBinResult, erosion_kernel, mebin, normalise_jointly, normalise_to_range,
+                    search_range)
 from .priors.base import ObjectPrior
 from .regions import Region, novel_regions
 
@@ -38,12 +39,15 @@ class LocalisedImage:
 class Localisation:
     """How one image is binarised like a set: raw map values ``low``..``high`` (the set's joint min-max, step 0)
     scale to 0..255, pixels above ``threshold`` on that scale are defect, then MEBin's ``erosion``×``erosion``
-    erosion."""
+    erosion. ``s_min``..``s_max`` is the set's MEBin search range: the map the crops carry is rescaled to it, as
+    ``mebin`` rescales each map of the set (a folder saved before these fields keeps the whole scale)."""
 
     low: float
     high: float
     threshold: int
     erosion: int = 6
+    s_min: int = 0
+    s_max: int = MAX_LEVEL
 
     def __post_init__(self) -> None:
         if not self.high > self.low or not 0 <= self.threshold < MAX_LEVEL or self.erosion < 1:
@@ -58,16 +62,19 @@ class Localisation:
         scaled = self.scale(anomaly_map)
         mask = cv2.erode((scaled > self.threshold).astype(np.uint8), erosion_kernel(self.erosion))
         n_regions = cv2.connectedComponents(mask)[0] - 1
-        return MEBinResult(mask.astype(bool), self.threshold, n_regions, scaled, np.zeros(0, np.int64))
+        return MEBinResult(mask.astype(bool), self.threshold, n_regions,
+                           normalise_to_range(scaled, self.s_min, self.s_max), np.zeros(0, np.int64))
 
 
 def fit_localisation(raw_maps: Sequence[np.ndarray], thresholds: Sequence[int], erosion: int = 6) -> Localisation:
-    """A set's joint map range and the median MEBin threshold of its images (those that had regions)."""
+    """A set's joint map range, its MEBin search range and the median MEBin threshold of its images (those that
+    had regions)."""
     if not len(raw_maps) or not len(thresholds):
         raise ValueError("fit_localisation needs the set's raw maps and at least one MEBin threshold")
     low = min(float(np.min(m)) for m in raw_maps)
     high = max(float(np.max(m)) for m in raw_maps)
-    return Localisation(low, high, int(np.median(thresholds)), erosion)
+    s_min, s_max = search_range(normalise_jointly(list(raw_maps)))
+    return Localisation(low, high, int(np.median(thresholds)), erosion, s_min, s_max)
 
 
 def localise_set(images: Iterable[np.ndarray], maps: Sequence[np.ndarray], prior: ObjectPrior,

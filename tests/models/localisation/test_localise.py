@@ -61,6 +61,16 @@ def test_one_image_at_the_sets_level_is_cut_as_in_the_set(data_set):
         assert np.array_equal(alone.mebin.mask, localised[i].mebin.mask)
 
 
+def test_one_image_carries_the_map_its_regions_had_in_the_set(data_set):
+    """Every image of the set, alone, gets the set's rescaled map (what its crops' anomaly maps are cut from)."""
+    images, maps = data_set
+    localised = localise_set(iter(images), maps, NoObjectPrior())
+    localisation = fit_localisation(maps, [r.mebin.threshold for r in localised])
+    for image, anomaly_map, in_set in zip(images, maps, localised):
+        alone = localise_image(image, anomaly_map, localisation, NoObjectPrior())
+        assert np.abs(alone.mebin.normalised_map.astype(int) - in_set.mebin.normalised_map).max() <= 1
+
+
 def test_regions_carry_the_object_mask_of_the_prior_on_both_paths(data_set):
     images, maps = data_set
     localisation = fit_localisation(maps, [128])

@@ -53,7 +53,8 @@ def test_cli_discover_with_no_base_writes_a_summary_that_evaluate_scores(generat
     assert [r["image"] for r in summary["images"]] == [r["image"] for r in detected]
     for record in summary["images"]:
         assert record["class"] in {"novel_0", "novel_1", "novel_2"}
-        assert record["regions"] and record["is_outlier"] is None
+        assert record["regions"] and isinstance(record["is_outlier"], bool)
+    assert summary["outlier_threshold"] is not None  # set on the novel crops themselves without a base set
     report = evaluate_output(out)
     assert report.kind == "discover" and report.n_images == len(detected)
     assert 0.0 <= report.metrics["nmi"] <= 1.0
