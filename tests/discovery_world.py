@@ -38,10 +38,10 @@ class DiscoveryWorld:
         return json.loads((self.workdir / "discover" / "summary.json").read_text())
 
     def region_counts(self) -> Counter:
-        """Regions per class as ``adisc discover`` assigned them; ``unknown``: over its outlier threshold."""
-        threshold = self.summary()["outlier_threshold"]
-        return Counter("unknown" if threshold is not None and float(row["region_outlier_score"]) > threshold
-                       else row["region_class"] for row in self.assignments())
+        """Regions per class as ``adisc discover`` assigned them; ``unknown``: over its outlier threshold (the
+        summary's flags: assignments.csv rounds the scores, and a score may sit on the threshold)."""
+        return Counter("unknown" if region["is_outlier"] else region["class"]
+                       for record in self.summary()["images"] for region in record["regions"])
 
     def image_counts(self) -> Counter:
         """Images per class as ``adisc discover`` counts them (its image classes)."""
