@@ -337,11 +337,19 @@ def end_to_end_line() -> list[str]:
         return []
     scores = r["scores"]
     stages = ", ".join(f"{k} {fmt(v, 0)} s" for k, v in r["stage_seconds"].items())
-    return [f"End to end (`mtd_discover_time.py`): one `{r['command']}` from the raw MTD images, {r['protocol']}, "
+    lines = [f"End to end (`mtd_discover_time.py`): one `{r['command']}` from the raw MTD images, {r['protocol']}, "
             f"took **{fmt(r['seconds'], 0)} s** (target {fmt(r['target_seconds'], 0)} s: "
             f"{'met' if r['meets_target'] else 'missed'}; {stages}; peak memory {r['peak_child_rss_mb']} MB; load "
             f"average before {r['load_average_before']}); NMI / ARI / F1 {fmt(scores['nmi'])} / {fmt(scores['ari'])} "
             f"/ {fmt(scores['f1'])}, K {r['k_estimated']} (true {scores['k_true']}).", ""]
+    frozen = r.get("frozen")
+    if frozen:
+        f_scores = frozen["scores"]
+        lines += [f"The floor on the same detections (`{frozen['command']}`): **{fmt(frozen['seconds'], 0)} s** (target "
+                  f"{fmt(frozen['target_seconds'], 0)} s: {'met' if frozen['meets_target'] else 'missed'}); NMI / ARI / "
+                  f"F1 {fmt(f_scores['nmi'])} / {fmt(f_scores['ari'])} / {fmt(f_scores['f1'])}, K "
+                  f"{frozen['k_estimated']}. Peak memory target {r['memory_target_mb']} MB.", ""]
+    return lines
 
 
 def section_index() -> str:
