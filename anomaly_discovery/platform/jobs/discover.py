@@ -251,7 +251,8 @@ class DiscoverSummary:
         lines = [f"discovered {k_text} novel classes in {len(artifacts.images)} images ({len(self.regions)} regions)",
                  "images per class: " + ", ".join(f"novel_{i} {n}" for i, n in enumerate(sizes)),
                  f"base set: {self.base_description}",
-                 f"silhouette {metrics.get('silhouette', float('nan')):.3f}, final loss {metrics['loss']:.3f}"
+                 f"silhouette {metrics.get('silhouette', float('nan')):.3f}, "
+                 + ("no training (frozen views)" if metrics.get("loss") is None else f"final loss {metrics['loss']:.3f}")
                  + (f", base validation accuracy {metrics['base_val_accuracy']:.3f}, outlier threshold "
                     f"{metrics['outlier_threshold']:.3f}" if "base_val_accuracy" in metrics else ""),
                  *metrics.get("notes", []),

@@ -37,6 +37,18 @@ def settings(tmp_path):
     return path
 
 
+def test_cli_discover_with_the_frozen_floor_trains_nothing_and_says_so(generated, detections, settings, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "frozen"
+    code = main(["discover", "--data", str(generated / "metal_plate"), "--format", "mvtec", "--detections",
+                 str(detections), "--k", "3", "--model", "frozen", "--config", str(settings), "--out", str(out)])
+    assert code == 0
+    assert "no training (frozen views)" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["discovery"]["kind"] == "frozen" and summary["history"] == []
+    assert evaluate_output(out).metrics["k_true"] >= 2
+
+
 def test_cli_discover_with_no_base_writes_a_summary_that_evaluate_scores(generated, detections, settings, tmp_path,
                                                                           capsys):
     out = tmp_path / "discover"
