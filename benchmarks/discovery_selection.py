@@ -12,12 +12,16 @@ Rules, written down before the runs:
   with most estimates within ±1 of the true count.
 * ``learned``: floor and learned model (defaults), K given and estimated; the learned model is kept only if it
   beats the floor's NMI on every task.
+* ``open_world``: leave one class out on every task (a fifth of the seen images held out as known test images;
+  the view weights chosen on the rest by the rule above, K = the seen classes): the k of the k-NN outlier score
+  (1, 5 or 10, cosine distance to the k-th nearest training region) whose mean unseen-class AUROC over every task
+  and held-out class is highest becomes ``outlier_k``.
 * ``known_classes``: the learned model with a labelled base set (generated metal-plate defects for NEU-DET,
   NEU-DET crops for the generated bottle) against none; the base set is kept only if it helps every task.
 
 ``--parts`` runs some parts; the others are kept from the results file as they are.
 
-    .venv/bin/python benchmarks/discovery_selection.py [--parts views,class_count,learned,known_classes]
+    .venv/bin/python benchmarks/discovery_selection.py [--parts views,class_count,open_world,learned,known_classes]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from anomaly_discovery.models.discovery.class_count import CONSENSUS, estimate_c
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
 from anomaly_discovery.models.discovery.frozen import (WEIGHT_GRID, fit_projection, image_level, image_getter,
                                                        kmeans, region_images, select_view_weights)
+from anomaly_discovery.models.discovery.outliers import evaluate_outlier_scores, knn_distance_score
 from anomaly_discovery.models.discovery.predict import merge_images
 from anomaly_discovery.models.discovery.training import train_discovery
 from anomaly_discovery.models.discovery.views import (ViewExtractor, combine_views, extract_region_features,
@@ -48,7 +53,8 @@ from mtd_discovery import cached_maps, regions_for, score
 from results_file import add_output_arguments, results_path, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULT_KEYS = ("machine", "protocol", "views", "class_count", "learned", "known_classes")
+RESULT_KEYS = ("machine", "protocol", "views", "class_count", "open_world", "learned", "known_classes")
+OUTLIER_KS = (1, 5, 10)
 NEU_SEEDS = (0, 1, 2)
 GENERATED = ("bottle", "metal_plate")
 CRITERIA = (*CONSENSUS, "consensus", "silhouette", "gap")
@@ -120,6 +126,33 @@ def class_count_rows(task: dict, embedding: np.ndarray, rng: np.random.Generator
     return rows
 
 
+def open_world_rows(task: dict, vectors: dict, seed: int = 0) -> list[dict]:
+    """Leave each class out in turn (module docstring): unseen-class AUROC and FPR95 of every k of the rule."""
+    labels = np.array([task["truth"][r.image_id] for r in task["regions"]])
+    ids = np.array([r.image_id for r in task["regions"]])
+    rng = np.random.default_rng(seed)
+    rows = []
+    for held_out in sorted(set(labels)):
+        seen = sorted(set(ids[labels != held_out]))
+        known = np.isin(ids, rng.choice(seen, size=max(1, len(seen) // 5), replace=False))
+        train = (labels != held_out) & ~known
+        weights, _ = select_view_weights({v: x[train] for v, x in vectors.items()}, len(set(labels[train])))
+        embedding = combine_views(vectors, weights)
+        scores = {k: evaluate_outlier_scores(*(knn_distance_score(embedding[part], embedding[train], k=k)
+                                               for part in (known, labels == held_out)))
+                  for k in OUTLIER_KS}
+        rows.append({"task": task["name"], "held_out": str(held_out),
+                     "weights": ":".join(f"{weights[v]:.2f}" for v in ("region", "crop", "image")),
+                     **{f"k{k}": {"auroc": s["auroc"], "fpr95": s["fpr95"]} for k, s in scores.items()}})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def chosen_outlier_k(rows: list[dict]) -> int:
+    """The rule: the k of highest mean unseen-class AUROC over every task and held-out class."""
+    return max(OUTLIER_KS, key=lambda k: np.mean([row[f"k{k}"]["auroc"] for row in rows]))
+
+
 def learned_rows(task: dict, base=None, models=("frozen", "learned")) -> list[dict]:
     rows = []
     k_true = len(set(task["truth"].values()))
@@ -143,7 +176,7 @@ def write(result: dict, args: argparse.Namespace) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--neu", type=Path, default=ROOT.parent / "shared" / "datasets" / "neu-det")
-    parser.add_argument("--parts", default="views,class_count,learned,known_classes")
+    parser.add_argument("--parts", default="views,class_count,open_world,learned,known_classes")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-discovery-maps"))
     parser.add_argument("--threads", type=int, default=1)
     add_output_arguments(parser)
@@ -176,6 +209,15 @@ def main() -> None:
             result["views"] = views
         if "class_count" in parts:
             result["class_count"] = counts
+        if "open_world" in parts:
+            rows = []
+            for task in tasks:
+                features = extract_region_features(extractor, task["regions"], image_getter(task["paths"]))
+                projection = fit_projection(extractor, task["normals"], 224, 10)
+                rows += open_world_rows(task, view_vectors(features, projection))
+            result["open_world"] = {"rows": rows, "chosen_k": chosen_outlier_k(rows),
+                                    "mean_auroc": {f"k{k}": float(np.mean([row[f"k{k}"]["auroc"] for row in rows]))
+                                                   for k in OUTLIER_KS}}
         write(result, args)
         if "learned" in parts:
             result["learned"] = [row for task in tasks for row in learned_rows(task)]

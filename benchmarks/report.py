@@ -258,6 +258,16 @@ def section_discovery_selection() -> str:
         lines += [f"**Number of classes**: {len(r['class_count'])} estimates (each task whole, and random subsets of "
                   "3, 4 and 5 classes), on the image level of the rule's embedding; search 2 to 10.", "",
                   table(["criterion", "within ±1 of true K", "exact"], rows), ""]
+    if r.get("open_world"):
+        world = r["open_world"]
+        tasks = list(dict.fromkeys(row["task"] for row in world["rows"]))
+        ks = list(world["mean_auroc"])
+        rows = [[task, *(fmt(sum(row[k]["auroc"] for row in world["rows"] if row["task"] == task)
+                             / sum(row["task"] == task for row in world["rows"])) for k in ks)] for task in tasks]
+        rows.append(["all held-out classes", *(fmt(world["mean_auroc"][k]) for k in ks)])
+        lines += [f"**Open world** (leave one class out, the rule's view weights on the seen classes): mean unseen-class "
+                  f"AUROC of the k-NN outlier score by its k; the rule takes k = {world['chosen_k']}.", "",
+                  table(["task", *(f"k = {k[1:]}" for k in ks)], rows), ""]
     if r.get("learned"):
         lines += ["**Learned model against its floor** (defaults; frozen → learned):", "",
                   table(["task", "K", "NMI", "ARI", "F1", "K frozen / learned (true)"], _pair_rows(r["learned"])), ""]

@@ -43,7 +43,8 @@ class GuidedAttentionPooling(nn.Module):
                 guidance: RegionGuidanceFactor) -> torch.Tensor:
         """B×C×h×w maps, B×1×h×w anomaly and object maps (pooled to the grid) → B×C."""
         features = maps.flatten(2).transpose(1, 2).float()
-        logits = guidance(anomaly, objects, maps.shape[-2:]) + self.keys(features) @ self.query * self.scale
+        key_query = self.keys.weight.T @ self.query  # q · W f_j = f_j · (Wᵀq): one C-vector, not B×P keys
+        logits = guidance(anomaly, objects, maps.shape[-2:]) + features @ key_query * self.scale
         return torch.einsum("bp,bpc->bc", torch.softmax(logits, dim=1), features)
 
 

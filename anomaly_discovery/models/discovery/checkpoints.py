@@ -85,3 +85,19 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: Optional[torch.opti
             raise CheckpointError(f"optimizer state {path / OPTIMIZER_FILE} is corrupt or does not fit ({exc})") \
                 from exc
     return state
+
+
+def resume_history(checkpoint_dir: Path | str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   fingerprint: dict) -> list[dict]:
+    """Resume from the newest checkpoint in ``checkpoint_dir``: load the weights and optimizer state into ``model``
+    and ``optimizer`` and return the epochs' history so far ([] when there is none). A checkpoint written with
+    another fingerprint (settings or data) is a CheckpointError naming what differs."""
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is None:
+        return []
+    state = load_checkpoint(latest, model, optimizer)
+    if state.get("fingerprint") != fingerprint:
+        changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
+        raise CheckpointError(f"checkpoint {latest} was written with other settings or data (differs in: "
+                              f"{', '.join(changed)}); use a fresh checkpoint_dir")
+    return state["history"]

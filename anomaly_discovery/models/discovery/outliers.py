@@ -15,7 +15,7 @@ treats unseen crops as positives.
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from typing import Hashable, Optional, Sequence
 
 import faiss
 import numpy as np
@@ -38,23 +38,33 @@ def knn_distance_score(
     embeddings: torch.Tensor | np.ndarray,
     reference_embeddings: torch.Tensor | np.ndarray,
     k: int = 1,
+    excluded: Optional[Sequence[np.ndarray]] = None,
 ) -> np.ndarray:
     """(N,) cosine distance of each embedding to its k-th nearest reference (known-class embeddings or
     prototypes), by an exact FAISS inner-product search over the unit vectors. A query that is itself in the
-    reference set finds itself at distance 0."""
+    reference set finds itself at distance 0, unless ``excluded[i]`` (reference rows query i must not see, e.g.
+    the crops of its own image) leaves it out."""
     queries = F.normalize(torch.as_tensor(embeddings).detach().to(torch.float32), dim=-1)
     references = F.normalize(torch.as_tensor(reference_embeddings).detach().to(torch.float32), dim=-1)
     if queries.ndim != 2 or references.ndim != 2 or queries.shape[1] != references.shape[1]:
         raise ValueError(f"embeddings {tuple(queries.shape)} and reference_embeddings {tuple(references.shape)} "
                          "must be (N, D) and (M, D)")
-    if not 1 <= k <= references.shape[0]:
-        raise ValueError(f"k must be in [1, {references.shape[0]}] (the number of references), got {k}")
+    if excluded is not None and len(excluded) != len(queries):
+        raise ValueError(f"excluded has {len(excluded)} entries for {len(queries)} embeddings")
+    widest = max((len(rows) for rows in excluded), default=0) if excluded is not None else 0
+    if not 1 <= k <= references.shape[0] - widest:
+        raise ValueError(f"k must be in [1, {references.shape[0] - widest}] (the references a query may see), "
+                         f"got {k}")
     if queries.shape[0] == 0:
         return np.zeros(0, dtype=np.float32)
     index = faiss.IndexFlatIP(references.shape[1])
     index.add(np.ascontiguousarray(references.numpy()))
-    similarity, _ = index.search(np.ascontiguousarray(queries.numpy()), k)
-    return (1.0 - similarity[:, k - 1]).astype(np.float32)
+    similarity, rows = index.search(np.ascontiguousarray(queries.numpy()), k + widest)
+    if excluded is None:
+        return (1.0 - similarity[:, k - 1]).astype(np.float32)
+    kth = [row_similarity[~np.isin(row_ids, skip)][k - 1]
+           for row_similarity, row_ids, skip in zip(similarity, rows, excluded)]
+    return (1.0 - np.asarray(kth)).astype(np.float32)
 
 
 def max_softmax_score(logits: torch.Tensor | np.ndarray, temperature: float = 0.1) -> np.ndarray:

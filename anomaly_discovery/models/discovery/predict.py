@@ -127,16 +127,26 @@ class RegionPredictions:
     is_outlier: Optional[np.ndarray]
 
 
-def score_embeddings(predictor: DiscoveryPredictor, embeddings: torch.Tensor, exclude_self: bool = False
-                     ) -> RegionPredictions:
-    """Assign unit embeddings to the predictor's novel classes and score them as outliers. ``exclude_self``
-    skips the nearest reference (the training crops themselves are references)."""
+def same_image_rows(regions: Sequence[Region]) -> list[np.ndarray]:
+    """Per region, the rows of every region of its image (itself included)."""
+    rows: dict[str, list[int]] = {}
+    for index, region in enumerate(regions):
+        rows.setdefault(region.image_id, []).append(index)
+    return [np.array(rows[region.image_id]) for region in regions]
+
+
+def score_embeddings(predictor: DiscoveryPredictor, embeddings: torch.Tensor,
+                     excluded: Optional[Sequence[np.ndarray]] = None) -> RegionPredictions:
+    """Assign unit embeddings to the predictor's novel classes and score them as outliers. ``excluded[i]``: the
+    reference rows query i does not see (a training crop's own image, when the training crops are the queries:
+    a new image has no crops among the references either)."""
     temperature = predictor.config.model.temperature
     logits = embeddings @ predictor.prototypes.T
     probs = novel_region_probabilities(logits, predictor.n_base, temperature)[:, predictor.n_base:]
     references = predictor.reference_embeddings
-    k = min(predictor.config.classes.outlier_k + int(exclude_self), len(references))
-    distance = knn_distance_score(embeddings, references, k=k)
+    widest = max((len(rows) for rows in excluded), default=0) if excluded is not None else 0
+    k = min(predictor.config.classes.outlier_k, len(references) - widest)
+    distance = knn_distance_score(embeddings, references, k=k, excluded=excluded)
     flags = None if predictor.outlier_threshold is None else distance > predictor.outlier_threshold
     return RegionPredictions(embeddings.numpy(), probs, probs.argmax(1), probs.max(1), distance,
                              energy_score(logits, temperature), flags)
@@ -194,22 +204,26 @@ def assemble_artifacts(config: DiscoveryConfig, model, classes: list[str], novel
     """What every kind of model ends with (methods.md §1 step 7, §2 step 7): the k-NN outlier threshold that
     accepts ``outlier_accept_rate`` of the held-out base crops (rows after ``n_train``), the predictor, the novel
     regions' assignments and outlier scores, and image labels by area-weighted merging. ``embeddings`` holds every
-    region's unit embedding: novel, base train, base validation. With ``novel_known`` (the view models, whose
-    clusters are classes they know) the novel crops' own scores, each leaving itself out, join the held-out base
-    crops in setting the threshold, so a threshold exists without a base set and flags the crops farthest from
-    all the others."""
+    region's unit embedding: novel, base train, base validation. A novel crop's own score leaves out every crop of
+    its image (scored as a new image would be). With ``novel_known`` (the view models, whose clusters are classes
+    they know) those scores join the held-out base crops in setting the threshold, so a threshold exists without a
+    base set and flags the crops farthest from all the others."""
     novel_embeddings, references, val_embeddings = embeddings[:len(novel)], embeddings[:n_train], embeddings[n_train:]
     k = config.classes.outlier_k
     val_scores = (knn_distance_score(val_embeddings, references, k=min(k, n_train))
                   if len(val_embeddings) else np.zeros(0))
     known_scores = val_scores
-    if novel_known and len(novel) > 1:
-        own = knn_distance_score(novel_embeddings, references, k=min(k + 1, n_train))
+    own_image = same_image_rows(novel)
+    if n_train - max((len(rows) for rows in own_image), default=0) < 1:  # one image: leave only the crop out
+        own_image = [np.array([row]) for row in range(len(novel))] if n_train > 1 else None
+    if novel_known and own_image is not None:
+        seen = n_train - max(len(rows) for rows in own_image)
+        own = knn_distance_score(novel_embeddings, references, k=min(k, seen), excluded=own_image)
         known_scores = np.concatenate([val_scores, own])
     threshold = (OutlierThreshold(config.classes.outlier_accept_rate).fit(known_scores).threshold_
                  if len(known_scores) else None)
     predictor = DiscoveryPredictor(config, model, classes, prototypes, references, threshold)
-    predictions = score_embeddings(predictor, novel_embeddings, exclude_self=True)
+    predictions = score_embeddings(predictor, novel_embeddings, excluded=own_image)
     images = merge_images(novel, predictions.probs)
     ids = [r.image_id for r in novel]
     metrics = {"notes": run_notes(config, estimate, threshold), "val_scores": val_scores,

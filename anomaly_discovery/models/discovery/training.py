@@ -47,7 +47,7 @@ from sklearn.metrics import silhouette_score
 from .augment import augment_views
 from ..features.backbones import autocast_for, resolve_device
 from .class_count import ClassCountEstimate, estimate_class_count
-from .checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import resume_history, save_checkpoint
 from .config import DiscoveryConfig, OptimisationSettings
 from .data import RegionTensors, ViewCache, build_view_cache, epoch_plan, split_base
 from .model import DiscoveryModel, build_model, normalise_images
@@ -169,17 +169,9 @@ def fit_discovery_model(config: DiscoveryConfig, novel: Sequence[Region], base: 
     if config.uses_cache:
         cache = build_view_cache(model.backbone, data, settings.cached_views, config, device)
     optimizer = build_optimizer(model, settings)
-    history: list[dict] = []
     checkpoint_dir = Path(runtime.checkpoint_dir) if runtime.checkpoint_dir else None
     fingerprint = config.fingerprint() | {"n_novel": len(novel), "n_base": len(base)}
-    latest = latest_checkpoint(checkpoint_dir) if runtime.resume else None
-    if latest is not None:
-        state = load_checkpoint(latest, model, optimizer)
-        if state.get("fingerprint") != fingerprint:
-            changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
-            raise CheckpointError(f"checkpoint {latest} was written with other settings or data "
-                                  f"(differs in: {', '.join(changed)}); use a fresh checkpoint_dir")
-        history = state["history"]
+    history = resume_history(checkpoint_dir, model, optimizer, fingerprint) if runtime.resume else []
     wrapped = hooks.wrap_model(model)
     if runtime.compile and device.type == "cuda":
         wrapped = torch.compile(wrapped)

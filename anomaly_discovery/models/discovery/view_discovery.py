@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..localisation.regions import Region
 from .amga_pooling import ViewDiscoveryModel
-from .checkpoints import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import resume_history, save_checkpoint
 from .config import DiscoveryConfig
 from .data import split_base
 from .frozen import ImageSource, estimate_k, fit_projection, image_getter, kmeans, select_view_weights
@@ -104,15 +104,7 @@ def train_epochs(model: ViewDiscoveryModel, cache: CachedViews, floor: np.ndarra
     neighbours = mine_neighbours(floor[:n_novel], settings.n_neighbours)
     optimizer = build_optimizer(model, settings)
     checkpoint_dir = Path(runtime.checkpoint_dir) if runtime.checkpoint_dir else None
-    history: list[dict] = []
-    latest = latest_checkpoint(checkpoint_dir) if runtime.resume else None
-    if latest is not None:
-        state = load_checkpoint(latest, model, optimizer)
-        if state.get("fingerprint") != fingerprint:
-            changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
-            raise CheckpointError(f"checkpoint {latest} was written with other settings or data (differs in: "
-                                  f"{', '.join(changed)}); use a fresh checkpoint_dir")
-        history = state["history"]
+    history = resume_history(checkpoint_dir, model, optimizer, fingerprint) if runtime.resume else []
     wrapped = hooks.wrap_model(model)
     total = settings.epochs + settings.self_label_epochs
     bar = tqdm(range(len(history), total), desc="discovery", unit="epoch", disable=not settings.progress)

@@ -34,6 +34,16 @@ def test_knn_distance_rejects_k_above_reference_count():
         knn_distance_score(np.ones((2, 3)), np.ones((2, 3)), k=3)
 
 
+def test_knn_distance_leaves_out_the_rows_a_query_must_not_see():
+    # rows 0 and 1 are two crops of one image (identical), row 2 another image's crop
+    references = np.array([[1.0, 0.0], [1.0, 0.0], [0.6, 0.8]])
+    plain = knn_distance_score(references[:1], references, k=1)
+    own_image_left_out = knn_distance_score(references[:2], references, k=1, excluded=[np.array([0, 1])] * 2)
+    assert np.allclose(plain, [0.0]) and np.allclose(own_image_left_out, [0.4, 0.4], atol=1e-6)
+    with pytest.raises(ValueError, match="references a query may see"):
+        knn_distance_score(references[:2], references, k=2, excluded=[np.array([0, 1])] * 2)
+
+
 @pytest.mark.parametrize("score", [max_softmax_score, energy_score, max_logit_score])
 def test_logit_scores_rank_the_ambiguous_crop_higher(score, logits):
     values = score(logits)

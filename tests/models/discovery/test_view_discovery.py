@@ -102,3 +102,15 @@ def test_neighbour_consistency_is_zero_for_equal_one_hots_and_neighbours_are_the
     assert float(neighbour_consistency_loss(one_hot, one_hot.roll(1, 0))) > 10
     points = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     assert mine_neighbours(points, 1)[:, 0].tolist() == [1, 0, 3, 2]
+
+
+def test_a_crop_is_scored_without_the_other_crops_of_its_own_image(world):
+    """Two identical crops of one image: in the set each is scored as a new image would be (its twin left out),
+    not as a zero distance."""
+    regions, images, _, _ = world
+    artifacts = train_discovery(DiscoveryConfig.of(kind="frozen", k=3, **SMALL), [*regions, regions[0]], images=images)
+    scores = artifacts.regions.outlier_score
+    others = np.stack([r for i, r in enumerate(artifacts.regions.embeddings) if i not in (0, len(regions))])
+    nearest_other_image = 1 - (others @ artifacts.regions.embeddings[0]).max()
+    assert scores[0] == pytest.approx(nearest_other_image, abs=1e-5) and scores[0] > 1e-3
+    assert scores[-1] == pytest.approx(scores[0], abs=1e-5)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from anomaly_discovery.models.discovery.amga import RegionGuidanceFactor
-from anomaly_discovery.models.discovery.views import (NuisanceProjection, ViewExtractor, combine_views,
+from anomaly_discovery.models.features.backbones import build_backbone
+from anomaly_discovery.models.discovery.views import (REGION_TAPS, NuisanceProjection, ViewExtractor, combine_views,
                                                       extract_region_features, guided_pool, image_features,
                                                       view_vectors)
 from tests.models.discovery.view_world import square_world
@@ -66,3 +67,13 @@ def test_combined_views_are_unit_rows_whose_cosine_is_the_weighted_sum():
 def test_views_need_an_offline_backbone():
     with pytest.raises(ValueError, match="offline backbones"):
         ViewExtractor("resnet50")
+
+
+def test_the_extractor_runs_folded_and_channels_last_with_the_backbones_own_maps():
+    extractor = ViewExtractor("tiny")
+    plain = build_backbone("tiny", layers=REGION_TAPS["tiny"]).eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.modules())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for fast, reference in zip(extractor(images), plain(images)):
+            torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
