@@ -60,11 +60,10 @@ def knn_distance_score(
     index = faiss.IndexFlatIP(references.shape[1])
     index.add(np.ascontiguousarray(references.numpy()))
     similarity, rows = index.search(np.ascontiguousarray(queries.numpy()), k + widest)
-    if excluded is None:
-        return (1.0 - similarity[:, k - 1]).astype(np.float32)
-    kth = [row_similarity[~np.isin(row_ids, skip)][k - 1]
-           for row_similarity, row_ids, skip in zip(similarity, rows, excluded)]
-    return (1.0 - np.asarray(kth)).astype(np.float32)
+    kth = (similarity[:, k - 1] if excluded is None else
+           np.array([row_similarity[~np.isin(row_ids, skip)][k - 1]
+                     for row_similarity, row_ids, skip in zip(similarity, rows, excluded)]))
+    return np.clip(1.0 - kth, 0.0, 2.0).astype(np.float32)  # rounding may put a duplicate a hair below 0
 
 
 def max_softmax_score(logits: torch.Tensor | np.ndarray, temperature: float = 0.1) -> np.ndarray:
