@@ -93,16 +93,23 @@ def build_view_cache(backbone: HybridDiscoveryBackbone, data: RegionTensors, n_v
 
 
 def split_base(regions: Sequence[Region], fraction: float, seed: int) -> tuple[list[Region], list[Region]]:
-    """Hold out ``fraction`` of every base class (at least one crop of a class with ≥ 3) for validation."""
+    """Hold out about ``fraction`` of every base class's crops for validation, whole images at a time (at least one
+    image of a class with ≥ 3 crops, never all its images): a held-out crop has no crop of its own image among the
+    training ones, as a new image has none (its k-NN outlier score would otherwise find its sibling)."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for name in sorted({r.class_name for r in regions}):
         members = [r for r in regions if r.class_name == name]
-        order = rng.permutation(len(members))
         n_val = int(round(fraction * len(members))) if fraction > 0 else 0
         n_val = max(n_val, 1) if fraction > 0 and len(members) >= 3 else n_val
-        val += [members[i] for i in order[:n_val]]
-        train += [members[i] for i in order[n_val:]]
+        images = list(dict.fromkeys(r.image_id for r in members))
+        held: set[str] = set()
+        for index in rng.permutation(len(images)):
+            if sum(r.image_id in held for r in members) >= n_val or len(held) == len(images) - 1:
+                break
+            held.add(images[index])
+        val += [r for r in members if r.image_id in held]
+        train += [r for r in members if r.image_id not in held]
     return train, val
 
 
