@@ -327,7 +327,13 @@ def section_discovery() -> str:
                               for name, v in loco.get("per_class", {}).items())
         lines += [f"Leave one class out (MTD, semi, defects-5, learned, K estimated): unseen-class AUROC "
                   f"{fmt(loco['auroc'])}, FPR at 95% TPR {fmt(loco['fpr95'])} (mean over held-out classes; per class "
-                  f"AUROC (FPR95): {per_class}).", ""]
+                  f"AUROC (FPR95): {per_class})."]
+        floor = loco.get("floor")
+        if floor:
+            floor_per_class = ", ".join(f"{name} {fmt(v['auroc'])}" for name, v in floor["per_class"].items())
+            lines.append(f"Its floor (frozen views, same held-out images and k-NN score): unseen-class AUROC "
+                         f"{fmt(floor['auroc'])}, FPR at 95% TPR {fmt(floor['fpr95'])} ({floor_per_class}).")
+        lines.append("")
     curve = r.get("learning_curve")
     if curve:
         shown = [row for row in curve if row["epoch"] in (0, len(curve) // 2, len(curve) - 1)]
