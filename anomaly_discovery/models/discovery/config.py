@@ -98,7 +98,9 @@ class ModelSettings:
 @dataclass(frozen=True)
 class OptimisationSettings:
     """Training. The learned view model (``neighbour_consistency``, Adam) reads ``epochs``, ``batch_size``,
-    ``consistency_lr`` (its prototypes; the pooling learns at a tenth of it), ``entropy_weight`` (μ of L_reg^u),
+    ``consistency_lr`` (its prototypes; the pooling learns at a tenth of it), ``consistency_entropy_weight`` (μ of
+    L_reg^u), ``marginal`` (the prior L_reg^u pulls the batch's mean assignment to: ``uniform``, the paper's, or
+    ``floor``, the floor's own cluster shares),
     ``supervised_weight`` (the known classes' cross-entropy), ``neighbours`` (mined in the frozen embedding),
     ``consistency_views`` (cached views per crop, the first un-augmented) and ``augment``; chosen on NEU-DET and
     generated data. The transformer reads the rest; its values were chosen on synthetic data: SGD lr 0.05
@@ -124,6 +126,8 @@ class OptimisationSettings:
     consistency_lr: float = 0.01
     consistency_views: int = 2
     self_label_epochs: int = 0
+    consistency_entropy_weight: float = 1.0
+    marginal: str = "uniform"
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, Mapping):
@@ -131,6 +135,7 @@ class OptimisationSettings:
                                                                  for k, v in self.augment.items()}))
         object.__setattr__(self, "teacher_temperature", tuple(self.teacher_temperature))
         _check_choice(self, "optimizer", ("sgd", "adamw"))
+        _check_choice(self, "marginal", ("uniform", "floor"))
         _check_positive(self, "epochs", "batch_size")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (contrastive pairs), got {self.batch_size}")

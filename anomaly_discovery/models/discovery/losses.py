@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -145,12 +146,18 @@ def cross_view_distillation(
     return -(swapped * log_student).sum(dim=-1).mean()
 
 
-def mean_entropy_regulariser(probs: torch.Tensor) -> torch.Tensor:
-    """L_reg^u = −H(p̄) + log K with p̄ = mean_i p_i over the batch (methods §1 step 6); ≥ 0, 0 when p̄ is uniform."""
+def mean_entropy_regulariser(probs: torch.Tensor, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """L_reg^u = KL(p̄ ‖ π) with p̄ = mean_i p_i over the batch (methods §1 step 6): with the uniform prior (the
+    default) −H(p̄) + log K, the paper's term; ≥ 0, 0 when p̄ equals the prior. A non-uniform ``prior`` (K shares
+    summing to 1) keeps every class in use without pulling unequal classes to equal sizes."""
     if probs.ndim != 2:
         raise ValueError(f"probs must have shape (N, K), got {tuple(probs.shape)}")
     mean_probs = probs.mean(dim=0)
-    return (mean_probs * mean_probs.clamp_min(1e-12).log()).sum() + math.log(probs.shape[1])
+    if prior is None:
+        return (mean_probs * mean_probs.clamp_min(1e-12).log()).sum() + math.log(probs.shape[1])
+    if prior.shape != mean_probs.shape or (prior <= 0).any() or abs(float(prior.sum()) - 1) > 1e-4:
+        raise ValueError(f"prior must be {probs.shape[1]} positive shares summing to 1, got {prior.tolist()}")
+    return (mean_probs * (mean_probs.clamp_min(1e-12).log() - prior.log())).sum()
 
 
 def prototype_separation_loss(prototypes: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:

@@ -74,6 +74,16 @@ def initial_prototypes(embeddings: np.ndarray, n_novel: int, base_labels: np.nda
     return unit_rows(np.concatenate([np.array(base).reshape(-1, embeddings.shape[1]), novel]))
 
 
+def floor_shares(model: ViewDiscoveryModel, novel_floor: np.ndarray, n_base_classes: int) -> tuple[float, ...]:
+    """The share of the novel regions each novel prototype wins in the floor's embedding (before training: the
+    floor's k-means cluster sizes), the prior of the marginal term; an empty cluster keeps half a region."""
+    with torch.no_grad():
+        won = model.logits(torch.as_tensor(novel_floor, dtype=torch.float32))[:, n_base_classes:].argmax(1)
+    counts = np.bincount(won.numpy(), minlength=model.prototypes.shape[0] - n_base_classes).astype(np.float64)
+    counts = np.maximum(counts, 0.5)
+    return tuple(float(c) for c in counts / counts.sum())
+
+
 def label_free_scores(embeddings: torch.Tensor, model: ViewDiscoveryModel, n_novel: int, n_base_classes: int,
                       val_rows: slice, val_labels: np.ndarray) -> dict:
     """The label-free selection score (``selection``) of view models: the silhouette of the novel crops under the
@@ -92,15 +102,17 @@ def label_free_scores(embeddings: torch.Tensor, model: ViewDiscoveryModel, n_nov
 
 def train_epochs(model: ViewDiscoveryModel, cache: CachedViews, floor: np.ndarray, n_novel: int, n_base_classes: int,
                  base_labels: torch.Tensor, config: DiscoveryConfig, fingerprint: dict, hooks: TrainHooks,
-                 scores: Callable[[torch.Tensor], dict], report_fn: Optional[Callable] = None) -> list[dict]:
+                 scores: Callable[[torch.Tensor], dict], report_fn: Optional[Callable] = None,
+                 novel_prior: Optional[tuple[float, ...]] = None) -> list[dict]:
     """Step 5 with epoch checkpoints (``runtime.checkpoint_dir``), resume (``runtime.resume``, refused when the
     checkpoint was written with other settings or data) and the hooks of a distributed runner."""
     optimisation, runtime = config.optimisation, config.runtime
     settings = ConsistencySettings(
         epochs=optimisation.epochs, batch_size=optimisation.batch_size, lr=optimisation.consistency_lr,
-        pooling_lr=optimisation.consistency_lr / 10, entropy_weight=optimisation.entropy_weight,
+        pooling_lr=optimisation.consistency_lr / 10, entropy_weight=optimisation.consistency_entropy_weight,
         supervised_weight=optimisation.supervised_weight, n_neighbours=optimisation.neighbours,
-        self_label_epochs=optimisation.self_label_epochs, seed=runtime.seed, progress=runtime.progress)
+        self_label_epochs=optimisation.self_label_epochs, seed=runtime.seed, progress=runtime.progress,
+        novel_prior=novel_prior)
     neighbours = mine_neighbours(floor[:n_novel], settings.n_neighbours)
     optimizer = build_optimizer(model, settings)
     checkpoint_dir = Path(runtime.checkpoint_dir) if runtime.checkpoint_dir else None
@@ -169,12 +181,13 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
     def scores(embedded: torch.Tensor) -> dict:
         return label_free_scores(embedded, model, n_novel, len(classes), slice(n_train, None), val_labels)
 
+    prior = floor_shares(model, floor[:n_novel], len(classes)) if config.optimisation.marginal == "floor" else None
     if learns:
         fingerprint = config.fingerprint() | {"n_novel": n_novel, "n_base": len(base), "k": k, "weights": weights}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(runtime.seed)
             history = train_epochs(model, cache, floor, n_novel, len(classes), torch.as_tensor(base_labels), config,
-                                   fingerprint, hooks or TrainHooks(), scores, report_fn)
+                                   fingerprint, hooks or TrainHooks(), scores, report_fn, prior)
         embeddings = embed_cached(model, cache)
     prototypes = F.normalize(model.prototypes.detach(), dim=1)
     artifacts = assemble_artifacts(config, model, classes, novel, embeddings.float(), n_train, prototypes, estimate,
@@ -182,7 +195,7 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
     val_scores = artifacts.metrics.pop("val_scores")
     artifacts.metrics |= scores(embeddings.float())
     artifacts.metrics |= {"view_weights": weights, "view_silhouettes": silhouettes, "n_novel": n_novel,
-                          "n_base_train": len(base_train), "n_base_val": len(base_val),
+                          "n_base_train": len(base_train), "n_base_val": len(base_val), "marginal_prior": prior,
                           "train_seconds": time.perf_counter() - started,
                           "loss": history[-1]["total"] if history else None}
     if len(val_scores):

@@ -27,7 +27,7 @@ def search_space(base: DiscoveryConfig, has_base_set: bool) -> dict[str, Any]:
         space = {
             "consistency_lr": tune.loguniform(optimisation.consistency_lr / 4, optimisation.consistency_lr * 4),
             "temperature": tune.uniform(0.05, 0.2),
-            "entropy_weight": tune.uniform(1.0, 8.0),
+            "consistency_entropy_weight": tune.loguniform(0.25, 8.0),
             "neighbours": tune.choice([5, 10, 20]),
             "crop_scale_min": tune.uniform(0.3, 0.8),
         }
@@ -59,7 +59,8 @@ def trial_overrides(base: DiscoveryConfig, sample: dict[str, Any]) -> dict[str, 
         overrides["augment"] = replace(base.optimisation.augment, scale=(float(sample.pop("crop_scale_min")), 1.0))
     if "overcluster_factor" in sample:
         overrides["k_max"] = max(2, math.ceil(float(sample.pop("overcluster_factor")) * base.classes.k_max))
-    for name in ("lr", "consistency_lr", "temperature", "entropy_weight", "separation_weight", "supervised_weight"):
+    for name in ("lr", "consistency_lr", "temperature", "entropy_weight", "consistency_entropy_weight",
+                 "separation_weight", "supervised_weight"):
         if name in sample:
             overrides[name] = float(sample.pop(name))
     for name in ("n_guided_blocks", "neighbours"):

@@ -117,6 +117,22 @@ def test_entropy_regulariser_is_zero_for_uniform_mean_and_log_k_for_collapse():
     assert mean_entropy_regulariser(collapsed).item() == pytest.approx(math.log(4), rel=1e-5)
 
 
+def test_entropy_regulariser_with_a_prior_is_zero_at_the_prior_and_equals_the_uniform_term_for_a_uniform_prior():
+    probs = torch.softmax(torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert mean_entropy_regulariser(probs, torch.full((4,), 0.25)).item() == pytest.approx(
+        mean_entropy_regulariser(probs).item(), abs=1e-6)
+    unequal = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert mean_entropy_regulariser(unequal, torch.tensor([0.75, 0.25])).item() == pytest.approx(0.0, abs=1e-6)
+    assert mean_entropy_regulariser(unequal).item() > 0.1  # the uniform prior pulls these unequal sizes together
+
+
+def test_entropy_regulariser_refuses_a_prior_that_is_not_a_distribution_over_the_columns():
+    probs = torch.full((4, 3), 1 / 3)
+    for prior in (torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5, 0.0]), torch.tensor([0.5, 0.5, 0.5])):
+        with pytest.raises(ValueError, match="prior"):
+            mean_entropy_regulariser(probs, prior)
+
+
 def test_separation_loss_is_zero_for_orthogonal_and_one_over_tau_for_identical():
     orthogonal = torch.eye(4)
     identical = torch.ones(4, 4)

@@ -9,6 +9,7 @@ from anomaly_discovery.models.discovery.config import DiscoveryConfig
 from anomaly_discovery.models.discovery.neighbour_consistency import mine_neighbours, neighbour_consistency_loss
 from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
 from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
+from anomaly_discovery.models.discovery.view_discovery import floor_shares
 from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.models.localisation.regions import crop_region
 from tests.models.discovery.view_world import SIZE, square_world
@@ -79,6 +80,18 @@ def test_self_labelling_epochs_follow_the_consistency_epochs(world):
     assert [("consistency" in h, "self_label" in h) for h in artifacts.history] == [(True, False)] * 2 + [
         (False, True)] * 2
     assert nmi(artifacts, truth) == pytest.approx(1.0)
+
+
+def test_the_floor_marginal_is_the_floors_cluster_shares(world):
+    """With ``marginal="floor"`` the marginal term's prior is the share of crops each floor cluster holds (here 12,
+    6 and 6 of 24 crops; which prior and weight serve real data is ``discovery_selection.py``'s part ``marginal``)."""
+    regions, images, truth, _ = world
+    unequal = [r for r in regions if truth[r.image_id] == 0 or int(r.image_id[2:]) < 18]
+    artifacts = train_discovery(DiscoveryConfig.of(kind="learned", k=3, epochs=3, marginal="floor", **SMALL),
+                                unequal, images=images)
+    assert sorted(artifacts.metrics["marginal_prior"]) == pytest.approx([0.25, 0.25, 0.5])
+    assert sum(floor_shares(artifacts.predictor.model, artifacts.regions.embeddings, 0)) == pytest.approx(1.0)
+    assert len(artifacts.history) == 3 and all(h["entropy"] >= 0 for h in artifacts.history)
 
 
 def test_k_is_estimated_and_the_normal_images_shape_the_projection(world):

@@ -52,7 +52,7 @@ def test_tune_runs_two_asha_trials_and_ranks_them_by_the_label_free_score(tuned)
     trials = record["trials"]
     assert len(trials) == 2 and trials[0]["finished"]
     assert trials[0]["score"] == max(t["score"] for t in trials if t["finished"])
-    assert set(trials[0]["sample"]) >= {"consistency_lr", "temperature", "entropy_weight", "neighbours",
+    assert set(trials[0]["sample"]) >= {"consistency_lr", "temperature", "consistency_entropy_weight", "neighbours",
                                         "crop_scale_min"}
     assert "best label-free selection score" in printed
     assert json.loads((out / "best" / "summary.json").read_text())["kind"] == "discover"
