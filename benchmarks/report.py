@@ -271,6 +271,18 @@ def section_discovery_selection() -> str:
     if r.get("learned"):
         lines += ["**Learned model against its floor** (defaults; frozen → learned):", "",
                   table(["task", "K", "NMI", "ARI", "F1", "K frozen / learned (true)"], _pair_rows(r["learned"])), ""]
+    if r.get("marginal"):
+        marginal = r["marginal"]
+        settings = list(marginal["mean_nmi"])
+        tasks = list(dict.fromkeys(row["task"] for row in marginal["rows"]))
+        nmi = {(row["task"], row["setting"]): row["nmi"] for row in marginal["rows"]}
+        sizes = {row["task"]: row["class_sizes"] for row in marginal["rows"]}
+        rows = [[task, f"{max(sizes[task])}–{min(sizes[task])}", *(fmt(nmi.get((task, s))) for s in settings)]
+                for task in tasks]
+        rows.append(["mean", "", *(fmt(marginal["mean_nmi"][s]) for s in settings)])
+        lines += ["**Marginal term of the learned model** (its prior and weight μ; balanced tasks and long-tailed draws "
+                  f"of them, K given, NMI; `floor` = no training). The rule takes `{marginal['chosen']}`.", "",
+                  table(["task", "class sizes", *settings], rows), ""]
     if r.get("known_classes"):
         none = {(row["task"], row["k"]): row for row in r["known_classes"] if row["base"] == "none"}
         rows = [[row["task"], row["base"], row["k"], f"{fmt(none[(row['task'], row['k'])]['nmi'])} → {fmt(row['nmi'])}",
