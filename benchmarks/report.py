@@ -10,6 +10,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from anomaly_discovery.models.discovery.config import OptimisationSettings
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -272,7 +274,7 @@ def section_discovery_selection() -> str:
         lines += ["**Learned model against its floor** (defaults; frozen → learned):", "",
                   table(["task", "K", "NMI", "ARI", "F1", "K frozen / learned (true)"], _pair_rows(r["learned"])), ""]
     if r.get("marginal"):
-        marginal = r["marginal"]
+        marginal, default = r["marginal"], OptimisationSettings()
         settings = list(marginal["mean_nmi"])
         tasks = list(dict.fromkeys(row["task"] for row in marginal["rows"]))
         nmi = {(row["task"], row["setting"]): row["nmi"] for row in marginal["rows"]}
@@ -281,7 +283,9 @@ def section_discovery_selection() -> str:
                 for task in tasks]
         rows.append(["mean", "", *(fmt(marginal["mean_nmi"][s]) for s in settings)])
         lines += ["**Marginal term of the learned model** (its prior and weight μ; balanced tasks and long-tailed draws "
-                  f"of them, K given, NMI; `floor` = no training). The rule takes `{marginal['chosen']}`.", "",
+                  f"of them, K given, NMI; `floor` = no training). The rule takes `{marginal['chosen']}`; the "
+                  f"product's default is `{default.marginal}, mu {default.consistency_entropy_weight:g}` (μ = 1 collapsed a 24-crop set to one cluster; "
+                  "`neighbour_consistency.py`).", "",
                   table(["task", "class sizes", *settings], rows), ""]
     if r.get("known_classes"):
         none = {(row["task"], row["k"]): row for row in r["known_classes"] if row["base"] == "none"}

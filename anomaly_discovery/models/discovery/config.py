@@ -126,7 +126,7 @@ class OptimisationSettings:
     consistency_lr: float = 0.01
     consistency_views: int = 2
     self_label_epochs: int = 0
-    consistency_entropy_weight: float = 1.0
+    consistency_entropy_weight: float = 4.0
     marginal: str = "uniform"
 
     def __post_init__(self) -> None:
