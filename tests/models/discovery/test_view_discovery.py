@@ -9,7 +9,6 @@ from anomaly_discovery.models.discovery.config import DiscoveryConfig
 from anomaly_discovery.models.discovery.neighbour_consistency import mine_neighbours, neighbour_consistency_loss
 from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
 from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
-from anomaly_discovery.models.discovery.view_discovery import floor_shares
 from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.models.localisation.regions import crop_region
 from tests.models.discovery.view_world import SIZE, square_world
@@ -90,8 +89,7 @@ def test_the_floor_marginal_is_the_floors_cluster_shares(world):
     artifacts = train_discovery(DiscoveryConfig.of(kind="learned", k=3, epochs=3, marginal="floor", **SMALL),
                                 unequal, images=images)
     assert sorted(artifacts.metrics["marginal_prior"]) == pytest.approx([0.25, 0.25, 0.5])
-    assert sum(floor_shares(artifacts.predictor.model, artifacts.regions.embeddings, 0)) == pytest.approx(1.0)
-    assert len(artifacts.history) == 3 and all(h["entropy"] >= 0 for h in artifacts.history)
+    assert len(artifacts.history) == 3
 
 
 def test_k_is_estimated_and_the_normal_images_shape_the_projection(world):
