@@ -67,19 +67,20 @@ def detect_maps(samples, setting: str, normal_train, batch: int = 16) -> list[De
 
 
 def cached_maps(samples, setting: str, normal_train, cache: Path, name: str) -> tuple[list[Detection], float]:
-    """``detect_maps`` once per data set and setting, kept (float16) in ``cache`` between runs."""
+    """``detect_maps`` once per data set and setting, kept (float16) in ``cache`` between runs. The maps are read
+    back from the file also on the run that writes it, so a first run sees the same (float16) maps as every later
+    one (MEBin's regions, and so every discovery number, move with the maps' last bits)."""
     path = cache / f"{name}-{setting}.npz"
-    if path.is_file():
-        stored = np.load(path)
-        return ([Detection(float(v), stored[f"map{i}"].astype(np.float32)) for i, v in enumerate(stored["scores"])],
-                float(stored["seconds"]))
-    start = time.perf_counter()
-    detections = detect_maps(samples, setting, normal_train)
-    seconds = time.perf_counter() - start
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, scores=np.array([d.score for d in detections]), seconds=seconds,
-             **{f"map{i}": d.anomaly_map.astype(np.float16) for i, d in enumerate(detections)})
-    return detections, seconds
+    if not path.is_file():
+        start = time.perf_counter()
+        detections = detect_maps(samples, setting, normal_train)
+        seconds = time.perf_counter() - start
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(path, scores=np.array([d.score for d in detections]), seconds=seconds,
+                 **{f"map{i}": d.anomaly_map.astype(np.float16) for i, d in enumerate(detections)})
+    stored = np.load(path)
+    return ([Detection(float(v), stored[f"map{i}"].astype(np.float32)) for i, v in enumerate(stored["scores"])],
+            float(stored["seconds"]))
 
 
 def regions_for(samples, detections):

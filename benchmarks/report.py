@@ -10,7 +10,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from anomaly_discovery.models.discovery.config import OptimisationSettings
+from anomaly_discovery.models.discovery.config import ModelSettings, OptimisationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -241,6 +241,25 @@ def _pair_rows(rows: list[dict], extra: str | None = None) -> list[list]:
     return out
 
 
+def _setting_table(part: dict) -> str:
+    """NMI of every setting (columns) on every task (rows: the rule's tasks, their mean, then the small sets)."""
+    settings = list(part["mean_nmi"])
+    small = part.get("small_set_rows", [])
+    nmi = {(row["task"], row["setting"]): row["nmi"] for row in part["rows"] + small}
+    sizes = {row["task"]: row["class_sizes"] for row in part["rows"] + small}
+
+    def rows_of(table_rows: list[dict]) -> list[list[str]]:
+        return [[task, f"{max(sizes[task])}–{min(sizes[task])}", *(fmt(nmi.get((task, s))) for s in settings)]
+                for task in dict.fromkeys(row["task"] for row in table_rows)]
+
+    rows = rows_of(part["rows"]) + [["mean (the rule's tasks)", "", *(fmt(part["mean_nmi"][s]) for s in settings)]]
+    if small:
+        rows += rows_of(small)
+        if "small_set_mean_nmi" in part:
+            rows.append(["mean (small sets)", "", *(fmt(part["small_set_mean_nmi"][s]) for s in settings)])
+    return table(["task", "class sizes", *settings], rows)
+
+
 def section_discovery_selection() -> str:
     title = "## How the discovery defaults were chosen (`benchmarks/discovery_selection.py`)"
     r = load("discovery_selection")
@@ -275,18 +294,22 @@ def section_discovery_selection() -> str:
                   table(["task", "K", "NMI", "ARI", "F1", "K frozen / learned (true)"], _pair_rows(r["learned"])), ""]
     if r.get("marginal"):
         marginal, default = r["marginal"], OptimisationSettings()
-        settings = list(marginal["mean_nmi"])
-        tasks = list(dict.fromkeys(row["task"] for row in marginal["rows"]))
-        nmi = {(row["task"], row["setting"]): row["nmi"] for row in marginal["rows"]}
-        sizes = {row["task"]: row["class_sizes"] for row in marginal["rows"]}
-        rows = [[task, f"{max(sizes[task])}–{min(sizes[task])}", *(fmt(nmi.get((task, s))) for s in settings)]
-                for task in tasks]
-        rows.append(["mean", "", *(fmt(marginal["mean_nmi"][s]) for s in settings)])
-        lines += ["**Marginal term of the learned model** (its prior and weight μ; balanced tasks and long-tailed draws "
-                  f"of them, K given, NMI; `floor` = no training). The rule takes `{marginal['chosen']}`; the "
-                  f"product's default is `{default.marginal}, mu {default.consistency_entropy_weight:g}` (μ = 1 collapsed a 24-crop set to one cluster; "
-                  "`neighbour_consistency.py`).", "",
-                  table(["task", "class sizes", *settings], rows), ""]
+        failing = marginal.get("failing_small_sets")
+        guard = ("" if failing is None else " Small sets (8 images per class) guard the choice: a setting more than "
+                 ".02 NMI below the floor on one of them is passed over; "
+                 + (f"{len(failing)} of {len(marginal['mean_nmi']) - 1} settings fail it "
+                    f"({', '.join(f'`{name}`' for name in failing)})" if failing else "none fails it") + ".")
+        lines += ["**Marginal term of the learned model** (its prior and weight μ; balanced tasks, long-tailed draws "
+                  f"and small sets of them, K given, NMI; `floor` = no training). The rule takes "
+                  f"`{marginal['chosen']}`; the product's default is `{default.marginal}, mu "
+                  f"{default.consistency_entropy_weight:g}`.{guard}", "",
+                  _setting_table(marginal), ""]
+    if r.get("adapter"):
+        adapter = r["adapter"]
+        lines += [f"**Residual adapter of the learned model** (hidden width; 0 = none; same tasks, K given, NMI; run "
+                  "beside the marginal part, on its baseline μ = 4). The "
+                  f"rule takes width {adapter['chosen_width']}; the product's default is "
+                  f"{ModelSettings().adapter_width}.", "", _setting_table(adapter), ""]
     if r.get("known_classes"):
         none = {(row["task"], row["k"]): row for row in r["known_classes"] if row["base"] == "none"}
         rows = [[row["task"], row["base"], row["k"], f"{fmt(none[(row['task'], row['k'])]['nmi'])} → {fmt(row['nmi'])}",

@@ -10,7 +10,9 @@ exactly as the floor does (softmax(b)), and the RGF's factors (ρ_obj, ρ_bg, γ
 crop's and the whole image's vectors go through the floor's nuisance projection and view weights, and the unit
 embedding meets cosine prototypes of the known (base) classes and K novel classes (τ = 0.1, ProtoGCD's vMF head).
 The novel prototypes start at the floor's k-means centres, the base ones at the base classes' mean embeddings:
-before training, the model's assignments are the floor's.
+before training, the model's assignments are the floor's. With ``adapter_width`` > 0 a residual adapter (methods.md
+§5) moves the whole embedding, e ← (e + A(e)) / ‖·‖, A a two-layer MLP whose last layer starts at zero, so that
+training can also move the crop and whole-image views, which AMGA's pooling does not touch.
 """
 
 from __future__ import annotations
@@ -48,11 +50,27 @@ class GuidedAttentionPooling(nn.Module):
         return torch.einsum("bp,bpc->bc", torch.softmax(logits, dim=1), features)
 
 
+class ResidualAdapter(nn.Module):
+    """x ↦ W₂ GELU(W₁ x), W₂ and its bias zero at the start: added to an embedding, it leaves it as it was."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.hidden = nn.Linear(dim, width)
+        self.out = nn.Linear(width, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.gelu(self.hidden(x)))
+
+
 class ViewDiscoveryModel(nn.Module):
-    """Guided pooling of every depth → projected, weighted views → unit embedding → cosine prototypes."""
+    """Guided pooling of every depth → projected, weighted views → unit embedding (→ residual adapter) → cosine
+    prototypes."""
 
     def __init__(self, tap_channels: Sequence[int], view_weights: dict[str, float],
-                 projection: Optional[NuisanceProjection], n_classes: int, temperature: float = 0.1):
+                 projection: Optional[NuisanceProjection], n_classes: int, temperature: float = 0.1,
+                 adapter_width: int = 0):
         super().__init__()
         self.guidance = RegionGuidanceFactor("amga", learnable=True)
         self.pools = nn.ModuleList(GuidedAttentionPooling(c) for c in tap_channels)
@@ -64,17 +82,20 @@ class ViewDiscoveryModel(nn.Module):
                      else torch.from_numpy(projection.components[depth]))
             self.register_buffer(f"mean_{depth}", mean.float())
             self.register_buffer(f"basis_{depth}", basis.float())
-        self.prototypes = nn.Parameter(torch.zeros(n_classes, self.embedding_dim(tap_channels, view_weights)))
+        dim = self.embedding_dim(tap_channels, view_weights)
+        self.prototypes = nn.Parameter(torch.zeros(n_classes, dim))
+        self.adapter_width = adapter_width
+        self.adapter = ResidualAdapter(dim, adapter_width) if adapter_width else None
 
     @classmethod
     def with_shapes(cls, tap_channels: Sequence[int], view_weights: dict[str, float], components: Sequence[int],
-                    n_classes: int, temperature: float = 0.1) -> "ViewDiscoveryModel":
+                    n_classes: int, temperature: float = 0.1, adapter_width: int = 0) -> "ViewDiscoveryModel":
         """An empty model of the given nuisance-basis sizes per depth, for loading saved weights into."""
         projection = None
         if any(components):
             projection = NuisanceProjection([np.zeros(c, np.float32) for c in tap_channels],
                                             [np.zeros((n, c), np.float32) for n, c in zip(components, tap_channels)])
-        return cls(tap_channels, view_weights, projection, n_classes, temperature)
+        return cls(tap_channels, view_weights, projection, n_classes, temperature, adapter_width)
 
     def projection_components(self) -> list[int]:
         return [getattr(self, f"basis_{d}").shape[0] for d in range(len(self.pools))]
@@ -104,7 +125,8 @@ class ViewDiscoveryModel(nn.Module):
             parts.append(scales["crop"] * F.normalize(self.project(maps[-1].float().mean((2, 3)), last), dim=1))
         if scales["image"] > 0:
             parts.append(scales["image"] * F.normalize(self.project(image.float(), last), dim=1))
-        return F.normalize(torch.cat(parts, dim=1), dim=1)
+        embedding = F.normalize(torch.cat(parts, dim=1), dim=1)
+        return embedding if self.adapter is None else F.normalize(embedding + self.adapter(embedding), dim=1)
 
     def forward(self, maps: Sequence[torch.Tensor], anomaly: Sequence[torch.Tensor], objects: Sequence[torch.Tensor],
                 image: torch.Tensor) -> torch.Tensor:

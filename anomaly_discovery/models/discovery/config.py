@@ -56,14 +56,17 @@ class ModelSettings:
     ``cnn`` is the frozen ImageNet backbone of every kind (MobileNetV2 beat EfficientNet-Lite0 on NEU-DET and
     generated data in the views' tests, .879 against .838 NMI on NEU-DET's whole images); ``view_size`` the side
     crops and images are read at, ``nuisance_components`` how many principal directions of the normal images are
-    removed (chosen on generated bottles: NMI .49 → .65 with 10). The transformer's fields (``backbone`` to
-    ``projection_dim``): ``depth`` 2 (was 4) was chosen on NEU-DET (benchmarks/discovery_selection.py), image_size 128
-    and embed_dim 192 on synthetic data."""
+    removed (chosen on generated bottles: NMI .49 → .65 with 10), ``adapter_width`` the hidden width of the learned
+    model's zero-initialised residual adapter (0: none; widths 32 and 128 lost to none in
+    ``discovery_selection.py``'s part ``adapter``: mean NMI .771 and .762 against .779). The transformer's fields
+    (``backbone`` to ``projection_dim``): ``depth`` 2 (was 4) was chosen on NEU-DET
+    (benchmarks/discovery_selection.py), image_size 128 and embed_dim 192 on synthetic data."""
 
     kind: str = "learned"
     cnn: str = "mobilenet_v2"
     view_size: int = 224
     nuisance_components: int = 10
+    adapter_width: int = 0
     temperature: float = 0.1
     backbone: str = "hybrid"
     cnn_weights: Optional[str] = None
@@ -87,8 +90,9 @@ class ModelSettings:
         _check_choice(self, "backbone", ("hybrid", "vit"))
         _check_choice(self, "guidance", ("none", "hard", "amga"))
         _check_positive(self, "image_size", "n_heads", "depth", "view_size")
-        if self.nuisance_components < 0:
-            raise ValueError(f"nuisance_components must be 0 or more, got {self.nuisance_components}")
+        for name in ("nuisance_components", "adapter_width"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
 
     @property
     def uses_views(self) -> bool:
@@ -100,11 +104,11 @@ class OptimisationSettings:
     """Training. The learned view model (``neighbour_consistency``, Adam) reads ``epochs``, ``batch_size``,
     ``consistency_lr`` (its prototypes; the pooling learns at a tenth of it), ``consistency_entropy_weight`` (μ of
     L_reg^u), ``marginal`` (the prior L_reg^u pulls the batch's mean assignment to: ``uniform``, the paper's, or
-    ``floor``, the floor's own cluster shares),
-    ``supervised_weight`` (the known classes' cross-entropy), ``neighbours`` (mined in the frozen embedding),
-    ``consistency_views`` (cached views per crop, the first un-augmented) and ``augment``; chosen on NEU-DET and
-    generated data. The transformer reads the rest; its values were chosen on synthetic data: SGD lr 0.05
-    (momentum 0.9, cosine to lr·1e-3), 6 cached views, τ_t 0.07 → 0.04, PLC off."""
+    ``floor``, the floor's own cluster shares), ``supervised_weight`` (the known classes' cross-entropy),
+    ``neighbours`` (mined in the frozen embedding; at most half a cluster's mean size), ``consistency_views``
+    (cached views per crop, the first un-augmented) and ``augment``; chosen on NEU-DET and generated data (μ = 1 by
+    ``discovery_selection.py``'s part ``marginal``). The transformer reads the rest; its values were chosen on
+    synthetic data: SGD lr 0.05 (momentum 0.9, cosine to lr·1e-3), 6 cached views, τ_t 0.07 → 0.04, PLC off."""
 
     epochs: int = 30
     batch_size: int = 64
@@ -126,7 +130,7 @@ class OptimisationSettings:
     consistency_lr: float = 0.01
     consistency_views: int = 2
     self_label_epochs: int = 0
-    consistency_entropy_weight: float = 4.0
+    consistency_entropy_weight: float = 1.0
     marginal: str = "uniform"
 
     def __post_init__(self) -> None:

@@ -11,17 +11,21 @@ marginal term on those columns, KL(p̄ ‖ π) (with the uniform π, the default
 use; ``marginal="floor"`` takes π from the floor's cluster sizes), and L_cls^l the cross-entropy of known-class crops
 over the known columns (when a base set is given). The views of a region are its un-augmented crop (view 0) and
 augmented copies (paired geometry and colour, ``augment``), whose frozen feature maps are computed once (float16).
-Defaults (μ = 4 with the uniform prior, 10 neighbours, Adam, 30 epochs) were chosen on NEU-DET and generated data,
-where a head trained so over the floor's embedding raised NMI by .03 to .08. ``discovery_selection.py``'s part
-``marginal`` adds long-tailed draws of those tasks: there μ = 4 pulls unequal classes towards equal sizes and falls
-below the floor on three of the five long-tailed tasks, and its rule picked μ = 1 (mean NMI .801 against .783, above
-the floor on all ten tasks). μ = 1 is not the default: on a small set (24 crops, batch 12: the end-to-end Ray test
-world) it collapsed every crop into one cluster within two epochs (NMI 0; μ = 4: .82), which no selection task
-covered. A set's size has to enter the choice of μ before μ = 1 can be adopted.
+Defaults (10 neighbours, Adam, 30 epochs, the uniform prior) were chosen on NEU-DET and generated data, where a head
+trained so over the floor's embedding raised NMI by .03 to .08. μ = 1 (was 4) is the pick of
+``discovery_selection.py``'s part ``marginal``, which adds long-tailed draws of those tasks (μ = 4 pulls unequal
+classes towards equal sizes and fell below the floor on three of five) and small sets as a guard: mean NMI .797
+against .779 for μ = 4 over the ten tasks, and never more than .02 below the floor on a small set. An earlier pick
+of μ = 1 was vetoed when it collapsed a 24-crop set (batch 12) to one cluster; two batching faults caused that, not
+μ, and both are mended: ten neighbours per crop reach beyond a class of eight crops (two classes merged at μ = 4 as
+well), so the neighbours mined are capped at half a cluster's mean size (``neighbours_for_set``; it binds only
+below 20·K crops), and an epoch's crops are split into near-equal batches (``even_batch_size``), since a
+remainder batch of one crop pulls its own assignment to uniform through the marginal term.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -99,6 +103,20 @@ def cached_features(cache: CachedViews, batch_size: int = 256) -> RegionFeatures
             taps[depth].append(guided_pool(m, a, o, guidance).numpy())
         crops.append(maps[-1].mean((2, 3)).numpy())
     return RegionFeatures([np.concatenate(t) for t in taps], np.concatenate(crops), cache.image.numpy())
+
+
+def neighbours_for_set(n_neighbours: int, n_regions: int, k: int) -> int:
+    """How many neighbours to mine: ``n_neighbours``, but at most half a cluster's mean size (n / 2K, at least 1).
+    More than a cluster's size guarantees neighbours of other classes: on small sets (24 crops, K = 3) ten
+    neighbours pull two classes into one, which the marginal term alone then has to undo."""
+    return max(1, min(n_neighbours, n_regions // (2 * max(1, k))))
+
+
+def even_batch_size(n_anchors: int, batch_size: int) -> int:
+    """The batch size that splits ``n_anchors`` into as many batches as ``batch_size`` would, of near-equal sizes.
+    The marginal term is a batch mean: a remainder batch of one crop (65 crops in batches of 64) pulls that crop's
+    own assignment to uniform at every epoch (NEU-DET, 8 images per class: NMI .51 against .89 in two batches)."""
+    return math.ceil(n_anchors / max(1, math.ceil(n_anchors / batch_size)))
 
 
 def mine_neighbours(embeddings: np.ndarray, n_neighbours: int) -> torch.Tensor:
@@ -193,8 +211,9 @@ def train_epoch(model, loader, optimizer: torch.optim.Optimizer, cache: CachedVi
     consistency for the first ``epochs`` epochs, then self-labelling."""
     generator = torch.Generator().manual_seed(settings.seed * 100_003 + epoch + 11)
     sums: dict[str, float] = {}
-    steps = 0
+    steps, smallest = 0, None
     for (anchors,) in loader:
+        smallest = len(anchors) if smallest is None else min(smallest, len(anchors))
         if epoch < settings.epochs:
             parts = consistency_step(model, cache, anchors.cpu(), neighbours, n_novel, n_base_classes, base_labels,
                                      settings, generator)
@@ -206,7 +225,8 @@ def train_epoch(model, loader, optimizer: torch.optim.Optimizer, cache: CachedVi
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + value.item()
         steps += 1
-    return {name: value / max(1, steps) for name, value in sums.items()} | {"batches": steps}
+    return {name: value / max(1, steps) for name, value in sums.items()} | {"batches": steps,
+                                                                             "smallest_batch": smallest}
 
 
 def epoch_anchors(n_novel: int, seed: int, epoch: int) -> torch.Tensor:

@@ -35,7 +35,8 @@ from .data import split_base
 from .frozen import ImageSource, estimate_k, fit_projection, image_getter, kmeans, select_view_weights
 from .hooks import TrainHooks
 from .neighbour_consistency import (CachedViews, ConsistencySettings, build_optimizer, cache_views, cached_features,
-                                    embed_cached, epoch_anchors, mine_neighbours, train_epoch)
+                                    embed_cached, epoch_anchors, even_batch_size, mine_neighbours,
+                                    neighbours_for_set, train_epoch)
 from .predict import DiscoveryArtifacts, assemble_artifacts
 from .selection import SCORE_METRIC, selection_score
 from .views import (VIEW_NAMES, ViewExtractor, combine_views, extract_region_features, image_features, unit_rows,
@@ -113,7 +114,9 @@ def train_epochs(model: ViewDiscoveryModel, cache: CachedViews, floor: np.ndarra
         supervised_weight=optimisation.supervised_weight, n_neighbours=optimisation.neighbours,
         self_label_epochs=optimisation.self_label_epochs, seed=runtime.seed, progress=runtime.progress,
         novel_prior=novel_prior)
-    neighbours = mine_neighbours(floor[:n_novel], settings.n_neighbours)
+    n_novel_classes = model.prototypes.shape[0] - n_base_classes
+    neighbours = mine_neighbours(floor[:n_novel], neighbours_for_set(settings.n_neighbours, n_novel,
+                                                                     n_novel_classes))
     optimizer = build_optimizer(model, settings)
     checkpoint_dir = Path(runtime.checkpoint_dir) if runtime.checkpoint_dir else None
     history = resume_history(checkpoint_dir, model, optimizer, fingerprint) if runtime.resume else []
@@ -123,7 +126,8 @@ def train_epochs(model: ViewDiscoveryModel, cache: CachedViews, floor: np.ndarra
     for epoch in bar:
         started = time.perf_counter()
         loader = hooks.wrap_loader(DataLoader(TensorDataset(epoch_anchors(n_novel, settings.seed, epoch)),
-                                              batch_size=settings.batch_size, shuffle=False))
+                                              batch_size=even_batch_size(n_novel, settings.batch_size),
+                                              shuffle=False))
         model.train()
         metrics = train_epoch(wrapped, loader, optimizer, cache, neighbours, n_novel, n_base_classes, base_labels,
                               settings, epoch)
@@ -172,7 +176,8 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
                                                              config)
     floor = combine_views(vectors, weights)
     base_labels = np.array([classes.index(r.class_name) for r in base_train], dtype=np.int64)
-    model = ViewDiscoveryModel(extractor.channels, weights, projection, len(classes) + k, settings.temperature)
+    model = ViewDiscoveryModel(extractor.channels, weights, projection, len(classes) + k, settings.temperature,
+                               settings.adapter_width)
     model.init_prototypes(initial_prototypes(floor[:n_train], n_novel, base_labels, len(classes), k, runtime.seed))
     history: list[dict] = []
     embeddings = torch.as_tensor(floor)
@@ -196,6 +201,8 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
     artifacts.metrics |= scores(embeddings.float())
     artifacts.metrics |= {"view_weights": weights, "view_silhouettes": silhouettes, "n_novel": n_novel,
                           "n_base_train": len(base_train), "n_base_val": len(base_val), "marginal_prior": prior,
+                          "neighbours_mined": (neighbours_for_set(config.optimisation.neighbours, n_novel, k)
+                                               if learns else None),
                           "train_seconds": time.perf_counter() - started,
                           "loss": history[-1]["total"] if history else None}
     if len(val_scores):

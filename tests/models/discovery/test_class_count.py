@@ -94,11 +94,13 @@ def test_k_max_must_be_below_the_number_of_embeddings():
 def test_criteria_see_only_the_geometry_so_an_isometric_high_dimensional_copy_scores_alike(method):
     # 60 points in 32 dimensions are clustered where they are; the same points mapped isometrically into 200
     # dimensions (more dimensions than points) are clustered in their own span. Distances and cosines are kept,
-    # so every score must be the same, the gap statistic's random references included.
+    # so every score must be the same, the gap statistic's random references included. Prediction strength clusters
+    # 30-point halves: at K twice the true count its k-means optimum is a near-tie that rounding in the rotated
+    # coordinates can flip on some CPUs (one co-member pair, 1/15), so there it is held to the estimate and to K ≤ 6.
     points, _, _ = sphere_clusters(4, seed=3, n_per_class=15, dim=32)
     isometry, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(200, 32)))
     plain = estimate_class_count(points, k_max=8, method=method, seed=0)
     lifted = estimate_class_count(points @ isometry.T, k_max=8, method=method, seed=0)
-    assert lifted.k == plain.k
-    np.testing.assert_allclose([lifted.scores_by_k[k] for k in range(2, 9)],
-                               [plain.scores_by_k[k] for k in range(2, 9)], atol=1e-6)
+    assert lifted.k == plain.k == 4
+    ks = range(2, 7) if method == "prediction_strength" else range(2, 9)
+    np.testing.assert_allclose([lifted.scores_by_k[k] for k in ks], [plain.scores_by_k[k] for k in ks], atol=1e-6)
