@@ -137,7 +137,7 @@ def small_draw(task: dict, per_class: int, seed: int = 0) -> dict:
     return task_subset(task, keep, f"{task['name']}-small{per_class}")
 
 
-def marginal_rows(task: dict, settings: dict | None = None) -> list[dict]:
+def setting_rows(task: dict, settings: dict | None = None) -> list[dict]:
     """The floor and the learned model under every setting (name → extra settings; default: ``MARGINALS``),
     K given."""
     if settings is None:
@@ -337,16 +337,16 @@ def main() -> None:
             tailed += [long_tailed(task, 5.0, 0, 44) for task in tasks[len(NEU_SEEDS):]]
             small = [small_draw(task, 8) for task in tasks]
         if "marginal" in parts:
-            small_rows = [row for task in small for row in marginal_rows(task)]
-            rows = [row for task in tasks + tailed for row in marginal_rows(task)]
+            small_rows = [row for task in small for row in setting_rows(task)]
+            rows = [row for task in tasks + tailed for row in setting_rows(task)]
             chosen, means, failing = chosen_marginal(rows, small_rows)
             result["marginal"] = {"rows": rows, "small_set_rows": small_rows, "mean_nmi": means,
                                   "failing_small_sets": failing, "chosen": chosen}
             write(result, args)
         if "adapter" in parts:
             widths = {f"width {w}": {"adapter_width": w} for w in ADAPTER_WIDTHS}
-            small_rows = [row for task in small for row in marginal_rows(task, widths)]
-            rows = [row for task in tasks + tailed for row in marginal_rows(task, widths)]
+            small_rows = [row for task in small for row in setting_rows(task, widths)]
+            rows = [row for task in tasks + tailed for row in setting_rows(task, widths)]
             chosen, means, small_means = chosen_adapter(rows, small_rows)
             result["adapter"] = {"rows": rows, "small_set_rows": small_rows, "mean_nmi": means,
                                  "small_set_mean_nmi": small_means, "chosen_width": chosen}

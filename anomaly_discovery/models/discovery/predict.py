@@ -83,7 +83,6 @@ class DiscoveryPredictor:
         if isinstance(self.model, ViewDiscoveryModel):
             meta["view_weights"] = dict(zip(VIEW_NAMES, (float(s) ** 2 for s in self.model.view_scale)))
             meta["projection_components"] = self.model.projection_components()
-            meta["adapter_width"] = self.model.adapter_width
         (folder / "model.json").write_text(json.dumps(meta, indent=1))
         return folder
 
@@ -103,7 +102,7 @@ class DiscoveryPredictor:
             extractor = ViewExtractor(config.model.cnn)
             model = ViewDiscoveryModel.with_shapes(extractor.channels, meta["view_weights"],
                                                    meta["projection_components"], meta["n_head_classes"],
-                                                   config.model.temperature, meta.get("adapter_width", 0))
+                                                   config.model.temperature, config.model.adapter_width)
         else:
             model = build_model(config.model, meta["n_head_classes"])
         load_weights_file(folder / MODEL_FILE, model)

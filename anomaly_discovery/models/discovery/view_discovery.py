@@ -132,7 +132,8 @@ def train_epochs(model: ViewDiscoveryModel, cache: CachedViews, floor: np.ndarra
         metrics = train_epoch(wrapped, loader, optimizer, cache, neighbours, n_novel, n_base_classes, base_labels,
                               settings, epoch)
         model.eval()
-        metrics.update(scores(embed_cached(model, cache)), epoch=epoch, seconds=time.perf_counter() - started)
+        metrics.update(scores(embed_cached(model, cache)), epoch=epoch, seconds=time.perf_counter() - started,
+                       neighbours_mined=neighbours.shape[1])
         history.append(metrics)
         bar.set_postfix(loss=f"{metrics['total']:.3f}")
         saved = None
@@ -201,8 +202,7 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
     artifacts.metrics |= scores(embeddings.float())
     artifacts.metrics |= {"view_weights": weights, "view_silhouettes": silhouettes, "n_novel": n_novel,
                           "n_base_train": len(base_train), "n_base_val": len(base_val), "marginal_prior": prior,
-                          "neighbours_mined": (neighbours_for_set(config.optimisation.neighbours, n_novel, k)
-                                               if learns else None),
+                          "neighbours_mined": history[-1].get("neighbours_mined") if history else None,
                           "train_seconds": time.perf_counter() - started,
                           "loss": history[-1]["total"] if history else None}
     if len(val_scores):
