@@ -177,8 +177,10 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
                                                              config)
     floor = combine_views(vectors, weights)
     base_labels = np.array([classes.index(r.class_name) for r in base_train], dtype=np.int64)
-    model = ViewDiscoveryModel(extractor.channels, weights, projection, len(classes) + k, settings.temperature,
-                               settings.adapter_width)
+    with torch.random.fork_rng(devices=[]):  # the attention keys' (and adapter's) initial weights follow the seed
+        torch.manual_seed(runtime.seed)
+        model = ViewDiscoveryModel(extractor.channels, weights, projection, len(classes) + k, settings.temperature,
+                                   settings.adapter_width)
     model.init_prototypes(initial_prototypes(floor[:n_train], n_novel, base_labels, len(classes), k, runtime.seed))
     history: list[dict] = []
     embeddings = torch.as_tensor(floor)
