@@ -260,6 +260,13 @@ def _setting_table(part: dict) -> str:
     return table(["task", "class sizes", *settings], rows)
 
 
+def _ran_on(defaults: dict) -> str:
+    """The learned model's defaults a selection part ran on, in words."""
+    return (f"run on the defaults then: `{defaults['marginal']}, mu {defaults['mu']:g}`, {defaults['epochs']} epochs"
+            f" + {defaults['self_label_epochs']} self-labelling, adapter width {defaults['adapter_width']}, "
+            f"{defaults['neighbours']} neighbours")
+
+
 def section_discovery_selection() -> str:
     title = "## How the discovery defaults were chosen (`benchmarks/discovery_selection.py`)"
     r = load("discovery_selection")
@@ -279,6 +286,17 @@ def section_discovery_selection() -> str:
         lines += [f"**Number of classes**: {len(r['class_count'])} estimates (each task whole, and random subsets of "
                   "3, 4 and 5 classes), on the image level of the rule's embedding; search 2 to 10.", "",
                   table(["criterion", "within ±1 of true K", "exact"], rows), ""]
+    if r.get("class_count_long_tailed"):
+        tailed = r["class_count_long_tailed"]
+        _, rows = _class_count_rows(tailed)
+        whole = {}  # each task's first row is the whole draw (class_count_rows), then its class subsets
+        for row in tailed:
+            whole.setdefault(row["task"], row)
+        lines += [f"The same on the long-tailed draws of the marginal part ({len(tailed)} estimates; reported beside "
+                  "the rule, not part of it):", "", table(["criterion", "within ±1 of true K", "exact"], rows), "",
+                  "Whole long-tailed draws, each criterion's K (true K): "
+                  + "; ".join(f"{task} ({row['true_k']}): " + ", ".join(f"{c} {k}" for c, k in row["estimates"].items())
+                              for task, row in whole.items()) + ".", ""]
     if r.get("open_world"):
         world = r["open_world"]
         tasks = list(dict.fromkeys(row["task"] for row in world["rows"]))
@@ -306,10 +324,16 @@ def section_discovery_selection() -> str:
                   _setting_table(marginal), ""]
     if r.get("adapter"):
         adapter = r["adapter"]
-        lines += [f"**Residual adapter of the learned model** (hidden width; 0 = none; same tasks, K given, NMI; run "
-                  "beside the marginal part, on its baseline μ = 4). The "
-                  f"rule takes width {adapter['chosen_width']}; the product's default is "
-                  f"{ModelSettings().adapter_width}.", "", _setting_table(adapter), ""]
+        lines += [f"**Residual adapter of the learned model** (hidden width; 0 = none; same tasks, K given, NMI; "
+                  f"{_ran_on(adapter['defaults'])}). The rule takes width {adapter['chosen_width']}; the product's "
+                  f"default is {ModelSettings().adapter_width}.", "", _setting_table(adapter), ""]
+    if r.get("schedule"):
+        schedule, default = r["schedule"], OptimisationSettings()
+        lines += [f"**Training schedule of the learned model** (neighbour-consistency epochs, then self-labelling "
+                  f"epochs; same tasks, K given, NMI; {_ran_on(schedule['defaults'])}). The rule takes "
+                  f"`{schedule['chosen']}`; the product's default is {default.epochs} epochs"
+                  + (f" + {default.self_label_epochs} self-labelling" if default.self_label_epochs else "") + ".", "",
+                  _setting_table(schedule), ""]
     if r.get("known_classes"):
         none = {(row["task"], row["k"]): row for row in r["known_classes"] if row["base"] == "none"}
         rows = [[row["task"], row["base"], row["k"], f"{fmt(none[(row['task'], row['k'])]['nmi'])} → {fmt(row['nmi'])}",

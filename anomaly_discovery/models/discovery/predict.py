@@ -228,6 +228,8 @@ def assemble_artifacts(config: DiscoveryConfig, model, classes: list[str], novel
     ids = [r.image_id for r in novel]
     metrics = {"notes": run_notes(config, estimate, threshold), "val_scores": val_scores,
                "n_clusters_used": int(len(np.unique(predictions.clusters)))}
+    if estimate is not None and estimate.votes:
+        metrics["k_votes"] = dict(estimate.votes)
     return DiscoveryArtifacts(
         predictor, predictions, ids, images, {i: float(p.probs.max()) for i, p in images.items()},
         image_outlier_score(ids, predictions.outlier_score, "max"), prototypes.shape[0] - len(classes),

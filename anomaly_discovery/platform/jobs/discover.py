@@ -244,7 +244,9 @@ class DiscoverSummary:
 
     def describe(self) -> str:
         artifacts = self.artifacts
-        k_text = (f"K = {artifacts.k} (estimated, {artifacts.predictor.config.classes.k_method})"
+        votes = artifacts.metrics.get("k_votes")
+        criteria = ": " + ", ".join(f"{name} {k}" for name, k in votes.items()) if votes else ""
+        k_text = (f"K = {artifacts.k} (estimated, {artifacts.predictor.config.classes.k_method}{criteria})"
                   if artifacts.k_estimated is not None else f"K = {artifacts.k} (given)")
         sizes = np.bincount([p.label for p in artifacts.images.values()], minlength=artifacts.k)
         metrics = artifacts.metrics

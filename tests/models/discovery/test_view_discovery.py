@@ -144,6 +144,9 @@ def test_k_is_estimated_and_the_normal_images_shape_the_projection(world):
     artifacts = train_discovery(DiscoveryConfig.of(kind="frozen", k="auto", k_max=6, **SMALL), regions,
                                 images=images, normal_images=normals)
     assert artifacts.k == artifacts.k_estimated and abs(artifacts.k - 3) <= 1
+    votes = artifacts.metrics["k_votes"]  # the consensus's criteria, each with its own K (the user sees them)
+    assert set(votes) == {"gap_sphere", "eigengap", "prediction_strength"}
+    assert int(np.median(list(votes.values()))) == artifacts.k
     assert any(artifacts.predictor.model.projection_components())
 
 

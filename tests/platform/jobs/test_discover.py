@@ -88,7 +88,9 @@ def test_discover_with_a_synthetic_base_and_k_auto(generated, detections, tmp_pa
     assert written["k_estimated"] == summary.artifacts.k_estimated
     assert written["outlier_threshold"] is not None
     assert all(isinstance(r["is_outlier"], bool) for r in written["images"])
-    assert "estimated" in summary.describe()
+    described = summary.describe()  # the estimate and each criterion's own K
+    assert "estimated" in described and summary.artifacts.metrics["k_votes"]
+    assert all(f"{name} {k}" in described for name, k in summary.artifacts.metrics["k_votes"].items())
 
 
 def test_synthetic_base_refuses_the_product_being_discovered(generated):
