@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from anomaly_discovery.models.discovery.config import ModelSettings, OptimisationSettings
+from anomaly_discovery.models.discovery.frozen import VIEW_KMEANS_INITS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -281,6 +282,21 @@ def section_discovery_selection() -> str:
              ".10 NMI of the best weighting on every task.", "",
              table(["task", "views", "rule's pick", "its NMI", "best weighting", "best NMI", "gap"],
                    _view_rows(r["views"])), ""]
+    if r.get("view_stability"):
+        stability = r["view_stability"]
+        cells = {(row["task"], row["n_init"], row["seed"]): f"{row['pick']} ({fmt(row['nmi'])})"
+                 for row in stability["rows"]}
+        inits = sorted({row["n_init"] for row in stability["rows"]})
+        seeds = sorted({row["seed"] for row in stability["rows"]})
+        rows = [[task, *(cells[(task, n, seed)] for n in inits for seed in seeds)]
+                for task in dict.fromkeys(row["task"] for row in stability["rows"])]
+        rows.append(["tasks whose pick changes / mean NMI", *(
+            f"{stability['tasks_whose_pick_changes'][str(n)]} / {fmt(stability['mean_nmi'][str(n)])}"
+            if seed == seeds[0] else "" for n in inits for seed in seeds)])
+        lines += ["**View weights across seeds** (the rule's pick, region : crop : image, and the floor's NMI at it; "
+                  f"K given; k-means with 4 or 10 starts). The rule takes {stability['chosen_n_init']} starts; the "
+                  f"product's default is {VIEW_KMEANS_INITS}.", "",
+                  table(["task", *(f"{n} starts, seed {seed}" for n in inits for seed in seeds)], rows), ""]
     if r.get("class_count"):
         _, rows = _class_count_rows(r["class_count"])
         lines += [f"**Number of classes**: {len(r['class_count'])} estimates (each task whole, and random subsets of "
