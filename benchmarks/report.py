@@ -10,7 +10,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from anomaly_discovery.models.discovery.config import ModelSettings, OptimisationSettings
+from anomaly_discovery.models.discovery.config import ClassSettings, ModelSettings, OptimisationSettings
 from anomaly_discovery.models.discovery.frozen import VIEW_KMEANS_INITS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -350,6 +350,13 @@ def section_discovery_selection() -> str:
                   f"`{schedule['chosen']}`; the product's default is {default.epochs} epochs"
                   + (f" + {default.self_label_epochs} self-labelling" if default.self_label_epochs else "") + ".", "",
                   _setting_table(schedule), ""]
+    if r.get("prototype_init"):
+        start = r["prototype_init"]
+        lines += [f"**Where the novel prototypes start** (k-means over the novel regions or over their images, the "
+                  f"area-weighted means of each image's regions; `floor` and `floor, images` = no training, the "
+                  f"other columns the learned model; same tasks, K given, NMI; {_ran_on(start['defaults'])}). The rule "
+                  f"takes `{start['chosen']}`; the product's default is `{ClassSettings().prototype_init}`.", "",
+                  _setting_table(start), ""]
     if r.get("known_classes"):
         none = {(row["task"], row["k"]): row for row in r["known_classes"] if row["base"] == "none"}
         rows = [[row["task"], row["base"], row["k"], f"{fmt(none[(row['task'], row['k'])]['nmi'])} → {fmt(row['nmi'])}",

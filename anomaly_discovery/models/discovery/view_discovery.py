@@ -7,8 +7,9 @@
 2. K: given, or estimated (``ClassSettings.k_method``, by default the consensus of ``class_count``) on the image
    level of the equally weighted views, then again on the chosen weighting;
 3. the view weights (``frozen.select_view_weights``: highest silhouette at K);
-4. the floor: k-means on the novel regions' embeddings; its centres (and the base classes' means) are the
-   prototypes of a :class:`ViewDiscoveryModel`, whose untrained embedding is the floor's exactly;
+4. the floor: k-means on the novel regions' embeddings (or on their images', ``ClassSettings.prototype_init``); its
+   centres (and the base classes' means) are the prototypes of a :class:`ViewDiscoveryModel`, whose untrained
+   embedding is the floor's exactly;
 5. ``learned`` only: neighbour-consistency training (``neighbour_consistency``) from there;
 6. embeddings, assignments, the k-NN outlier threshold (on the held-out base crops and the novel crops, each
    leaving itself out: ``predict.assemble_artifacts``), and image labels by area-weighted merging.
@@ -32,7 +33,8 @@ from .amga_pooling import ViewDiscoveryModel
 from .checkpoints import resume_history, save_checkpoint
 from .config import DiscoveryConfig
 from .data import split_base
-from .frozen import ImageSource, estimate_k, fit_projection, image_getter, kmeans, select_view_weights
+from .frozen import (ImageSource, estimate_k, fit_projection, image_getter, image_level, kmeans,
+                     select_view_weights)
 from .hooks import TrainHooks
 from .neighbour_consistency import (CachedViews, ConsistencySettings, build_optimizer, cache_views, cached_features,
                                     embed_cached, epoch_anchors, even_batch_size, mine_neighbours,
@@ -67,12 +69,18 @@ def choose_k_and_weights(vectors: dict[str, np.ndarray], novel: Sequence[Region]
     return estimate.k, estimate, weights, scores
 
 
-def initial_prototypes(embeddings: np.ndarray, n_novel: int, base_labels: np.ndarray, n_base_classes: int, k: int,
-                       seed: int) -> np.ndarray:
-    """Base classes' mean embeddings, then the k-means centres of the novel embeddings (unit rows)."""
+def initial_prototypes(embeddings: np.ndarray, novel: Sequence[Region], base_labels: np.ndarray,
+                       n_base_classes: int, k: int, seed: int, over: str = "regions") -> np.ndarray:
+    """Base classes' mean embeddings, then the k-means centres of the novel embeddings (unit rows): over the
+    novel regions, or (``over="images"``) over their images' area-weighted means (``frozen.image_level``), the
+    regions when there are fewer images than K."""
+    n_novel = len(novel)
     base = [embeddings[n_novel:][base_labels == c].mean(axis=0) for c in range(n_base_classes)]
-    novel = kmeans(embeddings[:n_novel], k, seed).cluster_centers_
-    return unit_rows(np.concatenate([np.array(base).reshape(-1, embeddings.shape[1]), novel]))
+    points = embeddings[:n_novel]
+    if over == "images" and len({r.image_id for r in novel}) >= k:
+        points = image_level(points, novel)
+    return unit_rows(np.concatenate([np.array(base).reshape(-1, embeddings.shape[1]),
+                                     kmeans(points, k, seed).cluster_centers_]))
 
 
 def floor_shares(model: ViewDiscoveryModel, novel_floor: np.ndarray, n_base_classes: int) -> tuple[float, ...]:
@@ -181,7 +189,8 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
         torch.manual_seed(runtime.seed)
         model = ViewDiscoveryModel(extractor.channels, weights, projection, len(classes) + k, settings.temperature,
                                    settings.adapter_width)
-    model.init_prototypes(initial_prototypes(floor[:n_train], n_novel, base_labels, len(classes), k, runtime.seed))
+    model.init_prototypes(initial_prototypes(floor[:n_train], novel, base_labels, len(classes), k, runtime.seed,
+                                             config.classes.prototype_init))
     history: list[dict] = []
     embeddings = torch.as_tensor(floor)
     val_labels = np.array([classes.index(r.class_name) for r in base_val], dtype=np.int64)

@@ -10,8 +10,9 @@ from anomaly_discovery.models.discovery.neighbour_consistency import (even_batch
                                                                       neighbour_consistency_loss, neighbours_for_set)
 from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
 from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
+from anomaly_discovery.models.discovery.view_discovery import initial_prototypes
 from anomaly_discovery.models.metrics import clustering_report
-from anomaly_discovery.models.localisation.regions import crop_region
+from anomaly_discovery.models.localisation.regions import Region, crop_region
 from tests.models.discovery.view_world import SIZE, square_world
 
 SMALL = dict(view_size=64, progress=False)
@@ -175,3 +176,43 @@ def test_a_crop_is_scored_without_the_other_crops_of_its_own_image(world):
     nearest_other_image = 1 - (others @ artifacts.regions.embeddings[0]).max()
     assert scores[0] == pytest.approx(nearest_other_image, abs=1e-5) and scores[0] > 1e-3
     assert scores[-1] == pytest.approx(scores[0], abs=1e-5)
+
+
+def stub_regions(image_ids: list[str]) -> list[Region]:
+    """Regions that carry only what prototype starts read: their image and area."""
+    blank = np.zeros((4, 4), np.float32)
+    return [Region(i, np.zeros((4, 4, 3), np.uint8), blank, blank > 0, (0, 0, 4, 4), 1.0, 16, (4, 4))
+            for i in image_ids]
+
+
+def test_prototypes_over_images_are_not_pulled_by_an_image_with_many_regions():
+    """Five images at each of two directions, one image with thirty regions at a third: over regions, k-means
+    spends a centre on that one image and joins the two classes; over images, each class gets its own centre."""
+    directions = np.eye(3)
+    points = np.concatenate([np.repeat(directions[:1], 5, 0), np.repeat(directions[1:2], 5, 0),
+                             np.repeat(directions[2:] * 0.6 + directions[:1] * 0.8, 30, 0)])
+    regions = stub_regions([f"a{i}" for i in range(5)] + [f"b{i}" for i in range(5)] + ["many"] * 30)
+    no_base = np.zeros(0, np.int64)
+    over_regions = initial_prototypes(points, regions, no_base, 0, 2, seed=0)
+    over_images = initial_prototypes(points, regions, no_base, 0, 2, seed=0, over="images")
+    assert np.allclose(np.linalg.norm(over_images, axis=1), 1.0)
+    assert over_regions.max(axis=0)[2] > 0.5  # one centre sits on the many-region image
+    assert sorted(over_images.argmax(axis=1).tolist()) == [0, 1]  # one centre per class
+    assert (over_images.max(axis=1) > 0.9).all()
+
+
+def test_prototypes_over_images_fall_back_to_regions_below_k_images():
+    points = np.eye(4)
+    regions = stub_regions(["one", "one", "two", "two"])
+    no_base = np.zeros(0, np.int64)
+    assert np.allclose(initial_prototypes(points, regions, no_base, 0, 3, seed=0, over="images"),
+                       initial_prototypes(points, regions, no_base, 0, 3, seed=0))
+
+
+def test_the_floor_starts_its_prototypes_over_images_when_asked(world):
+    regions, images, truth, _ = world
+    artifacts = train_discovery(DiscoveryConfig.of(kind="frozen", k=3, prototype_init="images", **SMALL), regions,
+                                images=images)
+    assert nmi(artifacts, truth) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="prototype_init"):
+        DiscoveryConfig.of(prototype_init="pixels")
