@@ -7,6 +7,9 @@ Rules, written down before the runs:
 * ``views``: every weighting of the quarter grid over (region, crop, image), K given, with the normal images' top
   10 principal directions removed when the task has normal images. The rule picks the weighting whose k-means
   partition has the highest cosine silhouette; it must land within .10 NMI of the best weighting on every task.
+* ``views_fresh``: the same grid and the rule's pick on draws no rule was chosen on, to show how far the rule
+  carries (a report, not a selection): NEU-DET subsets of seeds 3–5, generated data of seed 1 (with and without the
+  projection), and long-tailed draws of them (NEU-DET seeds 3–5, generated seed 1), as ``marginal`` draws them.
 * ``view_stability``: the rule above picks its weighting from k-means partitions; with 4 starts per partition the
   seed flipped a near-tie on a long-tailed NEU-DET draw (image view at seed 0, region view at seeds 1 and 2: floor
   NMI .80 against .59). On the ten tasks of ``marginal``, K given, seeds 0, 1 and 2, the rule's pick and the
@@ -64,7 +67,7 @@ Rules, written down before the runs:
 
 ``--parts`` runs some parts; the others are kept from the results file as they are.
 
-    .venv/bin/python benchmarks/discovery_selection.py [--parts views,view_stability,class_count,
+    .venv/bin/python benchmarks/discovery_selection.py [--parts views,views_fresh,view_stability,class_count,
         class_count_long_tailed,open_world,learned,marginal,adapter,schedule,prototype_init,known_classes]
 """
 
@@ -98,10 +101,12 @@ from mtd_discovery import cached_maps, regions_for, score
 from results_file import add_output_arguments, results_path, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULT_KEYS = ("machine", "protocol", "views", "view_stability", "class_count", "class_count_long_tailed", "open_world",
-               "learned", "marginal", "adapter", "schedule", "prototype_init", "known_classes")
+RESULT_KEYS = ("machine", "protocol", "views", "views_fresh", "view_stability", "class_count", "class_count_long_tailed",
+               "open_world", "learned", "marginal", "adapter", "schedule", "prototype_init", "known_classes")
 OUTLIER_KS = (1, 5, 10)
 NEU_SEEDS = (0, 1, 2)
+FRESH_NEU_SEEDS = (3, 4, 5)
+FRESH_GENERATED_SEED = 1
 GENERATED = ("bottle", "metal_plate")
 CRITERIA = (*CONSENSUS, "consensus", "silhouette", "gap")
 MARGINALS = {"uniform, mu 4": ("uniform", 4.0), "uniform, mu 1": ("uniform", 1.0),
@@ -121,13 +126,15 @@ def neu_task(neu: Path, seed: int, cache: Path) -> dict:
     return {"name": f"neu-det-seed{seed}", "regions": regions, "paths": paths, "truth": truth, "normals": []}
 
 
-def generated_task(root: Path, product: str, cache: Path) -> dict:
+def generated_task(root: Path, product: str, cache: Path, draw: str = "") -> dict:
+    """A product of a generated data set (``draw``: a name part telling a draw of another seed from seed 0's)."""
     report = read_dataset(root / product, "mvtec", check=False)
     normal = [s for s in report.samples if s.split == "train" and s.is_normal]
     test = [s for s in report.samples if s.split == "test"]
-    found, _ = cached_maps(test, "semi", normal, cache, f"generated-{product}")
+    name = f"generated-{draw}{product}"
+    found, _ = cached_maps(test, "semi", normal, cache, name)
     regions, paths, truth = regions_for(test, found)
-    return {"name": f"generated-{product}", "regions": regions, "paths": paths, "truth": truth,
+    return {"name": name, "regions": regions, "paths": paths, "truth": truth,
             "normals": [str(s.image_path) for s in normal]}
 
 
@@ -240,6 +247,23 @@ def view_grid(task: dict, extractor: ViewExtractor) -> dict:
             "grid": grid, "chosen": chosen, "chosen_nmi": next(g["nmi"] for g in grid if g["weights"] == chosen),
             "best_nmi": max(g["nmi"] for g in grid), "picked": picked, "embedding": combine_views(vectors, picked)}
     return out
+
+
+def fresh_views(args: argparse.Namespace, extractor: ViewExtractor) -> dict:
+    """Part ``views_fresh``: ``view_grid`` on the draws of ``FRESH_NEU_SEEDS`` and ``FRESH_GENERATED_SEED``."""
+    with tempfile.TemporaryDirectory() as folder:
+        generate_dataset(Path(folder), n_images=960, seed=FRESH_GENERATED_SEED, products=GENERATED, progress=False)
+        tasks = [neu_task(args.neu, seed, args.cache) for seed in FRESH_NEU_SEEDS]
+        generated = [generated_task(Path(folder), product, args.cache, f"seed{FRESH_GENERATED_SEED}-")
+                     for product in GENERATED]
+        neu = read_dataset(args.neu, "neu", check=False).samples
+        found, _ = cached_maps(neu, "zero-shot", [], args.cache, "neu")
+        regions, paths, truth = regions_for(neu, found)
+        whole_neu = {"name": "neu-det-all", "regions": regions, "paths": paths, "truth": truth, "normals": []}
+        tasks += generated + [long_tailed(whole_neu, 10.0, seed, 150) for seed in FRESH_NEU_SEEDS]
+        tasks += [long_tailed(task, 5.0, FRESH_GENERATED_SEED, 44) for task in generated]
+        return {task["name"]: {kind: {k: v for k, v in entry.items() if k != "embedding"}
+                               for kind, entry in view_grid(task, extractor).items()} for task in tasks}
 
 
 def kmeans_scores(embedding: np.ndarray, k: int, regions, truth: dict) -> dict:
@@ -367,7 +391,10 @@ def main() -> None:
         generate_dataset(generated, n_images=960, seed=0, products=GENERATED, progress=False)
         result["protocol"] = {"neu": "NEU-DET, 50 images per class, seeds " + ", ".join(map(str, NEU_SEEDS))
                               + ", zero-shot maps", "generated": "adisc generate, 960 images, seed 0, PatchCore maps "
-                              "fitted on each product's train/good", "object_prior": "fallback"}
+                              "fitted on each product's train/good", "object_prior": "fallback",
+                              "fresh": "NEU-DET, 50 images per class, seeds " + ", ".join(map(str, FRESH_NEU_SEEDS))
+                              + f"; adisc generate, 960 images, seed {FRESH_GENERATED_SEED}; long-tailed draws of "
+                              "NEU-DET (the same seeds) and of the generated products"}
         tasks = [neu_task(args.neu, seed, args.cache) for seed in NEU_SEEDS]
         tasks += [generated_task(generated, product, args.cache) for product in GENERATED]
         extractor = ViewExtractor("mobilenet_v2")
@@ -381,6 +408,8 @@ def main() -> None:
                 counts += class_count_rows(task, grid["projected" if task["normals"] else "raw"]["embedding"], rng)
         if "views" in parts:
             result["views"] = views
+        if "views_fresh" in parts:
+            result["views_fresh"] = fresh_views(args, extractor)
         if "class_count" in parts:
             result["class_count"] = counts
         if "open_world" in parts:

@@ -282,6 +282,13 @@ def section_discovery_selection() -> str:
              ".10 NMI of the best weighting on every task.", "",
              table(["task", "views", "rule's pick", "its NMI", "best weighting", "best NMI", "gap"],
                    _view_rows(r["views"])), ""]
+    if r.get("views_fresh"):
+        gaps = [row[-1] for row in _view_rows(r["views_fresh"])]
+        lines += [f"**The view rule on fresh draws** ({protocol['fresh']}: draws no rule was chosen on; a report, not "
+                  f"a selection). The rule's pick is within .10 NMI of the best weighting on "
+                  f"{sum(gap <= .10 for gap in gaps)} of {len(gaps)}.", "",
+                  table(["task", "views", "rule's pick", "its NMI", "best weighting", "best NMI", "gap"],
+                        _view_rows(r["views_fresh"])), ""]
     if r.get("view_stability"):
         stability = r["view_stability"]
         cells = {(row["task"], row["n_init"], row["seed"]): f"{row['pick']} ({fmt(row['nmi'])})"
