@@ -86,7 +86,7 @@ import torch
 from anomaly_discovery.data import read_dataset
 from anomaly_discovery.data.synthetic import generate_dataset
 from anomaly_discovery.models.discovery.class_count import CONSENSUS, estimate_class_count
-from anomaly_discovery.models.discovery.config import DiscoveryConfig
+from anomaly_discovery.models.discovery.config import PROTOTYPE_INITS, DiscoveryConfig
 from anomaly_discovery.models.discovery.frozen import (WEIGHT_GRID, fit_projection, image_level, image_getter,
                                                        kmeans, region_images, select_view_weights)
 from anomaly_discovery.models.discovery.outliers import evaluate_outlier_scores, knn_distance_score
@@ -101,8 +101,10 @@ from mtd_discovery import cached_maps, regions_for, score
 from results_file import add_output_arguments, results_path, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULT_KEYS = ("machine", "protocol", "views", "views_fresh", "view_stability", "class_count", "class_count_long_tailed",
-               "open_world", "learned", "marginal", "adapter", "schedule", "prototype_init", "known_classes")
+RESULT_KEYS = ("machine", "protocol", "views", "views_fresh", "view_stability", "class_count",
+               "class_count_long_tailed", "open_world", "learned", "marginal", "adapter", "schedule", "prototype_init",
+               "known_classes")
+TAILED_PARTS = {"marginal", "adapter", "schedule", "prototype_init", "class_count_long_tailed", "view_stability"}
 OUTLIER_KS = (1, 5, 10)
 NEU_SEEDS = (0, 1, 2)
 FRESH_NEU_SEEDS = (3, 4, 5)
@@ -116,7 +118,7 @@ ADAPTER_WIDTHS = (0, 32, 128)
 VIEW_SEEDS = (0, 1, 2)
 VIEW_INITS = (4, 10)
 SCHEDULES = {"epochs 30": {}, "epochs 60": {"epochs": 60}, "epochs 30 + self-label 10": {"self_label_epochs": 10}}
-PROTOTYPE_STARTS = {"regions": {"prototype_init": "regions"}, "images": {"prototype_init": "images"}}
+PROTOTYPE_STARTS = {name: {"prototype_init": name} for name in PROTOTYPE_INITS}
 
 
 def neu_task(neu: Path, seed: int, cache: Path) -> dict:
@@ -249,17 +251,21 @@ def view_grid(task: dict, extractor: ViewExtractor) -> dict:
     return out
 
 
-def fresh_views(args: argparse.Namespace, extractor: ViewExtractor) -> dict:
+def whole_neu_task(neu: Path, cache: Path) -> dict:
+    """All 1,800 NEU-DET images (zero-shot maps), the source of the long-tailed draws."""
+    samples = read_dataset(neu, "neu", check=False).samples
+    found, _ = cached_maps(samples, "zero-shot", [], cache, "neu")
+    regions, paths, truth = regions_for(samples, found)
+    return {"name": "neu-det-all", "regions": regions, "paths": paths, "truth": truth, "normals": []}
+
+
+def fresh_views(args: argparse.Namespace, extractor: ViewExtractor, whole_neu: dict) -> dict:
     """Part ``views_fresh``: ``view_grid`` on the draws of ``FRESH_NEU_SEEDS`` and ``FRESH_GENERATED_SEED``."""
     with tempfile.TemporaryDirectory() as folder:
         generate_dataset(Path(folder), n_images=960, seed=FRESH_GENERATED_SEED, products=GENERATED, progress=False)
         tasks = [neu_task(args.neu, seed, args.cache) for seed in FRESH_NEU_SEEDS]
         generated = [generated_task(Path(folder), product, args.cache, f"seed{FRESH_GENERATED_SEED}-")
                      for product in GENERATED]
-        neu = read_dataset(args.neu, "neu", check=False).samples
-        found, _ = cached_maps(neu, "zero-shot", [], args.cache, "neu")
-        regions, paths, truth = regions_for(neu, found)
-        whole_neu = {"name": "neu-det-all", "regions": regions, "paths": paths, "truth": truth, "normals": []}
         tasks += generated + [long_tailed(whole_neu, 10.0, seed, 150) for seed in FRESH_NEU_SEEDS]
         tasks += [long_tailed(task, 5.0, FRESH_GENERATED_SEED, 44) for task in generated]
         return {task["name"]: {kind: {k: v for k, v in entry.items() if k != "embedding"}
@@ -408,8 +414,9 @@ def main() -> None:
                 counts += class_count_rows(task, grid["projected" if task["normals"] else "raw"]["embedding"], rng)
         if "views" in parts:
             result["views"] = views
+        whole_neu = whole_neu_task(args.neu, args.cache) if parts & (TAILED_PARTS | {"views_fresh"}) else None
         if "views_fresh" in parts:
-            result["views_fresh"] = fresh_views(args, extractor)
+            result["views_fresh"] = fresh_views(args, extractor, whole_neu)
         if "class_count" in parts:
             result["class_count"] = counts
         if "open_world" in parts:
@@ -425,11 +432,7 @@ def main() -> None:
         if "learned" in parts:
             result["learned"] = [row for task in tasks for row in learned_rows(task)]
             write(result, args)
-        if parts & {"marginal", "adapter", "schedule", "prototype_init", "class_count_long_tailed", "view_stability"}:
-            neu = read_dataset(args.neu, "neu", check=False).samples
-            found, _ = cached_maps(neu, "zero-shot", [], args.cache, "neu")
-            regions, paths, truth = regions_for(neu, found)
-            whole_neu = {"name": "neu-det-all", "regions": regions, "paths": paths, "truth": truth, "normals": []}
+        if parts & TAILED_PARTS:
             tailed = [long_tailed(whole_neu, 10.0, seed, 150) for seed in NEU_SEEDS]
             tailed += [long_tailed(task, 5.0, 0, 44) for task in tasks[len(NEU_SEEDS):]]
             small = [small_draw(task, 8) for task in tasks]

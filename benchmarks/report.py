@@ -211,6 +211,9 @@ def anomalib_setting_note() -> list[str]:
             "needs no selection, and keeps the map settings chosen here.", ""]
 
 
+VIEW_COLUMNS = ["task", "views", "rule's pick", "its NMI", "best weighting", "best NMI", "gap"]
+
+
 def _view_rows(views: dict) -> list[list]:
     rows = []
     for task, kinds in views.items():
@@ -280,14 +283,14 @@ def section_discovery_selection() -> str:
              "**View weights** (region : crop : image, K given; `projected` = the normal images' top 10 principal "
              "directions removed). The rule takes the weighting of highest cosine silhouette; it must land within "
              ".10 NMI of the best weighting on every task.", "",
-             table(["task", "views", "rule's pick", "its NMI", "best weighting", "best NMI", "gap"],
+             table(VIEW_COLUMNS,
                    _view_rows(r["views"])), ""]
     if r.get("views_fresh"):
         gaps = [row[-1] for row in _view_rows(r["views_fresh"])]
         lines += [f"**The view rule on fresh draws** ({protocol['fresh']}: draws no rule was chosen on; a report, not "
                   f"a selection). The rule's pick is within .10 NMI of the best weighting on "
                   f"{sum(gap <= .10 for gap in gaps)} of {len(gaps)}.", "",
-                  table(["task", "views", "rule's pick", "its NMI", "best weighting", "best NMI", "gap"],
+                  table(VIEW_COLUMNS,
                         _view_rows(r["views_fresh"])), ""]
     if r.get("view_stability"):
         stability = r["view_stability"]

@@ -210,9 +210,19 @@ def test_prototypes_over_images_fall_back_to_regions_below_k_images():
 
 
 def test_the_floor_starts_its_prototypes_over_images_when_asked(world):
+    """With a few regions repeated under one image, the two starts differ, and the floor's prototypes are the
+    centres over images when the setting asks for them."""
     regions, images, truth, _ = world
-    artifacts = train_discovery(DiscoveryConfig.of(kind="frozen", k=3, prototype_init="images", **SMALL), regions,
-                                images=images)
-    assert nmi(artifacts, truth) == pytest.approx(1.0)
+    repeated = list(regions) + [regions[0]] * 6
+    starts = {}
+    for over in ("regions", "images"):
+        artifacts = train_discovery(DiscoveryConfig.of(kind="frozen", k=3, prototype_init=over, **SMALL), repeated,
+                                    images=images)
+        assert nmi(artifacts, truth) == pytest.approx(1.0)
+        expected = initial_prototypes(artifacts.regions.embeddings, repeated, np.zeros(0, np.int64), 0, 3, seed=0,
+                                      over=over)
+        starts[over] = artifacts.predictor.prototypes.numpy()
+        assert np.allclose(starts[over], expected, atol=1e-5)
+    assert np.abs(starts["regions"] - starts["images"]).max() > 1e-3
     with pytest.raises(ValueError, match="prototype_init"):
         DiscoveryConfig.of(prototype_init="pixels")
