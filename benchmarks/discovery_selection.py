@@ -10,6 +10,18 @@ Rules, written down before the runs:
 * ``views_fresh``: the same grid and the rule's pick on draws no rule was chosen on, to show how far the rule
   carries (a report, not a selection): NEU-DET subsets of seeds 3–5, generated data of seed 1 (with and without the
   projection), and long-tailed draws of them (NEU-DET seeds 3–5, generated seed 1), as ``marginal`` draws them.
+* ``own_projection``: without normal images, should the run's own images stand in for them (their top 10
+  principal directions removed, ``ModelSettings.own_projection``)? On the ten tasks of ``marginal`` with the
+  generated tasks' normal images dropped, a scratch run (not kept) showed it destroys NEU-DET's classes (floor .85 →
+  .41: its defects cover the image) and mends the generated ones (bottle .02 → .69). Rule, written after that run
+  and before any fresh draw was read: project only when the run's whole images do not form K tight groups, the
+  cosine silhouette of their k-means partition (each depth centred and unit-normalised, joined) below .32, midway
+  between the generated tasks' highest (.30) and NEU-DET's lowest (.34) in that run. (A first rule, the projected
+  pick's silhouette at least half the unprojected one's, was dropped before any fresh draw was read: it failed a
+  long-tailed NEU-DET draw of the same tasks, .55.) The rule becomes the default (``auto``) if, on the fresh draws
+  of ``views_fresh`` without normal images, the floor's mean NMI (K given) beats ``never``'s by more than .01 and no
+  draw loses more than .05. This part reports the ten tasks, ``own_projection_fresh`` the fresh draws (and whether
+  the rule passed), the floor and the learned model each way.
 * ``view_stability``: the rule above picks its weighting from k-means partitions; with 4 starts per partition the
   seed flipped a near-tie on a long-tailed NEU-DET draw (image view at seed 0, region view at seeds 1 and 2: floor
   NMI .80 against .59). On the ten tasks of ``marginal``, K given, seeds 0, 1 and 2, the rule's pick and the
@@ -68,7 +80,8 @@ Rules, written down before the runs:
 ``--parts`` runs some parts; the others are kept from the results file as they are.
 
     .venv/bin/python benchmarks/discovery_selection.py [--parts views,views_fresh,view_stability,class_count,
-        class_count_long_tailed,open_world,learned,marginal,adapter,schedule,prototype_init,known_classes]
+        class_count_long_tailed,open_world,learned,marginal,adapter,schedule,prototype_init,own_projection,
+        own_projection_fresh,known_classes]
 """
 
 from __future__ import annotations
@@ -103,8 +116,9 @@ from results_file import add_output_arguments, results_path, write_results
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_KEYS = ("machine", "protocol", "views", "views_fresh", "view_stability", "class_count",
                "class_count_long_tailed", "open_world", "learned", "marginal", "adapter", "schedule", "prototype_init",
-               "known_classes")
-TAILED_PARTS = {"marginal", "adapter", "schedule", "prototype_init", "class_count_long_tailed", "view_stability"}
+               "own_projection", "own_projection_fresh", "known_classes")
+TAILED_PARTS = {"marginal", "adapter", "schedule", "prototype_init", "class_count_long_tailed", "view_stability",
+                "own_projection", "own_projection_fresh"}
 OUTLIER_KS = (1, 5, 10)
 NEU_SEEDS = (0, 1, 2)
 FRESH_NEU_SEEDS = (3, 4, 5)
@@ -119,6 +133,7 @@ VIEW_SEEDS = (0, 1, 2)
 VIEW_INITS = (4, 10)
 SCHEDULES = {"epochs 30": {}, "epochs 60": {"epochs": 60}, "epochs 30 + self-label 10": {"self_label_epochs": 10}}
 PROTOTYPE_STARTS = {name: {"prototype_init": name} for name in PROTOTYPE_INITS}
+OWN_PROJECTION_MODES = ("never", "auto")
 
 
 def neu_task(neu: Path, seed: int, cache: Path) -> dict:
@@ -259,17 +274,61 @@ def whole_neu_task(neu: Path, cache: Path) -> dict:
     return {"name": "neu-det-all", "regions": regions, "paths": paths, "truth": truth, "normals": []}
 
 
+def fresh_tasks(args: argparse.Namespace, folder: Path, whole_neu: dict) -> list[dict]:
+    """The draws of ``FRESH_NEU_SEEDS`` and ``FRESH_GENERATED_SEED`` (generated into ``folder``), long-tailed too."""
+    generate_dataset(folder, n_images=960, seed=FRESH_GENERATED_SEED, products=GENERATED, progress=False)
+    tasks = [neu_task(args.neu, seed, args.cache) for seed in FRESH_NEU_SEEDS]
+    generated = [generated_task(folder, product, args.cache, f"seed{FRESH_GENERATED_SEED}-") for product in GENERATED]
+    tasks += generated + [long_tailed(whole_neu, 10.0, seed, 150) for seed in FRESH_NEU_SEEDS]
+    return tasks + [long_tailed(task, 5.0, FRESH_GENERATED_SEED, 44) for task in generated]
+
+
 def fresh_views(args: argparse.Namespace, extractor: ViewExtractor, whole_neu: dict) -> dict:
-    """Part ``views_fresh``: ``view_grid`` on the draws of ``FRESH_NEU_SEEDS`` and ``FRESH_GENERATED_SEED``."""
+    """Part ``views_fresh``: ``view_grid`` on ``fresh_tasks``."""
     with tempfile.TemporaryDirectory() as folder:
-        generate_dataset(Path(folder), n_images=960, seed=FRESH_GENERATED_SEED, products=GENERATED, progress=False)
-        tasks = [neu_task(args.neu, seed, args.cache) for seed in FRESH_NEU_SEEDS]
-        generated = [generated_task(Path(folder), product, args.cache, f"seed{FRESH_GENERATED_SEED}-")
-                     for product in GENERATED]
-        tasks += generated + [long_tailed(whole_neu, 10.0, seed, 150) for seed in FRESH_NEU_SEEDS]
-        tasks += [long_tailed(task, 5.0, FRESH_GENERATED_SEED, 44) for task in generated]
         return {task["name"]: {kind: {k: v for k, v in entry.items() if k != "embedding"}
-                               for kind, entry in view_grid(task, extractor).items()} for task in tasks}
+                               for kind, entry in view_grid(task, extractor).items()}
+                for task in fresh_tasks(args, Path(folder), whole_neu)}
+
+
+def own_projection_rows(task: dict) -> list[dict]:
+    """The floor and the learned model (defaults), K given, without normal images, with ``own_projection`` never and
+    auto; where auto kept the views as they are (the floor's run says so), the learned model's auto row is its never
+    row (the same computation), marked ``same_as_never``."""
+    k_true = len(set(task["truth"].values()))
+    rows = []
+    for kind in ("frozen", "learned"):
+        for mode in OWN_PROJECTION_MODES:
+            floor_auto = next((r for r in rows if r["model"] == "frozen" and r["own_projection"] == "auto"), None)
+            if kind == "learned" and mode == "auto" and not floor_auto["projected"]:
+                rows.append(rows[-1] | {"own_projection": "auto", "same_as_never": True,
+                                        "own_images_silhouette": floor_auto["own_images_silhouette"]})
+                continue
+            config = DiscoveryConfig.of(kind=kind, k=k_true, progress=False, own_projection=mode)
+            artifacts = train_discovery(config, task["regions"], images=region_images(task["paths"]))
+            rows.append({"task": task["name"], "model": kind, "own_projection": mode,
+                         "projected": artifacts.metrics["nuisance_projection"] == "own images",
+                         "own_images_silhouette": artifacts.metrics["own_images_silhouette"],
+                         "same_as_never": False, **score(artifacts, task["truth"])})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def own_projection_summary(rows: list[dict]) -> dict:
+    """Mean NMI per model and mode, and the largest loss of auto against never per model."""
+    by = lambda model, mode: {r["task"]: r["nmi"] for r in rows  # noqa: E731
+                              if r["model"] == model and r["own_projection"] == mode}
+    out = {}
+    for model in ("frozen", "learned"):
+        never, auto = by(model, "never"), by(model, "auto")
+        out[model] = {"mean_nmi_never": float(np.mean(list(never.values()))),
+                      "mean_nmi_auto": float(np.mean(list(auto.values()))),
+                      "worst_change": float(min(auto[t] - never[t] for t in never))}
+    return out
+
+
+def without_normals(task: dict) -> dict:
+    return task | {"name": task["name"] + (" (no normal images)" if task["normals"] else ""), "normals": []}
 
 
 def kmeans_scores(embedding: np.ndarray, k: int, regions, truth: dict) -> dict:
@@ -483,6 +542,21 @@ def main() -> None:
                                         "mean_nmi": means | {"floor, images": floor_images(rows)},
                                         "small_set_mean_nmi": small_means | {"floor, images": floor_images(small_rows)},
                                         "chosen": chosen, "defaults": learned_defaults()}
+            write(result, args)
+        if "own_projection" in parts:
+            rows = [row for task in tasks + tailed for row in own_projection_rows(without_normals(task))]
+            result["own_projection"] = {"rows": rows, "summary": own_projection_summary(rows),
+                                        "defaults": learned_defaults()}
+            write(result, args)
+        if "own_projection_fresh" in parts:
+            with tempfile.TemporaryDirectory() as folder:
+                rows = [row for task in fresh_tasks(args, Path(folder), whole_neu)
+                        for row in own_projection_rows(without_normals(task))]
+            summary = own_projection_summary(rows)
+            result["own_projection_fresh"] = {
+                "rows": rows, "summary": summary, "defaults": learned_defaults(),
+                "passes": summary["frozen"]["mean_nmi_auto"] > summary["frozen"]["mean_nmi_never"] + 0.01
+                and summary["frozen"]["worst_change"] >= -0.05}
             write(result, args)
         if "known_classes" in parts:
             neu_base = neu_base_regions(args.neu, 30, seed=0, progress=False)

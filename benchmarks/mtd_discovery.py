@@ -16,7 +16,13 @@ the other classes' images; the held-out class's crops and the other classes' uns
 model's k-NN outlier score (cosine distance to the k-th nearest training crop); AUROC and FPR at 95% TPR with the
 unseen class as positives.
 
-    .venv/bin/python benchmarks/mtd_discovery.py [--parts mtd,neu,loco] [--threads 1]
+Without normal images (the zero-shot rows, NEU-DET) discovery may remove the run's own images' main variation
+(``own_projection``, chosen on NEU-DET and generated data). ``--own-projection never --tag NAME`` writes the rows
+without it to their own file, on the same cached maps, for the side-by-side comparison (the maps, and so every
+number here, move with the machine's floating point: compare runs on one machine).
+
+    .venv/bin/python benchmarks/mtd_discovery.py [--parts mtd,neu,loco] [--maps semi,zero-shot] [--threads 1]
+        [--own-projection auto|always|never --tag NAME]
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from anomaly_discovery.data import load_image, read_dataset
 from anomaly_discovery.models.detectors.mutual_scoring import MutualScoringDetector
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from anomaly_discovery.models.detectors.protocol import Detection
-from anomaly_discovery.models.discovery.config import DiscoveryConfig
+from anomaly_discovery.models.discovery.config import OWN_PROJECTIONS, DiscoveryConfig
 from anomaly_discovery.models.discovery.outliers import evaluate_outlier_scores, knn_distance_score
 from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
 from anomaly_discovery.models.discovery.views import ViewExtractor, image_features, unit_rows
@@ -102,13 +108,16 @@ def score(artifacts, truth: dict) -> dict:
     return {"nmi": report["nmi"], "ari": report["ari"], "f1": report["f1"], "k_true": report["n_classes_true"]}
 
 
-def discover(model: str, k, regions, paths: dict, truth: dict, normals: list[str]) -> tuple[dict, object]:
-    config = DiscoveryConfig.of(kind=model, k=k, progress=False)
+def discover(model: str, k, regions, paths: dict, truth: dict, normals: list[str], **settings) -> tuple[dict, object]:
+    config = DiscoveryConfig.of(kind=model, k=k, progress=False, **settings)
     start = time.perf_counter()
     artifacts = train_discovery(config, regions, images=paths, normal_images=normals)
     seconds = time.perf_counter() - start
     row = score(artifacts, truth) | {"k_estimated": artifacts.k, "train_s": round(seconds, 1),
-                                     "view_weights": artifacts.metrics["view_weights"], "n_regions": len(regions),
+                                     "view_weights": artifacts.metrics["view_weights"],
+                                     "nuisance_projection": artifacts.metrics["nuisance_projection"],
+                                     "own_images_silhouette": artifacts.metrics["own_images_silhouette"],
+                                     "n_regions": len(regions),
                                      "n_images": len(truth),
                                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     return row, artifacts
@@ -167,6 +176,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets" / "mtd")
     parser.add_argument("--neu", type=Path, default=ROOT.parent / "shared" / "datasets" / "neu-det")
     parser.add_argument("--parts", default="mtd,neu,loco", help="comma list of mtd, neu, loco")
+    parser.add_argument("--maps", default="semi,zero-shot", help="comma list of semi, zero-shot (parts mtd, loco)")
+    parser.add_argument("--own-projection", choices=OWN_PROJECTIONS, default=None,
+                        help="discovery's own_projection for every row (default: the product's); with --tag")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-discovery-maps"),
                         help="where each data set's anomaly maps are kept between runs")
@@ -180,14 +192,19 @@ def main() -> None:
     result["machine"] = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
                          "load_average": list(os.getloadavg()), "gpu": "none"}
     result["settings"] = {"detector_semi": "patchcore (defaults)", "detector_zero_shot": "mutual scoring (defaults)",
-                          "discovery": "DiscoveryConfig defaults; kind and k as each row says", "base": "none",
+                          "discovery": "DiscoveryConfig defaults; kind and k as each row says"
+                          + (f"; own_projection {args.own_projection}" if args.own_projection else ""), "base": "none",
                           "object_prior": "fallback"}
+    maps = [m for m in ("semi", "zero-shot") if m in args.maps.split(",")]
     rerun = {"neu-det" if part == "neu" else "mtd" for part in parts & {"mtd", "neu"}}
-    rows = [r for r in result.get("rows") or [] if ("neu-det" if r["protocol"] == "neu-det" else "mtd") not in rerun]
+    rows = [r for r in result.get("rows") or []
+            if not (r["protocol"] == "neu-det" and "neu-det" in rerun or r["protocol"] != "neu-det" and "mtd" in rerun
+                    and r["maps"] in maps)]
     samples = read_dataset(args.data, "mtd").samples
     normal_train = [s for s in samples if s.split == "train" and s.is_normal]
     all_test = protocol_samples(samples, "with-good-6")
-    for setting in ("semi", "zero-shot") if parts & {"mtd", "loco"} else ():
+    settings = {"own_projection": args.own_projection} if args.own_projection else {}
+    for setting in maps if parts & {"mtd", "loco"} else ():
         found, detect_seconds = cached_maps(all_test, setting, normal_train, args.cache, "mtd")
         by_path = dict(zip([s.image_path for s in all_test], found))
         normals = [str(s.image_path) for s in normal_train] if setting == "semi" else []
@@ -202,7 +219,7 @@ def main() -> None:
             for model in MODELS:
                 for k in ("given", "estimated"):
                     row, artifacts = discover(model, len(set(truth.values())) if k == "given" else "auto", regions,
-                                              paths, truth, normals)
+                                              paths, truth, normals, **settings)
                     rows.append({"model": model, "maps": setting, "protocol": protocol, "k": k} | row)
                     if model == "learned" and k == "estimated":
                         result.setdefault(setting, {})[protocol] = {
@@ -221,7 +238,7 @@ def main() -> None:
                     | whole_image_baseline(paths, truth, k_true) | {"k_estimated": k_true})
         for model in MODELS:
             for k in ("given", "estimated"):
-                row, _ = discover(model, k_true if k == "given" else "auto", regions, paths, truth, [])
+                row, _ = discover(model, k_true if k == "given" else "auto", regions, paths, truth, [], **settings)
                 rows.append({"model": model, "maps": "zero-shot", "protocol": "neu-det", "k": k} | row)
                 print(rows[-1], flush=True)
                 result["rows"] = rows

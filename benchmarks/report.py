@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from anomaly_discovery.models.discovery.config import ClassSettings, ModelSettings, OptimisationSettings
-from anomaly_discovery.models.discovery.frozen import VIEW_KMEANS_INITS
+from anomaly_discovery.models.discovery.frozen import OWN_PROJECTION_MAX_SILHOUETTE, VIEW_KMEANS_INITS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -264,6 +264,22 @@ def _setting_table(part: dict) -> str:
     return table(["task", "class sizes", *settings], rows)
 
 
+def _own_projection_rows(part: dict) -> list[list[str]]:
+    """Per task: the run's own images' silhouette, whether ``auto`` projected, and the floor's and the learned
+    model's NMI, never → auto."""
+    cell = {(row["task"], row["model"], row["own_projection"]): row for row in part["rows"]}
+    rows = []
+    for task in dict.fromkeys(row["task"] for row in part["rows"]):
+        auto = cell[(task, "frozen", "auto")]
+        rows.append([task, fmt(auto["own_images_silhouette"]), "projected" if auto["projected"] else "kept",
+                     *(f"{fmt(cell[(task, model, 'never')]['nmi'])} → {fmt(cell[(task, model, 'auto')]['nmi'])}"
+                       for model in ("frozen", "learned"))])
+    summary = part["summary"]
+    rows.append(["mean", "", "", *(f"{fmt(summary[m]['mean_nmi_never'])} → {fmt(summary[m]['mean_nmi_auto'])}"
+                                   for m in ("frozen", "learned"))])
+    return rows
+
+
 def _ran_on(defaults: dict) -> str:
     """The learned model's defaults a selection part ran on, in words."""
     return (f"run on the defaults then: `{defaults['marginal']}, mu {defaults['mu']:g}`, {defaults['epochs']} epochs"
@@ -367,6 +383,19 @@ def section_discovery_selection() -> str:
                   f"other columns the learned model; same tasks, K given, NMI; {_ran_on(start['defaults'])}). The rule "
                   f"takes `{start['chosen']}`; the product's default is `{ClassSettings().prototype_init}`.", "",
                   _setting_table(start), ""]
+    if r.get("own_projection"):
+        columns = ["task", "own images' silhouette", "auto", "floor NMI never → auto", "learned NMI never → auto"]
+        lines += ["**Without normal images: the run's own images in their place** (their top 10 principal directions "
+                  "removed when their k-means partition at K has a cosine silhouette below "
+                  f"{fmt(OWN_PROJECTION_MAX_SILHOUETTE, 2)}; the generated tasks' normal images dropped; K given; "
+                  f"{_ran_on(r['own_projection']['defaults'])}). The rule's tasks:", "",
+                  table(columns, _own_projection_rows(r["own_projection"])), ""]
+        fresh = r.get("own_projection_fresh")
+        if fresh:
+            lines += [f"Fresh draws ({protocol['fresh']}), the rule's test (the floor's mean NMI above `never`'s by "
+                      f"more than .01, no draw losing more than .05): {'passed' if fresh['passes'] else 'failed'}; the "
+                      f"product's default is `{ModelSettings().own_projection}`.", "",
+                      table(columns, _own_projection_rows(fresh)), ""]
     if r.get("known_classes"):
         none = {(row["task"], row["k"]): row for row in r["known_classes"] if row["base"] == "none"}
         rows = [[row["task"], row["base"], row["k"], f"{fmt(none[(row['task'], row['k'])]['nmi'])} → {fmt(row['nmi'])}",
@@ -401,8 +430,9 @@ def section_discovery() -> str:
     lines = [
         title, "",
         "Frozen = the training-free floor (views of each region by the frozen ImageNet MobileNetV2: mask-pooled "
-        "depths, the crop, the whole image; normal images' main variation removed when there are normal images; view weights "
-        "chosen by silhouette; k-means). Learned = AMGA pooling and cosine prototypes started at the floor and trained "
+        "depths, the crop, the whole image; normal images' main variation removed when there are normal images, else "
+        "the run's own images' unless they fall into K tight groups (`own_projection`); view weights chosen by "
+        "silhouette; k-means). Learned = AMGA pooling and cosine prototypes started at the floor and trained "
         "by neighbour consistency. Same regions, same K rule (the consensus of `class_count.py`), scored at the image "
         "level against the class folders, which only the scorer reads. Semi = PatchCore maps and the 761 normal "
         "training images; zero-shot = mutual-scoring maps and no normal image. No setting was chosen on MTD. "
@@ -413,6 +443,17 @@ def section_discovery() -> str:
                "K floor / learned (true)", "s floor / learned", "peak RSS MB"], pairs), "",
         f"The learned model is at least .05 above its floor in both NMI and F1 in {len(met)} of {len(pairs)} rows "
         "(the issue's must).", ""]
+    never = load("mtd_discovery.own-projection-never")
+    if never and never.get("rows"):
+        now = {(row["maps"], row["protocol"], row["k"], row["model"]): row for row in r["rows"]}
+        rows = [[row["protocol"], row["maps"], row["k"], row["model"],
+                 *(f"{fmt(row[m])} → {fmt(now[key][m])}" for m in ("nmi", "ari", "f1")),
+                 f"{row['k_estimated']} → {now[key]['k_estimated']}", now[key].get("nuisance_projection", "–")]
+                for row in never["rows"] if (key := (row["maps"], row["protocol"], row["k"], row["model"])) in now]
+        lines += ["Without normal images, with the run's own images' main variation removed or not (the same maps and "
+                  f"machine, {never['machine']['cpu']}: `--own-projection never` → the default):", "",
+                  table(["protocol", "maps", "K", "model", "NMI never → default", "ARI", "F1", "K", "removed"], rows),
+                  ""]
     if whole:
         w = whole[0]
         lines += [f"Whole-image k-means on the same NEU-DET images (final MobileNetV2 layer averaged over the 224 px "

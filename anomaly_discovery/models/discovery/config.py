@@ -27,6 +27,7 @@ from .network import DEFAULT_VIT
 RESULT_FIELDS = ("progress", "checkpoint_dir", "resume", "keep_checkpoints", "device")
 MODEL_KINDS = ("learned", "frozen", "transformer")
 PROTOTYPE_INITS = ("regions", "images")
+OWN_PROJECTIONS = ("auto", "always", "never")
 TRANSFORMER_FIELDS = frozenset({"backbone", "embed_dim", "depth", "attention_heads", "n_guided_blocks",
                                 "guided_pooling", "projection_hidden", "projection_dim", "n_heads"})
 
@@ -47,9 +48,9 @@ class ModelSettings:
     """The model. ``kind``:
 
     * ``"learned"`` (default): frozen views of each region (``views``: mask-pooled depths, crop, whole image; the
-      normal images' main variation removed; view weights chosen without labels), AMGA pooling and cosine
-      prototypes trained by neighbour consistency (``amga_pooling``, ``neighbour_consistency``); untrained it
-      equals ``"frozen"``.
+      normal images' main variation removed, or the run's own images' (``own_projection``); view weights chosen
+      without labels), AMGA pooling and cosine prototypes trained by neighbour consistency (``amga_pooling``,
+      ``neighbour_consistency``); untrained it equals ``"frozen"``.
     * ``"frozen"``: the same views clustered by k-means, no training: the floor every table shows.
     * ``"transformer"``: the earlier model, an AMGA transformer over a stride-16 CNN map trained from scratch
       (``network``, ``model``); saved models of it still load.
@@ -57,16 +58,19 @@ class ModelSettings:
     ``cnn`` is the frozen ImageNet backbone of every kind (MobileNetV2 beat EfficientNet-Lite0 on NEU-DET and
     generated data in the views' tests, .879 against .838 NMI on NEU-DET's whole images); ``view_size`` the side
     crops and images are read at, ``nuisance_components`` how many principal directions of the normal images are
-    removed (chosen on generated bottles: NMI .49 → .65 with 10), ``adapter_width`` the hidden width of the learned
-    model's zero-initialised residual adapter (0: none; widths 32 and 128 lost to none in
-    ``discovery_selection.py``'s part ``adapter``, on μ = 1: mean NMI .779 and .793 against .797). The transformer's
-    fields (``backbone`` to ``projection_dim``): ``depth`` 2 (was 4) was chosen on NEU-DET
+    removed (chosen on generated bottles: NMI .49 → .65 with 10), ``own_projection`` whether, without normal images,
+    the run's own images stand in for them (``frozen.own_image_projection``; ``auto``: only when those images do not
+    form K tight groups, chosen by ``discovery_selection.py``'s part ``own_projection``; ``always``; ``never``),
+    ``adapter_width`` the hidden width of the learned model's zero-initialised residual adapter (0: none; widths 32
+    and 128 lost to none in ``discovery_selection.py``'s part ``adapter``, on μ = 1: mean NMI .779 and .793 against
+    .797). The transformer's fields (``backbone`` to ``projection_dim``): ``depth`` 2 (was 4) was chosen on NEU-DET
     (benchmarks/discovery_selection.py), image_size 128 and embed_dim 192 on synthetic data."""
 
     kind: str = "learned"
     cnn: str = "mobilenet_v2"
     view_size: int = 224
     nuisance_components: int = 10
+    own_projection: str = "auto"
     adapter_width: int = 0
     temperature: float = 0.1
     backbone: str = "hybrid"
@@ -90,6 +94,7 @@ class ModelSettings:
         _check_choice(self, "kind", MODEL_KINDS)
         _check_choice(self, "backbone", ("hybrid", "vit"))
         _check_choice(self, "guidance", ("none", "hard", "amga"))
+        _check_choice(self, "own_projection", OWN_PROJECTIONS)
         _check_positive(self, "image_size", "n_heads", "depth", "view_size")
         for name in ("nuisance_components", "adapter_width"):
             if getattr(self, name) < 0:

@@ -3,7 +3,8 @@
 ``fit_view_discovery`` runs the whole method on the novel regions (and, optionally, labelled base regions):
 
 1. the views of every region (``views``), with the normal images' main variation removed when normal images are
-   given (``NuisanceProjection``);
+   given (``NuisanceProjection``), else that of the run's own images unless they fall into K tight groups
+   (``frozen.own_image_projection``; K given, or a first estimate on the equally weighted views);
 2. K: given, or estimated (``ClassSettings.k_method``, by default the consensus of ``class_count``) on the image
    level of the equally weighted views, then again on the chosen weighting;
 3. the view weights (``frozen.select_view_weights``: highest silhouette at K);
@@ -34,15 +35,15 @@ from .checkpoints import resume_history, save_checkpoint
 from .config import DiscoveryConfig
 from .data import split_base
 from .frozen import (ImageSource, estimate_k, fit_projection, image_getter, image_level, kmeans,
-                     select_view_weights)
+                     own_image_projection, select_view_weights)
 from .hooks import TrainHooks
 from .neighbour_consistency import (CachedViews, ConsistencySettings, build_optimizer, cache_views, cached_features,
                                     embed_cached, epoch_anchors, even_batch_size, mine_neighbours,
                                     neighbours_for_set, train_epoch)
 from .predict import DiscoveryArtifacts, assemble_artifacts
 from .selection import SCORE_METRIC, selection_score
-from .views import (VIEW_NAMES, ViewExtractor, combine_views, extract_region_features, image_features, unit_rows,
-                    view_vectors)
+from .views import (VIEW_NAMES, NuisanceProjection, ViewExtractor, combine_views, extract_region_features,
+                    image_features, unit_rows, view_vectors)
 
 EQUAL_WEIGHTS = {name: 1 / len(VIEW_NAMES) for name in VIEW_NAMES}
 
@@ -55,6 +56,25 @@ def region_image_vectors(extractor: ViewExtractor, regions: Sequence[Region], im
     vectors = image_features(extractor, (get(i) for i in image_ids), len(image_ids), size)[-1]
     row = {image_id: i for i, image_id in enumerate(image_ids)}
     return vectors[[row[r.image_id] for r in regions]]
+
+
+def own_projection_for(extractor: ViewExtractor, novel: Sequence[Region], images: Mapping[str, ImageSource],
+                       novel_vectors: dict[str, np.ndarray], config: DiscoveryConfig
+                       ) -> tuple[Optional[NuisanceProjection], Optional[float]]:
+    """``frozen.own_image_projection`` over the novel regions' whole images (each read once), at K given or, with
+    ``k="auto"``, at a first estimate on the equally weighted views."""
+    settings, classes, seed = config.model, config.classes, config.runtime.seed
+    if settings.own_projection == "never":
+        return None, None
+    image_ids = list(dict.fromkeys(r.image_id for r in novel))
+    get = image_getter(images)
+    depths = image_features(extractor, (get(i) for i in image_ids), len(image_ids), settings.view_size,
+                            progress=config.runtime.progress)
+    if settings.own_projection == "always":
+        return own_image_projection(depths, 0, seed, settings.nuisance_components, "always")  # K is not read
+    k = int(classes.k) if classes.k != "auto" else estimate_k(
+        combine_views(novel_vectors, EQUAL_WEIGHTS), novel, classes.k_max, classes.k_method, seed).k
+    return own_image_projection(depths, k, seed, settings.nuisance_components, "auto")
 
 
 def choose_k_and_weights(vectors: dict[str, np.ndarray], novel: Sequence[Region], config: DiscoveryConfig):
@@ -181,6 +201,12 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
                                            progress=runtime.progress)
     vectors = view_vectors(features, projection)
     n_novel, n_train = len(novel), len(novel) + len(base_train)
+    projected_by, own_silhouette = ("normal images" if projection is not None else "none"), None
+    if projection is None:
+        projection, own_silhouette = own_projection_for(extractor, novel, images,
+                                                        {v: x[:n_novel] for v, x in vectors.items()}, config)
+        if projection is not None:
+            projected_by, vectors = "own images", view_vectors(features, projection)
     k, estimate, weights, silhouettes = choose_k_and_weights({v: x[:n_novel] for v, x in vectors.items()}, novel,
                                                              config)
     floor = combine_views(vectors, weights)
@@ -212,6 +238,7 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
     val_scores = artifacts.metrics.pop("val_scores")
     artifacts.metrics |= scores(embeddings.float())
     artifacts.metrics |= {"view_weights": weights, "view_silhouettes": silhouettes, "n_novel": n_novel,
+                          "nuisance_projection": projected_by, "own_images_silhouette": own_silhouette,
                           "n_base_train": len(base_train), "n_base_val": len(base_val), "marginal_prior": prior,
                           "neighbours_mined": history[-1].get("neighbours_mined") if history else None,
                           "train_seconds": time.perf_counter() - started,

@@ -232,6 +232,19 @@ def build_base(config: DiscoverJobConfig) -> tuple[list[Region] | None, str]:
     return regions, f"{kind} ({len(regions)} crops, {len(classes)} classes: {', '.join(classes)})"
 
 
+def view_lines(metrics: dict) -> list[str]:
+    """What the view models chose without labels: the view weights and which variation they removed."""
+    if "view_weights" not in metrics:
+        return []
+    weights = ", ".join(f"{name} {w:.2f}" for name, w in metrics["view_weights"].items())
+    silhouette = metrics.get("own_images_silhouette")
+    measured = "" if silhouette is None else f" (their silhouette at K: {silhouette:.3f})"
+    removed = {"normal images": "the normal images' main variation removed",
+               "own images": f"no normal images: the run's own images' main variation removed{measured}",
+               "none": f"nothing removed{measured}"}[metrics["nuisance_projection"]]
+    return [f"views: {weights}; {removed}"]
+
+
 @dataclass
 class DiscoverSummary:
     config: DiscoverJobConfig
@@ -257,6 +270,7 @@ class DiscoverSummary:
                  + ("no training (frozen views)" if metrics.get("loss") is None else f"final loss {metrics['loss']:.3f}")
                  + (f", base validation accuracy {metrics['base_val_accuracy']:.3f}, outlier threshold "
                     f"{metrics['outlier_threshold']:.3f}" if "base_val_accuracy" in metrics else ""),
+                 *view_lines(metrics),
                  *metrics.get("notes", []),
                  "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()),
                  f"written to {self.config.out}"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
+from anomaly_discovery.models.discovery.frozen import OWN_PROJECTION_MAX_SILHOUETTE
 from anomaly_discovery.models.discovery.neighbour_consistency import (even_batch_size, mine_neighbours,
                                                                       neighbour_consistency_loss, neighbours_for_set)
 from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
@@ -149,6 +150,32 @@ def test_k_is_estimated_and_the_normal_images_shape_the_projection(world):
     assert set(votes) == {"gap_sphere", "eigengap", "prediction_strength"}
     assert int(np.median(list(votes.values()))) == artifacts.k
     assert any(artifacts.predictor.model.projection_components())
+
+
+@pytest.mark.parametrize("k", [3, "auto"])
+def test_without_normal_images_the_runs_own_images_may_stand_in_for_them(world, k):
+    """``always`` removes the run's own images' main directions, ``never`` none, ``auto`` as their silhouette at K
+    (given, or first estimated) says; normal images, when given, take precedence and nothing is measured."""
+    regions, images, _, normals = world
+    runs = {mode: train_discovery(DiscoveryConfig.of(kind="frozen", k=k, k_max=6, own_projection=mode, **SMALL),
+                                  regions, images=images) for mode in ("always", "never", "auto")}
+    assert runs["always"].metrics["nuisance_projection"] == "own images"
+    assert any(runs["always"].predictor.model.projection_components())
+    assert runs["never"].metrics["nuisance_projection"] == "none"
+    assert not any(runs["never"].predictor.model.projection_components())
+    assert runs["never"].metrics["own_images_silhouette"] is None
+    assert np.abs(runs["always"].regions.embeddings - runs["never"].regions.embeddings).max() > 1e-2
+    silhouette = runs["auto"].metrics["own_images_silhouette"]
+    projected = silhouette < OWN_PROJECTION_MAX_SILHOUETTE
+    assert runs["auto"].metrics["nuisance_projection"] == ("own images" if projected else "none")
+    assert np.allclose(runs["auto"].regions.embeddings, runs["always" if projected else "never"].regions.embeddings,
+                       atol=1e-5)
+    with_normals = train_discovery(DiscoveryConfig.of(kind="frozen", k=k, k_max=6, **SMALL), regions, images=images,
+                                   normal_images=normals)
+    assert with_normals.metrics["nuisance_projection"] == "normal images"
+    assert with_normals.metrics["own_images_silhouette"] is None
+    with pytest.raises(ValueError, match="own_projection"):
+        DiscoveryConfig.of(own_projection="sometimes")
 
 
 def test_view_models_refuse_to_run_without_the_whole_images(world):

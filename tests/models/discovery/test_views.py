@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from anomaly_discovery.models.discovery.amga import RegionGuidanceFactor
+from anomaly_discovery.models.discovery.frozen import OWN_PROJECTION_MAX_SILHOUETTE, own_image_projection
 from anomaly_discovery.models.features.backbones import build_backbone
 from anomaly_discovery.models.discovery.views import (REGION_TAPS, NuisanceProjection, ViewExtractor, combine_views,
                                                       extract_region_features, guided_pool, image_features,
@@ -48,6 +49,24 @@ def test_the_nuisance_projection_removes_the_normal_images_main_directions():
     projection = NuisanceProjection.fit([normal], n_components=1)
     cleaned = projection.remove(normal + 0.0, 0)
     assert np.abs(cleaned @ direction).max() < 0.5 and np.abs(normal @ direction).max() > 2
+
+
+def test_the_runs_own_images_are_projected_only_when_they_do_not_form_k_tight_groups():
+    """Tight groups of whole images are taken for the classes (kept), loose ones for nuisance (projected out)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 32)) * 5
+    tight = [np.repeat(centres, 20, axis=0) + rng.normal(size=(60, 32)) * 0.1]
+    loose = [rng.normal(size=(60, 32))]
+    kept, strength = own_image_projection(tight, 3, 0, 4, "auto")
+    assert kept is None and strength > OWN_PROJECTION_MAX_SILHOUETTE
+    projected, strength = own_image_projection(loose, 3, 0, 4, "auto")
+    assert strength < OWN_PROJECTION_MAX_SILHOUETTE and projected.components[0].shape == (4, 32)
+    centred = loose[0] - loose[0].mean(axis=0)
+    assert np.abs(projected.remove(loose[0], 0) @ projected.components[0].T).max() < 1e-4
+    assert np.abs(centred @ projected.components[0].T).max() > 1
+    always, unmeasured = own_image_projection(tight, 3, 0, 4, "always")
+    assert always is not None and unmeasured is None
+    assert own_image_projection(loose, 3, 0, 4, "never") == (None, None)
 
 
 def test_combined_views_are_unit_rows_whose_cosine_is_the_weighted_sum():

@@ -91,6 +91,11 @@ def test_discover_with_a_synthetic_base_and_k_auto(generated, detections, tmp_pa
     described = summary.describe()  # the estimate and each criterion's own K
     assert "estimated" in described and summary.artifacts.metrics["k_votes"]
     assert all(f"{name} {k}" in described for name, k in summary.artifacts.metrics["k_votes"].items())
+    projected_by = summary.artifacts.metrics["nuisance_projection"]  # and what the views removed, in words
+    assert "views: region " in described
+    assert {"normal images": "the normal images' main variation removed",
+            "own images": "the run's own images' main variation removed",
+            "none": "nothing removed"}[projected_by] in described
 
 
 def test_synthetic_base_refuses_the_product_being_discovered(generated):
