@@ -153,7 +153,7 @@ def test_k_is_estimated_and_the_normal_images_shape_the_projection(world):
 
 
 @pytest.mark.parametrize("k", [3, "auto"])
-def test_without_normal_images_the_runs_own_images_may_stand_in_for_them(world, k):
+def test_without_normal_images_the_runs_own_images_may_stand_in_for_them(world, k, tmp_path):
     """``always`` removes the run's own images' main directions, ``never`` none, ``auto`` as their silhouette at K
     (given, or first estimated) says; normal images, when given, take precedence and nothing is measured."""
     regions, images, _, normals = world
@@ -161,6 +161,9 @@ def test_without_normal_images_the_runs_own_images_may_stand_in_for_them(world, 
                                   regions, images=images) for mode in ("always", "never", "auto")}
     assert runs["always"].metrics["nuisance_projection"] == "own images"
     assert any(runs["always"].predictor.model.projection_components())
+    loaded = DiscoveryPredictor.load(runs["always"].predictor.save(tmp_path / "model"))  # new regions: same basis
+    assert np.allclose(predict_regions(loaded, regions[:4], images).embeddings,
+                       runs["always"].regions.embeddings[:4], atol=1e-4)
     assert runs["never"].metrics["nuisance_projection"] == "none"
     assert not any(runs["never"].predictor.model.projection_components())
     assert runs["never"].metrics["own_images_silhouette"] is None
