@@ -48,33 +48,37 @@ from .views import (VIEW_NAMES, NuisanceProjection, ViewExtractor, combine_views
 EQUAL_WEIGHTS = {name: 1 / len(VIEW_NAMES) for name in VIEW_NAMES}
 
 
+def region_image_depths(extractor: ViewExtractor, regions: Sequence[Region], images: Mapping[str, ImageSource],
+                        size: int, progress: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+    """The spatial means of every depth of the regions' whole images (each image read once, first-seen order) and
+    each region's row among them."""
+    image_ids = list(dict.fromkeys(r.image_id for r in regions))
+    get = image_getter(images)
+    depths = image_features(extractor, (get(i) for i in image_ids), len(image_ids), size, progress=progress)
+    row = {image_id: i for i, image_id in enumerate(image_ids)}
+    return depths, np.array([row[r.image_id] for r in regions], dtype=np.int64)
+
+
 def region_image_vectors(extractor: ViewExtractor, regions: Sequence[Region], images: Mapping[str, ImageSource],
                          size: int) -> np.ndarray:
     """The raw whole-image vector of every region's image (each image read once)."""
-    image_ids = list(dict.fromkeys(r.image_id for r in regions))
-    get = image_getter(images)
-    vectors = image_features(extractor, (get(i) for i in image_ids), len(image_ids), size)[-1]
-    row = {image_id: i for i, image_id in enumerate(image_ids)}
-    return vectors[[row[r.image_id] for r in regions]]
+    depths, rows = region_image_depths(extractor, regions, images, size)
+    return depths[-1][rows]
 
 
-def own_projection_for(extractor: ViewExtractor, novel: Sequence[Region], images: Mapping[str, ImageSource],
+def own_projection_for(novel_image_depths: list[np.ndarray], novel: Sequence[Region],
                        novel_vectors: dict[str, np.ndarray], config: DiscoveryConfig
                        ) -> tuple[Optional[NuisanceProjection], Optional[float]]:
-    """``frozen.own_image_projection`` over the novel regions' whole images (each read once), at K given or, with
-    ``k="auto"``, at a first estimate on the equally weighted views."""
+    """``frozen.own_image_projection`` over the novel regions' whole images (``region_image_depths``), at K given
+    or, with ``k="auto"``, at a first estimate on the equally weighted views."""
     settings, classes, seed = config.model, config.classes, config.runtime.seed
     if settings.own_projection == "never":
         return None, None
-    image_ids = list(dict.fromkeys(r.image_id for r in novel))
-    get = image_getter(images)
-    depths = image_features(extractor, (get(i) for i in image_ids), len(image_ids), settings.view_size,
-                            progress=config.runtime.progress)
-    if settings.own_projection == "always":
-        return own_image_projection(depths, 0, seed, settings.nuisance_components, "always")  # K is not read
+    if settings.own_projection == "always":  # K is not read
+        return own_image_projection(novel_image_depths, 0, seed, settings.nuisance_components, "always")
     k = int(classes.k) if classes.k != "auto" else estimate_k(
         combine_views(novel_vectors, EQUAL_WEIGHTS), novel, classes.k_max, classes.k_method, seed).k
-    return own_image_projection(depths, k, seed, settings.nuisance_components, "auto")
+    return own_image_projection(novel_image_depths, k, seed, settings.nuisance_components, "auto")
 
 
 def choose_k_and_weights(vectors: dict[str, np.ndarray], novel: Sequence[Region], config: DiscoveryConfig):
@@ -191,19 +195,20 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
     regions = list(novel) + base_train + base_val
     learns = settings.kind == "learned" and config.optimisation.epochs > 0
     cache = None
+    depths, image_rows = region_image_depths(extractor, regions, images, settings.view_size, runtime.progress)
     if learns:
-        cache = cache_views(extractor, regions, region_image_vectors(extractor, regions, images, settings.view_size),
-                            config.optimisation.consistency_views, settings.view_size, config.optimisation.augment,
-                            runtime.seed, progress=runtime.progress)
+        cache = cache_views(extractor, regions, depths[-1][image_rows], config.optimisation.consistency_views,
+                            settings.view_size, config.optimisation.augment, runtime.seed, progress=runtime.progress)
         features = cached_features(cache)
     else:
         features = extract_region_features(extractor, regions, image_getter(images), settings.view_size,
-                                           progress=runtime.progress)
+                                           progress=runtime.progress, whole=depths[-1][image_rows])
     vectors = view_vectors(features, projection)
     n_novel, n_train = len(novel), len(novel) + len(base_train)
     projected_by, own_silhouette = ("normal images" if projection is not None else "none"), None
     if projection is None:
-        projection, own_silhouette = own_projection_for(extractor, novel, images,
+        novel_images = np.unique(image_rows[:n_novel])  # the novel regions come first: their images too
+        projection, own_silhouette = own_projection_for([d[novel_images] for d in depths], novel,
                                                         {v: x[:n_novel] for v, x in vectors.items()}, config)
         if projection is not None:
             projected_by, vectors = "own images", view_vectors(features, projection)

@@ -109,9 +109,9 @@ def guided_pool(maps: torch.Tensor, anomaly: torch.Tensor, objects: torch.Tensor
 @torch.no_grad()
 def extract_region_features(extractor: ViewExtractor, regions: Sequence[Region],
                             load_image: Callable[[str], np.ndarray], size: int = 224, batch_size: int = 32,
-                            progress: bool = False) -> RegionFeatures:
+                            progress: bool = False, whole: Optional[np.ndarray] = None) -> RegionFeatures:
     """The three views of every region; ``load_image(image_id)`` gives a region's whole image (read once per
-    image)."""
+    image), unless ``whole`` already holds each region's raw image view (N×1280, as ``image_features`` gives it)."""
     guidance = RegionGuidanceFactor("amga", learnable=False)
     taps, crops = [], []
     for start in tqdm(range(0, len(regions), batch_size), desc="region views", disable=not progress):
@@ -121,12 +121,14 @@ def extract_region_features(extractor: ViewExtractor, regions: Sequence[Region],
         anomaly, objects = anomaly.float() / 255.0, objects.float() / 255.0
         taps.append([guided_pool(m, anomaly, objects, guidance).numpy() for m in maps])
         crops.append(maps[-1].mean((2, 3)).numpy())
-    image_ids = list(dict.fromkeys(r.image_id for r in regions))
-    whole = image_features(extractor, (load_image(i) for i in image_ids), len(image_ids), size, batch_size,
-                           progress)[-1]
-    row = {image_id: i for i, image_id in enumerate(image_ids)}
+    if whole is None:
+        image_ids = list(dict.fromkeys(r.image_id for r in regions))
+        means = image_features(extractor, (load_image(i) for i in image_ids), len(image_ids), size, batch_size,
+                               progress)[-1]
+        row = {image_id: i for i, image_id in enumerate(image_ids)}
+        whole = means[[row[r.image_id] for r in regions]]
     return RegionFeatures([np.concatenate([chunk[t] for chunk in taps]) for t in range(len(extractor.channels))],
-                          np.concatenate(crops), whole[[row[r.image_id] for r in regions]])
+                          np.concatenate(crops), whole)
 
 
 @torch.no_grad()

@@ -27,6 +27,9 @@ def test_every_region_gets_its_three_views_with_its_own_image(world, extractor):
     assert len(features.taps) == len(extractor.channels) and features.crop.shape == (12, 1280)
     whole = image_features(extractor, [images[r.image_id] for r in regions], 12, size=64)[-1]
     assert np.allclose(features.image, whole, atol=1e-5)
+    given = extract_region_features(extractor, regions, lambda image_id: pytest.fail("whole image read again"),
+                                    size=64, whole=whole)  # a caller that already has the image view passes it
+    assert given.image is whole and all(np.array_equal(a, b) for a, b in zip(given.taps, features.taps))
     vectors = view_vectors(features)
     assert all(np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5) for v in vectors.values())
 
