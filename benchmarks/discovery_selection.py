@@ -22,6 +22,22 @@ Rules, written down before the runs:
   of ``views_fresh`` without normal images, the floor's mean NMI (K given) beats ``never``'s by more than .01 and no
   draw loses more than .05. This part reports the ten tasks, ``own_projection_fresh`` the fresh draws (and whether
   the rule passed), the floor and the learned model each way.
+* ``own_projection_k_auto``: the same question with K estimated, where the rule above is asked at a first
+  estimate of K on the unprojected views. On the generated bottles without normal images that estimate lands on
+  the product's three variants, whose whole images are tight at three groups (silhouette .39 to .45), so nothing is
+  projected and the floor falls to NMI .01 (.65 when projected). Candidate, written after the own images'
+  silhouette at every K from 2 to 10 was read on the ten tasks of ``own_projection`` (NEU-DET's images stay tight
+  at many groups, .33 or more at 10; the generated ones fall apart, .27 or less) and before any fresh draw's
+  generated rows were read (the fresh NEU-DET subsets' were printed beside them): with K estimated, project when
+  the silhouette at 10 groups is below .30 (``TEN_GROUPS_RULE``). It replaces the product's rule if, on the fresh
+  draws of ``own_projection_fresh`` (part ``own_projection_k_auto_fresh``), the floor's mean NMI with K estimated
+  beats the product's rule's by more than .01 and no draw loses more than .05. Each task runs ``never`` and
+  ``always``; both rules' picks are read off the same runs. Result: failed (it mends the generated bottles, .01 →
+  .65 and .60 on the selection tasks, .01 → .28 on a fresh draw, but projects a long-tailed NEU-DET draw whose
+  images are .29 at 10 groups, .56 → .25, and a long-tailed metal plate, .75 → .56); the product keeps its rule.
+  Not tried further: the fall of the silhouette from the first estimate to 10 groups separates the bottles from
+  every other task here, but few tight groups of whole images are the classes themselves on a set of few diffuse
+  classes (three kinds of steel surface), and nothing label-free here tells them from a product's variants.
 * ``view_stability``: the rule above picks its weighting from k-means partitions; with 4 starts per partition the
   seed flipped a near-tie on a long-tailed NEU-DET draw (image view at seed 0, region view at seeds 1 and 2: floor
   NMI .80 against .59). On the ten tasks of ``marginal``, K given, seeds 0, 1 and 2, the rule's pick and the
@@ -81,7 +97,7 @@ Rules, written down before the runs:
 
     .venv/bin/python benchmarks/discovery_selection.py [--parts views,views_fresh,view_stability,class_count,
         class_count_long_tailed,open_world,learned,marginal,adapter,schedule,prototype_init,own_projection,
-        own_projection_fresh,known_classes]
+        own_projection_fresh,own_projection_k_auto,own_projection_k_auto_fresh,known_classes]
 """
 
 from __future__ import annotations
@@ -100,11 +116,13 @@ from anomaly_discovery.data import read_dataset
 from anomaly_discovery.data.synthetic import generate_dataset
 from anomaly_discovery.models.discovery.class_count import CONSENSUS, estimate_class_count
 from anomaly_discovery.models.discovery.config import PROTOTYPE_INITS, DiscoveryConfig
-from anomaly_discovery.models.discovery.frozen import (WEIGHT_GRID, fit_projection, image_level, image_getter,
-                                                       kmeans, region_images, select_view_weights)
+from anomaly_discovery.models.discovery.frozen import (OWN_PROJECTION_MAX_SILHOUETTE, WEIGHT_GRID, estimate_k,
+                                                       fit_projection, image_cluster_strength, image_getter,
+                                                       image_level, kmeans, region_images, select_view_weights)
 from anomaly_discovery.models.discovery.outliers import evaluate_outlier_scores, knn_distance_score
 from anomaly_discovery.models.discovery.predict import merge_images
 from anomaly_discovery.models.discovery.training import train_discovery
+from anomaly_discovery.models.discovery.view_discovery import EQUAL_WEIGHTS, region_image_depths
 from anomaly_discovery.models.discovery.views import (ViewExtractor, combine_views, extract_region_features,
                                                       unit_rows, view_vectors)
 from anomaly_discovery.models.metrics import clustering_report
@@ -116,9 +134,10 @@ from results_file import add_output_arguments, results_path, write_results
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_KEYS = ("machine", "protocol", "views", "views_fresh", "view_stability", "class_count",
                "class_count_long_tailed", "open_world", "learned", "marginal", "adapter", "schedule", "prototype_init",
-               "own_projection", "own_projection_fresh", "known_classes")
+               "own_projection", "own_projection_fresh", "own_projection_k_auto", "own_projection_k_auto_fresh",
+               "known_classes")
 TAILED_PARTS = {"marginal", "adapter", "schedule", "prototype_init", "class_count_long_tailed", "view_stability",
-                "own_projection", "own_projection_fresh"}
+                "own_projection", "own_projection_fresh", "own_projection_k_auto", "own_projection_k_auto_fresh"}
 OUTLIER_KS = (1, 5, 10)
 NEU_SEEDS = (0, 1, 2)
 FRESH_NEU_SEEDS = (3, 4, 5)
@@ -134,6 +153,7 @@ VIEW_INITS = (4, 10)
 SCHEDULES = {"epochs 30": {}, "epochs 60": {"epochs": 60}, "epochs 30 + self-label 10": {"self_label_epochs": 10}}
 PROTOTYPE_STARTS = {name: {"prototype_init": name} for name in PROTOTYPE_INITS}
 OWN_PROJECTION_MODES = ("never", "auto")
+TEN_GROUPS_RULE = (10, 0.30)  # part own_projection_k_auto's candidate: groups, highest silhouette that projects
 
 
 def neu_task(neu: Path, seed: int, cache: Path) -> dict:
@@ -324,6 +344,58 @@ def own_projection_summary(rows: list[dict]) -> dict:
         out[model] = {"mean_nmi_never": float(np.mean(list(never.values()))),
                       "mean_nmi_auto": float(np.mean(list(auto.values()))),
                       "worst_change": float(min(auto[t] - never[t] for t in never))}
+    return out
+
+
+def own_projection_k_auto_rows(task: dict, extractor: ViewExtractor) -> dict:
+    """Part ``own_projection_k_auto`` on one task without normal images, K estimated: the floor and the learned
+    model with the run's own images projected out (``always``) and not (``never``), and which of the two each rule
+    picks: the product's (the own images' silhouette at a first estimate of K on the unprojected, equally weighted
+    views, below ``OWN_PROJECTION_MAX_SILHOUETTE``) and the candidate's (at ``TEN_GROUPS_RULE``'s groups, below its
+    threshold)."""
+    defaults = DiscoveryConfig()
+    groups, threshold = TEN_GROUPS_RULE
+    images = region_images(task["paths"])
+    depths, image_rows = region_image_depths(extractor, task["regions"], images, defaults.model.view_size)
+    features = extract_region_features(extractor, task["regions"], image_getter(images), defaults.model.view_size,
+                                       whole=depths[-1][image_rows])
+    first = estimate_k(combine_views(view_vectors(features, None), EQUAL_WEIGHTS), task["regions"],
+                       defaults.classes.k_max, defaults.classes.k_method, defaults.runtime.seed).k
+    at_first = image_cluster_strength(depths, first, defaults.runtime.seed)
+    at_groups = image_cluster_strength(depths, groups, defaults.runtime.seed)
+    runs = []
+    for kind in ("frozen", "learned"):
+        for mode in ("never", "always"):
+            config = DiscoveryConfig.of(kind=kind, k="auto", progress=False, own_projection=mode)
+            artifacts = train_discovery(config, task["regions"], images=images)
+            runs.append({"model": kind, "own_projection": mode, "k_estimated": artifacts.k, **score(artifacts,
+                                                                                                    task["truth"])})
+    entry = {"task": task["name"], "k_true": len(set(task["truth"].values())), "first_estimate": first,
+             "silhouette_at_first_estimate": at_first, "groups": groups, "silhouette_at_groups": at_groups,
+             "candidate_threshold": threshold,
+             "projected": at_first < OWN_PROJECTION_MAX_SILHOUETTE, "projected_by_candidate": at_groups < threshold,
+             "runs": runs}
+    print(entry, flush=True)
+    return entry
+
+
+def own_projection_k_auto_summary(entries: list[dict]) -> dict:
+    """Mean NMI of the floor and the learned model under never, always, the product's rule and the candidate's, the
+    largest loss of the candidate against the product's rule per model, and the candidate's adoption test (on fresh
+    draws): the floor's mean NMI above the product's rule's by more than .01 and no draw losing more than .05."""
+    def nmi(entry: dict, model: str, projected: bool) -> float:
+        mode = "always" if projected else "never"
+        return next(r["nmi"] for r in entry["runs"] if r["model"] == model and r["own_projection"] == mode)
+
+    out = {}
+    for model in ("frozen", "learned"):
+        picks = {"never": [nmi(e, model, False) for e in entries], "always": [nmi(e, model, True) for e in entries],
+                 "product": [nmi(e, model, e["projected"]) for e in entries],
+                 "candidate": [nmi(e, model, e["projected_by_candidate"]) for e in entries]}
+        out[model] = {f"mean_nmi_{name}": float(np.mean(values)) for name, values in picks.items()}
+        out[model]["worst_change"] = float(min(np.subtract(picks["candidate"], picks["product"])))
+    out["passes"] = (out["frozen"]["mean_nmi_candidate"] > out["frozen"]["mean_nmi_product"] + 0.01
+                     and out["frozen"]["worst_change"] >= -0.05)
     return out
 
 
@@ -557,6 +629,19 @@ def main() -> None:
                 "rows": rows, "summary": summary, "defaults": learned_defaults(),
                 "passes": summary["frozen"]["mean_nmi_auto"] > summary["frozen"]["mean_nmi_never"] + 0.01
                 and summary["frozen"]["worst_change"] >= -0.05}
+            write(result, args)
+        if "own_projection_k_auto" in parts:
+            entries = [own_projection_k_auto_rows(without_normals(task), extractor) for task in tasks + tailed]
+            result["own_projection_k_auto"] = {"rows": entries, "summary": own_projection_k_auto_summary(entries),
+                                               "defaults": learned_defaults()}
+            write(result, args)
+        if "own_projection_k_auto_fresh" in parts:
+            with tempfile.TemporaryDirectory() as folder:
+                entries = [own_projection_k_auto_rows(without_normals(task), extractor)
+                           for task in fresh_tasks(args, Path(folder), whole_neu)]
+            result["own_projection_k_auto_fresh"] = {"rows": entries,
+                                                     "summary": own_projection_k_auto_summary(entries),
+                                                     "defaults": learned_defaults()}
             write(result, args)
         if "known_classes" in parts:
             neu_base = neu_base_regions(args.neu, 30, seed=0, progress=False)

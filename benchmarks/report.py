@@ -280,6 +280,31 @@ def _own_projection_rows(part: dict) -> list[list[str]]:
     return rows
 
 
+def _own_projection_k_auto_rows(part: dict) -> list[list[str]]:
+    """Per task, K estimated: the first estimate of K, the own images' silhouette there and at the candidate's
+    groups, what the product's rule and the candidate do, and the floor's and the learned model's NMI and K under
+    each."""
+    def run(entry: dict, model: str, projected: bool) -> dict:
+        mode = "always" if projected else "never"
+        return next(r for r in entry["runs"] if r["model"] == model and r["own_projection"] == mode)
+
+    verdict = {True: "projected", False: "kept"}
+    rows = []
+    for entry in part["rows"]:
+        product, candidate = entry["projected"], entry["projected_by_candidate"]
+        rows.append([entry["task"], f"{entry['first_estimate']} ({entry['k_true']})",
+                     f"{fmt(entry['silhouette_at_first_estimate'])} / {fmt(entry['silhouette_at_groups'])}",
+                     verdict[product], verdict[candidate],
+                     *(f"{fmt(run(entry, m, product)['nmi'])} → {fmt(run(entry, m, candidate)['nmi'])}"
+                       for m in ("frozen", "learned")),
+                     " → ".join(str(run(entry, "frozen", p)["k_estimated"]) for p in (product, candidate))])
+    summary = part["summary"]
+    means = (f"{fmt(summary[m]['mean_nmi_product'])} → {fmt(summary[m]['mean_nmi_candidate'])}"
+             for m in ("frozen", "learned"))
+    rows.append(["mean", "", "", "", "", *means, ""])
+    return rows
+
+
 def _ran_on(defaults: dict) -> str:
     """The learned model's defaults a selection part ran on, in words."""
     return (f"run on the defaults then: `{defaults['marginal']}, mu {defaults['mu']:g}`, {defaults['epochs']} epochs"
@@ -396,6 +421,22 @@ def section_discovery_selection() -> str:
                       f"more than .01, no draw losing more than .05): {'passed' if fresh['passes'] else 'failed'}; the "
                       f"product's default is `{ModelSettings().own_projection}`.", "",
                       table(columns, _own_projection_rows(fresh)), ""]
+    if r.get("own_projection_k_auto"):
+        part = r["own_projection_k_auto"]
+        groups, threshold = part["rows"][0]["groups"], part["rows"][0]["candidate_threshold"]
+        columns = ["task", "first K (true)", f"silhouette at it / at {groups}", "product's rule", "candidate",
+                   "floor NMI product → candidate", "learned NMI product → candidate", "floor K product → candidate"]
+        lines += ["**Without normal images, K estimated**: the product judges the own images at a first estimate of K "
+                  f"on the unprojected views (projected below a silhouette of {fmt(OWN_PROJECTION_MAX_SILHOUETTE, 2)}"
+                  f"); the candidate at {groups} groups (below {fmt(threshold, 2)}). The generated tasks' normal "
+                  f"images dropped; {_ran_on(part['defaults'])}. The rule's tasks:", "",
+                  table(columns, _own_projection_k_auto_rows(part)), ""]
+        fresh = r.get("own_projection_k_auto_fresh")
+        if fresh:
+            lines += [f"Fresh draws ({protocol['fresh']}), the candidate's test (the floor's mean NMI above the "
+                      "product's rule's by more than .01, no draw losing more than .05): "
+                      f"{'passed' if fresh['summary']['passes'] else 'failed: the product keeps its rule'}.", "",
+                      table(columns, _own_projection_k_auto_rows(fresh)), ""]
     if r.get("known_classes"):
         none = {(row["task"], row["k"]): row for row in r["known_classes"] if row["base"] == "none"}
         rows = [[row["task"], row["base"], row["k"], f"{fmt(none[(row['task'], row['k'])]['nmi'])} → {fmt(row['nmi'])}",

@@ -28,6 +28,13 @@ learned model's .63 → .75, no draw lower (``discovery_selection``'s parts ``ow
 ``own_projection_fresh``).
 It is a two-family rule: a data set whose whole images cluster by something other than the defect kind, with no
 normal images given, would be left unprojected; ``own_projection`` (``always`` / ``never``) overrides it.
+With K estimated the rule is asked at a first estimate of K on the unprojected views, and that is where it fails:
+the generated bottles' images fall into three tight groups (the product's variants), the estimate lands there, and
+nothing is projected (floor NMI .01 against .65 projected). Judging the images at 10 groups instead mended the
+bottles but projected a long-tailed NEU-DET draw (.56 → .25) and failed its test on fresh draws
+(``discovery_selection``'s part ``own_projection_k_auto``): a few tight groups of whole images may be a product's
+variants or a set's few diffuse defect kinds, and nothing label-free here tells them apart. ``adisc discover`` says
+so when it keeps them; K given, or ``own_projection: always``, settles it.
 """
 
 from __future__ import annotations

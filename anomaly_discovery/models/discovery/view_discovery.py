@@ -68,17 +68,20 @@ def region_image_vectors(extractor: ViewExtractor, regions: Sequence[Region], im
 
 def own_projection_for(novel_image_depths: list[np.ndarray], novel: Sequence[Region],
                        novel_vectors: dict[str, np.ndarray], config: DiscoveryConfig
-                       ) -> tuple[Optional[NuisanceProjection], Optional[float]]:
+                       ) -> tuple[Optional[NuisanceProjection], Optional[float], Optional[int]]:
     """``frozen.own_image_projection`` over the novel regions' whole images (``region_image_depths``), at K given
-    or, with ``k="auto"``, at a first estimate on the equally weighted views."""
+    or, with ``k="auto"``, at a first estimate on the equally weighted views; also the silhouette and the number of
+    groups it was measured at (None when not measured)."""
     settings, classes, seed = config.model, config.classes, config.runtime.seed
     if settings.own_projection == "never":
-        return None, None
+        return None, None, None
     if settings.own_projection == "always":  # K is not read
-        return own_image_projection(novel_image_depths, 0, seed, settings.nuisance_components, "always")
+        return *own_image_projection(novel_image_depths, 0, seed, settings.nuisance_components, "always"), None
     k = int(classes.k) if classes.k != "auto" else estimate_k(
         combine_views(novel_vectors, EQUAL_WEIGHTS), novel, classes.k_max, classes.k_method, seed).k
-    return own_image_projection(novel_image_depths, k, seed, settings.nuisance_components, "auto")
+    groups = min(k, len(novel_image_depths[0]) - 1)  # as image_cluster_strength caps it
+    projection, strength = own_image_projection(novel_image_depths, k, seed, settings.nuisance_components, "auto")
+    return projection, strength, (groups if strength is not None else None)
 
 
 def choose_k_and_weights(vectors: dict[str, np.ndarray], novel: Sequence[Region], config: DiscoveryConfig):
@@ -91,6 +94,15 @@ def choose_k_and_weights(vectors: dict[str, np.ndarray], novel: Sequence[Region]
     weights, scores = select_view_weights(vectors, max(2, provisional.k), seed)
     estimate = estimate_k(combine_views(vectors, weights), novel, classes.k_max, classes.k_method, seed)
     return estimate.k, estimate, weights, scores
+
+
+def check_novel_count(n_novel: int, k) -> None:
+    """The views are chosen and the floor fitted by clustering the novel regions (k-means, silhouettes): that needs
+    more regions than classes, and at least 3 with K estimated."""
+    needed = 3 if k == "auto" else int(k) + 1
+    if n_novel < needed:
+        hint = "detect on more images" + ("" if k == "auto" else " or give a smaller k")
+        raise ValueError(f"discovery with k={k} needs at least {needed} novel regions, got {n_novel}: {hint}")
 
 
 def initial_prototypes(embeddings: np.ndarray, novel: Sequence[Region], base_labels: np.ndarray,
@@ -186,6 +198,7 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
     """The whole method of the module docstring on ``novel`` (labels never read) and optional labelled ``base``
     regions; ``images`` maps every region's image id to its whole image (array or path)."""
     started = time.perf_counter()
+    check_novel_count(len(novel), config.classes.k)
     settings, runtime = config.model, config.runtime
     base_train, base_val = split_base(list(base), config.optimisation.base_val_fraction, runtime.seed)
     classes = sorted({r.class_name for r in base})
@@ -205,11 +218,11 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
                                            progress=runtime.progress, whole=depths[-1][image_rows])
     vectors = view_vectors(features, projection)
     n_novel, n_train = len(novel), len(novel) + len(base_train)
-    projected_by, own_silhouette = ("normal images" if projection is not None else "none"), None
+    projected_by, own_silhouette, own_groups = ("normal images" if projection is not None else "none"), None, None
     if projection is None:
         novel_images = np.unique(image_rows[:n_novel])  # the novel regions come first: their images too
-        projection, own_silhouette = own_projection_for([d[novel_images] for d in depths], novel,
-                                                        {v: x[:n_novel] for v, x in vectors.items()}, config)
+        projection, own_silhouette, own_groups = own_projection_for(
+            [d[novel_images] for d in depths], novel, {v: x[:n_novel] for v, x in vectors.items()}, config)
         if projection is not None:
             projected_by, vectors = "own images", view_vectors(features, projection)
     k, estimate, weights, silhouettes = choose_k_and_weights({v: x[:n_novel] for v, x in vectors.items()}, novel,
@@ -244,6 +257,7 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
     artifacts.metrics |= scores(embeddings.float())
     artifacts.metrics |= {"view_weights": weights, "view_silhouettes": silhouettes, "n_novel": n_novel,
                           "nuisance_projection": projected_by, "own_images_silhouette": own_silhouette,
+                          "own_images_groups": own_groups,
                           "n_base_train": len(base_train), "n_base_val": len(base_val), "marginal_prior": prior,
                           "neighbours_mined": history[-1].get("neighbours_mined") if history else None,
                           "train_seconds": time.perf_counter() - started,

@@ -238,10 +238,13 @@ def view_lines(metrics: dict) -> list[str]:
         return []
     weights = ", ".join(f"{name} {w:.2f}" for name, w in metrics["view_weights"].items())
     silhouette = metrics.get("own_images_silhouette")
-    measured = "" if silhouette is None else f" (their silhouette at K: {silhouette:.3f})"
+    measured = ("" if silhouette is None else
+                f" (their silhouette at {metrics.get('own_images_groups')} groups: {silhouette:.3f})")
+    kept = ("" if silhouette is None else "; the run's own images form tight groups, taken for defect kinds: if they "
+            "are the product's variants instead, give --k or `own_projection: always` in --config")
     removed = {"normal images": "the normal images' main variation removed",
                "own images": f"no normal images: the run's own images' main variation removed{measured}",
-               "none": f"nothing removed{measured}"}[metrics["nuisance_projection"]]
+               "none": f"nothing removed{measured}{kept}"}[metrics["nuisance_projection"]]
     return [f"views: {weights}; {removed}"]
 
 

@@ -166,10 +166,12 @@ def test_without_normal_images_the_runs_own_images_may_stand_in_for_them(world, 
                        runs["always"].regions.embeddings[:4], atol=1e-4)
     assert runs["never"].metrics["nuisance_projection"] == "none"
     assert not any(runs["never"].predictor.model.projection_components())
-    assert runs["never"].metrics["own_images_silhouette"] is None
+    assert runs["never"].metrics["own_images_silhouette"] is None and runs["never"].metrics["own_images_groups"] is None
     assert np.abs(runs["always"].regions.embeddings - runs["never"].regions.embeddings).max() > 1e-2
     silhouette = runs["auto"].metrics["own_images_silhouette"]
     projected = silhouette < OWN_PROJECTION_MAX_SILHOUETTE
+    groups = runs["auto"].metrics["own_images_groups"]  # K given, or the first estimate within the search range
+    assert (groups == 3) if k == 3 else (2 <= groups <= 6)
     assert runs["auto"].metrics["nuisance_projection"] == ("own images" if projected else "none")
     assert np.allclose(runs["auto"].regions.embeddings, runs["always" if projected else "never"].regions.embeddings,
                        atol=1e-5)
@@ -179,6 +181,16 @@ def test_without_normal_images_the_runs_own_images_may_stand_in_for_them(world, 
     assert with_normals.metrics["own_images_silhouette"] is None
     with pytest.raises(ValueError, match="own_projection"):
         DiscoveryConfig.of(own_projection="sometimes")
+
+
+@pytest.mark.parametrize("kind", ["frozen", "learned"])
+def test_too_few_regions_for_k_are_refused_naming_the_count(world, kind):
+    regions, images, _, _ = world
+    with pytest.raises(ValueError, match="k=auto needs at least 3 novel regions, got 2: detect on more images"):
+        train_discovery(DiscoveryConfig.of(kind=kind, k="auto", **SMALL), regions[:2], images=images)
+    with pytest.raises(ValueError, match="k=3 needs at least 4 novel regions, got 3: .* or give a smaller k"):
+        train_discovery(DiscoveryConfig.of(kind=kind, k=3, **SMALL), regions[:3], images=images)
+    assert train_discovery(DiscoveryConfig.of(kind=kind, k="auto", epochs=1, **SMALL), regions[:3], images=images).k
 
 
 def test_view_models_refuse_to_run_without_the_whole_images(world):

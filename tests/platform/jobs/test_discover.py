@@ -9,7 +9,8 @@ from anomaly_discovery.models.discovery.config import DiscoveryConfig
 from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
 from anomaly_discovery.platform.jobs.detect import DetectConfig, run_detect
 from anomaly_discovery.platform.jobs.discover import (DiscoverJobConfig, neu_base_regions, parse_base, parse_k,
-                                                      regions_from_detect_output, run_discover, synthetic_base_regions)
+                                                      regions_from_detect_output, run_discover, synthetic_base_regions,
+                                                      view_lines)
 from anomaly_discovery.platform.jobs.evaluate import evaluate_output
 from tests.conftest import shared_dataset
 
@@ -96,6 +97,20 @@ def test_discover_with_a_synthetic_base_and_k_auto(generated, detections, tmp_pa
     assert {"normal images": "the normal images' main variation removed",
             "own images": "the run's own images' main variation removed",
             "none": "nothing removed"}[projected_by] in described
+
+
+def test_the_views_line_names_what_was_removed_and_at_how_many_groups_the_own_images_were_judged():
+    weights = {"view_weights": {"region": 1.0, "crop": 0.0, "image": 0.0}}
+    projected = weights | {"nuisance_projection": "own images", "own_images_silhouette": 0.21, "own_images_groups": 4}
+    assert view_lines(projected) == ["views: region 1.00, crop 0.00, image 0.00; no normal images: the run's own "
+                                     "images' main variation removed (their silhouette at 4 groups: 0.210)"]
+    kept = weights | {"nuisance_projection": "none", "own_images_silhouette": 0.4, "own_images_groups": 6}
+    assert "; nothing removed (their silhouette at 6 groups: 0.400); the run's own images form tight groups" in (
+        view_lines(kept)[0])
+    assert "give --k or `own_projection: always` in --config" in view_lines(kept)[0]
+    normals = weights | {"nuisance_projection": "normal images", "own_images_silhouette": None}
+    assert view_lines(normals)[0].endswith("; the normal images' main variation removed")
+    assert view_lines({"nuisance_projection": "none"}) == []
 
 
 def test_synthetic_base_refuses_the_product_being_discovered(generated):
