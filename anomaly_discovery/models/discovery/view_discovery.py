@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from ..localisation.regions import Region
 from .amga_pooling import ViewDiscoveryModel
 from .checkpoints import resume_history, save_checkpoint
+from .class_count import ClassCountEstimate
 from .config import DiscoveryConfig
 from .data import split_base
 from .frozen import (ImageSource, estimate_k, fit_projection, image_getter, image_level, kmeans,
@@ -66,31 +68,46 @@ def region_image_vectors(extractor: ViewExtractor, regions: Sequence[Region], im
     return depths[-1][rows]
 
 
+@dataclass
+class OwnProjection:
+    """What ``own_projection_for`` decided: the projection (None: kept, or not asked for), the own images' silhouette
+    and the number of groups it was measured at (None when not measured), and, with K estimated, the first estimate
+    it was judged at (computed on the views as they are: step 2 starts from it when nothing was projected)."""
+
+    projection: Optional[NuisanceProjection] = None
+    silhouette: Optional[float] = None
+    groups: Optional[int] = None
+    first_estimate: Optional[ClassCountEstimate] = None
+
+
 def own_projection_for(novel_image_depths: list[np.ndarray], novel: Sequence[Region],
-                       novel_vectors: dict[str, np.ndarray], config: DiscoveryConfig
-                       ) -> tuple[Optional[NuisanceProjection], Optional[float], Optional[int]]:
+                       novel_vectors: dict[str, np.ndarray], config: DiscoveryConfig) -> OwnProjection:
     """``frozen.own_image_projection`` over the novel regions' whole images (``region_image_depths``), at K given
-    or, with ``k="auto"``, at a first estimate on the equally weighted views; also the silhouette and the number of
-    groups it was measured at (None when not measured)."""
+    or, with ``k="auto"``, at a first estimate on the equally weighted views."""
     settings, classes, seed = config.model, config.classes, config.runtime.seed
     if settings.own_projection == "never":
-        return None, None, None
+        return OwnProjection()
     if settings.own_projection == "always":  # K is not read
-        return *own_image_projection(novel_image_depths, 0, seed, settings.nuisance_components, "always"), None
-    k = int(classes.k) if classes.k != "auto" else estimate_k(
-        combine_views(novel_vectors, EQUAL_WEIGHTS), novel, classes.k_max, classes.k_method, seed).k
-    groups = min(k, len(novel_image_depths[0]) - 1)  # as image_cluster_strength caps it
+        projection, _ = own_image_projection(novel_image_depths, 0, seed, settings.nuisance_components, "always")
+        return OwnProjection(projection)
+    first = None if classes.k != "auto" else estimate_k(
+        combine_views(novel_vectors, EQUAL_WEIGHTS), novel, classes.k_max, classes.k_method, seed)
+    k = int(classes.k) if first is None else first.k
     projection, strength = own_image_projection(novel_image_depths, k, seed, settings.nuisance_components, "auto")
-    return projection, strength, (groups if strength is not None else None)
+    groups = min(k, len(novel_image_depths[0]) - 1) if strength is not None else None  # image_cluster_strength's cap
+    return OwnProjection(projection, strength, groups, first)
 
 
-def choose_k_and_weights(vectors: dict[str, np.ndarray], novel: Sequence[Region], config: DiscoveryConfig):
-    """(K, the class-count estimate or None, the view weights and their silhouettes) for the novel regions."""
+def choose_k_and_weights(vectors: dict[str, np.ndarray], novel: Sequence[Region], config: DiscoveryConfig,
+                         first_estimate: Optional[ClassCountEstimate] = None):
+    """(K, the class-count estimate or None, the view weights and their silhouettes) for the novel regions;
+    ``first_estimate``: the estimate on these equally weighted views when already made (``own_projection_for``)."""
     classes, seed = config.classes, config.runtime.seed
     if classes.k != "auto":
         weights, scores = select_view_weights(vectors, int(classes.k), seed)
         return int(classes.k), None, weights, scores
-    provisional = estimate_k(combine_views(vectors, EQUAL_WEIGHTS), novel, classes.k_max, classes.k_method, seed)
+    provisional = first_estimate or estimate_k(combine_views(vectors, EQUAL_WEIGHTS), novel, classes.k_max,
+                                               classes.k_method, seed)
     weights, scores = select_view_weights(vectors, max(2, provisional.k), seed)
     estimate = estimate_k(combine_views(vectors, weights), novel, classes.k_max, classes.k_method, seed)
     return estimate.k, estimate, weights, scores
@@ -218,15 +235,16 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
                                            progress=runtime.progress, whole=depths[-1][image_rows])
     vectors = view_vectors(features, projection)
     n_novel, n_train = len(novel), len(novel) + len(base_train)
-    projected_by, own_silhouette, own_groups = ("normal images" if projection is not None else "none"), None, None
+    projected_by, own = ("normal images" if projection is not None else "none"), OwnProjection()
     if projection is None:
         novel_images = np.unique(image_rows[:n_novel])  # the novel regions come first: their images too
-        projection, own_silhouette, own_groups = own_projection_for(
-            [d[novel_images] for d in depths], novel, {v: x[:n_novel] for v, x in vectors.items()}, config)
-        if projection is not None:
-            projected_by, vectors = "own images", view_vectors(features, projection)
+        own = own_projection_for([d[novel_images] for d in depths], novel,
+                                 {v: x[:n_novel] for v, x in vectors.items()}, config)
+        if own.projection is not None:
+            projection, projected_by, vectors = own.projection, "own images", view_vectors(features, own.projection)
     k, estimate, weights, silhouettes = choose_k_and_weights({v: x[:n_novel] for v, x in vectors.items()}, novel,
-                                                             config)
+                                                             config, own.first_estimate if own.projection is None
+                                                             else None)
     floor = combine_views(vectors, weights)
     base_labels = np.array([classes.index(r.class_name) for r in base_train], dtype=np.int64)
     with torch.random.fork_rng(devices=[]):  # the attention keys' (and adapter's) initial weights follow the seed
@@ -256,8 +274,8 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
     val_scores = artifacts.metrics.pop("val_scores")
     artifacts.metrics |= scores(embeddings.float())
     artifacts.metrics |= {"view_weights": weights, "view_silhouettes": silhouettes, "n_novel": n_novel,
-                          "nuisance_projection": projected_by, "own_images_silhouette": own_silhouette,
-                          "own_images_groups": own_groups,
+                          "nuisance_projection": projected_by, "own_images_silhouette": own.silhouette,
+                          "own_images_groups": own.groups,
                           "n_base_train": len(base_train), "n_base_val": len(base_val), "marginal_prior": prior,
                           "neighbours_mined": history[-1].get("neighbours_mined") if history else None,
                           "train_seconds": time.perf_counter() - started,

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
-from anomaly_discovery.models.discovery.frozen import OWN_PROJECTION_MAX_SILHOUETTE
+from anomaly_discovery.models.discovery.frozen import OWN_PROJECTION_MAX_SILHOUETTE, estimate_k
 from anomaly_discovery.models.discovery.neighbour_consistency import (even_batch_size, mine_neighbours,
                                                                       neighbour_consistency_loss, neighbours_for_set)
 from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
 from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
+from anomaly_discovery.models.discovery import view_discovery
 from anomaly_discovery.models.discovery.view_discovery import initial_prototypes
 from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.models.localisation.regions import Region, crop_region
@@ -181,6 +182,18 @@ def test_without_normal_images_the_runs_own_images_may_stand_in_for_them(world, 
     assert with_normals.metrics["own_images_silhouette"] is None
     with pytest.raises(ValueError, match="own_projection"):
         DiscoveryConfig.of(own_projection="sometimes")
+
+
+def test_k_is_first_estimated_once_when_the_own_images_are_kept(world, monkeypatch):
+    """With K estimated, the own-image rule's first estimate is the views' first estimate when nothing is projected
+    (the same points): two estimates in all (first, and on the chosen weighting), not three; the world's images are
+    three tight colour groups, so they are kept."""
+    regions, images, _, _ = world
+    calls = []
+    monkeypatch.setattr(view_discovery, "estimate_k", lambda *a, **kw: calls.append(1) or estimate_k(*a, **kw))
+    run = train_discovery(DiscoveryConfig.of(kind="frozen", k="auto", k_max=6, **SMALL), regions, images=images)
+    assert run.metrics["nuisance_projection"] == "none" and run.metrics["own_images_silhouette"] is not None
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("kind", ["frozen", "learned"])
