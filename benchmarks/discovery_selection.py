@@ -116,13 +116,13 @@ from anomaly_discovery.data import read_dataset
 from anomaly_discovery.data.synthetic import generate_dataset
 from anomaly_discovery.models.discovery.class_count import CONSENSUS, estimate_class_count
 from anomaly_discovery.models.discovery.config import PROTOTYPE_INITS, DiscoveryConfig
-from anomaly_discovery.models.discovery.frozen import (OWN_PROJECTION_MAX_SILHOUETTE, WEIGHT_GRID, estimate_k,
-                                                       fit_projection, image_cluster_strength, image_getter,
-                                                       image_level, kmeans, region_images, select_view_weights)
+from anomaly_discovery.models.discovery.frozen import (WEIGHT_GRID, fit_projection, image_cluster_strength,
+                                                       image_getter, image_level, kmeans, region_images,
+                                                       select_view_weights)
 from anomaly_discovery.models.discovery.outliers import evaluate_outlier_scores, knn_distance_score
 from anomaly_discovery.models.discovery.predict import merge_images
 from anomaly_discovery.models.discovery.training import train_discovery
-from anomaly_discovery.models.discovery.view_discovery import EQUAL_WEIGHTS, region_image_depths
+from anomaly_discovery.models.discovery.view_discovery import own_projection_for, region_image_depths
 from anomaly_discovery.models.discovery.views import (ViewExtractor, combine_views, extract_region_features,
                                                       unit_rows, view_vectors)
 from anomaly_discovery.models.metrics import clustering_report
@@ -350,19 +350,17 @@ def own_projection_summary(rows: list[dict]) -> dict:
 def own_projection_k_auto_rows(task: dict, extractor: ViewExtractor) -> dict:
     """Part ``own_projection_k_auto`` on one task without normal images, K estimated: the floor and the learned
     model with the run's own images projected out (``always``) and not (``never``), and which of the two each rule
-    picks: the product's (the own images' silhouette at a first estimate of K on the unprojected, equally weighted
-    views, below ``OWN_PROJECTION_MAX_SILHOUETTE``) and the candidate's (at ``TEN_GROUPS_RULE``'s groups, below its
+    picks: the product's (``own_projection_for`` with K estimated: the own images' silhouette at a first estimate of
+    K on the unprojected, equally weighted views) and the candidate's (at ``TEN_GROUPS_RULE``'s groups, below its
     threshold)."""
-    defaults = DiscoveryConfig()
+    estimated = DiscoveryConfig.of(k="auto")
     groups, threshold = TEN_GROUPS_RULE
     images = region_images(task["paths"])
-    depths, image_rows = region_image_depths(extractor, task["regions"], images, defaults.model.view_size)
-    features = extract_region_features(extractor, task["regions"], image_getter(images), defaults.model.view_size,
+    depths, image_rows = region_image_depths(extractor, task["regions"], images, estimated.model.view_size)
+    features = extract_region_features(extractor, task["regions"], image_getter(images), estimated.model.view_size,
                                        whole=depths[-1][image_rows])
-    first = estimate_k(combine_views(view_vectors(features, None), EQUAL_WEIGHTS), task["regions"],
-                       defaults.classes.k_max, defaults.classes.k_method, defaults.runtime.seed).k
-    at_first = image_cluster_strength(depths, first, defaults.runtime.seed)
-    at_groups = image_cluster_strength(depths, groups, defaults.runtime.seed)
+    product = own_projection_for(depths, task["regions"], view_vectors(features, None), estimated)
+    at_groups = image_cluster_strength(depths, groups, estimated.runtime.seed)
     runs = []
     for kind in ("frozen", "learned"):
         for mode in ("never", "always"):
@@ -370,10 +368,10 @@ def own_projection_k_auto_rows(task: dict, extractor: ViewExtractor) -> dict:
             artifacts = train_discovery(config, task["regions"], images=images)
             runs.append({"model": kind, "own_projection": mode, "k_estimated": artifacts.k, **score(artifacts,
                                                                                                     task["truth"])})
-    entry = {"task": task["name"], "k_true": len(set(task["truth"].values())), "first_estimate": first,
-             "silhouette_at_first_estimate": at_first, "groups": groups, "silhouette_at_groups": at_groups,
-             "candidate_threshold": threshold,
-             "projected": at_first < OWN_PROJECTION_MAX_SILHOUETTE, "projected_by_candidate": at_groups < threshold,
+    entry = {"task": task["name"], "k_true": len(set(task["truth"].values())),
+             "first_estimate": product.first_estimate.k, "silhouette_at_first_estimate": product.silhouette,
+             "groups": groups, "silhouette_at_groups": at_groups, "candidate_threshold": threshold,
+             "projected": product.projection is not None, "projected_by_candidate": at_groups < threshold,
              "runs": runs}
     print(entry, flush=True)
     return entry

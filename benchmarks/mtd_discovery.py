@@ -197,9 +197,11 @@ def main() -> None:
                           "object_prior": "fallback"}
     maps = [m for m in ("semi", "zero-shot") if m in args.maps.split(",")]
     rerun = {"neu-det" if part == "neu" else "mtd" for part in parts & {"mtd", "neu"}}
-    rows = [r for r in result.get("rows") or []
-            if not (r["protocol"] == "neu-det" and "neu-det" in rerun or r["protocol"] != "neu-det" and "mtd" in rerun
-                    and r["maps"] in maps)]
+
+    def recomputed(row: dict) -> bool:  # a row this run writes again (the others are kept as the file holds them)
+        return "neu-det" in rerun if row["protocol"] == "neu-det" else "mtd" in rerun and row["maps"] in maps
+
+    rows = [r for r in result.get("rows") or [] if not recomputed(r)]
     samples = read_dataset(args.data, "mtd").samples
     normal_train = [s for s in samples if s.split == "train" and s.is_normal]
     all_test = protocol_samples(samples, "with-good-6")

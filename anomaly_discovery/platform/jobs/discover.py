@@ -232,8 +232,9 @@ def build_base(config: DiscoverJobConfig) -> tuple[list[Region] | None, str]:
     return regions, f"{kind} ({len(regions)} crops, {len(classes)} classes: {', '.join(classes)})"
 
 
-def view_lines(metrics: dict) -> list[str]:
-    """What the view models chose without labels: the view weights and which variation they removed."""
+def view_lines(metrics: dict, k_estimated: bool = False) -> list[str]:
+    """What the view models chose without labels: the view weights and which variation they removed (and, when the
+    run's own images were kept as defect kinds, how to say they are a product's variants)."""
     if "view_weights" not in metrics:
         return []
     weights = ", ".join(f"{name} {w:.2f}" for name, w in metrics["view_weights"].items())
@@ -241,7 +242,8 @@ def view_lines(metrics: dict) -> list[str]:
     measured = ("" if silhouette is None else
                 f" (their silhouette at {metrics.get('own_images_groups')} groups: {silhouette:.3f})")
     kept = ("" if silhouette is None else "; the run's own images form tight groups, taken for defect kinds: if they "
-            "are the product's variants instead, give --k or `own_projection: always` in --config")
+            "are the product's variants instead, set `own_projection: always` in --config"
+            + (" or give --k" if k_estimated else ""))
     removed = {"normal images": "the normal images' main variation removed",
                "own images": f"no normal images: the run's own images' main variation removed{measured}",
                "none": f"nothing removed{measured}{kept}"}[metrics["nuisance_projection"]]
@@ -273,7 +275,7 @@ class DiscoverSummary:
                  + ("no training (frozen views)" if metrics.get("loss") is None else f"final loss {metrics['loss']:.3f}")
                  + (f", base validation accuracy {metrics['base_val_accuracy']:.3f}, outlier threshold "
                     f"{metrics['outlier_threshold']:.3f}" if "base_val_accuracy" in metrics else ""),
-                 *view_lines(metrics),
+                 *view_lines(metrics, artifacts.k_estimated is not None),
                  *metrics.get("notes", []),
                  "time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()),
                  f"written to {self.config.out}"]

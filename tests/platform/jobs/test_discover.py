@@ -107,7 +107,8 @@ def test_the_views_line_names_what_was_removed_and_at_how_many_groups_the_own_im
     kept = weights | {"nuisance_projection": "none", "own_images_silhouette": 0.4, "own_images_groups": 6}
     assert "; nothing removed (their silhouette at 6 groups: 0.400); the run's own images form tight groups" in (
         view_lines(kept)[0])
-    assert "give --k or `own_projection: always` in --config" in view_lines(kept)[0]
+    assert view_lines(kept)[0].endswith("set `own_projection: always` in --config")  # K given: no --k to give
+    assert view_lines(kept, k_estimated=True)[0].endswith("set `own_projection: always` in --config or give --k")
     normals = weights | {"nuisance_projection": "normal images", "own_images_silhouette": None}
     assert view_lines(normals)[0].endswith("; the normal images' main variation removed")
     assert view_lines({"nuisance_projection": "none"}) == []
