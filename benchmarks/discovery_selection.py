@@ -93,7 +93,8 @@ Rules, written down before the runs:
 * ``known_classes``: the learned model with a labelled base set (generated metal-plate defects for NEU-DET,
   NEU-DET crops for the generated bottle) against none; the base set is kept only if it helps every task.
 
-``--parts`` runs some parts; the others are kept from the results file as they are.
+``--parts`` runs some parts; the others are kept from the results file as they are. The parts read the views as
+the product does (``IMAGE_TURNS``, the default ``image_turns``).
 
     .venv/bin/python benchmarks/discovery_selection.py [--parts views,views_fresh,view_stability,class_count,
         class_count_long_tailed,open_world,learned,marginal,adapter,schedule,prototype_init,own_projection,
@@ -123,8 +124,8 @@ from anomaly_discovery.models.discovery.outliers import evaluate_outlier_scores,
 from anomaly_discovery.models.discovery.predict import merge_images
 from anomaly_discovery.models.discovery.training import train_discovery
 from anomaly_discovery.models.discovery.view_discovery import own_projection_for, region_image_depths
-from anomaly_discovery.models.discovery.views import (ViewExtractor, combine_views, extract_region_features,
-                                                      unit_rows, view_vectors)
+from anomaly_discovery.models.discovery.views import (NuisanceProjection, RegionFeatures, ViewExtractor,
+                                                      combine_views, extract_region_features, unit_rows, view_vectors)
 from anomaly_discovery.models.metrics import clustering_report
 from anomaly_discovery.platform.jobs.discover import neu_base_regions, subset_by_class, synthetic_base_regions
 from machine_info import cpu_model
@@ -154,6 +155,7 @@ SCHEDULES = {"epochs 30": {}, "epochs 60": {"epochs": 60}, "epochs 30 + self-lab
 PROTOTYPE_STARTS = {name: {"prototype_init": name} for name in PROTOTYPE_INITS}
 OWN_PROJECTION_MODES = ("never", "auto")
 TEN_GROUPS_RULE = (10, 0.30)  # part own_projection_k_auto's candidate: groups, highest silhouette that projects
+IMAGE_TURNS = DiscoveryConfig().model.image_turns  # the product's image view (image_turns_selection.py)
 
 
 def neu_task(neu: Path, seed: int, cache: Path) -> dict:
@@ -264,13 +266,23 @@ def learned_defaults() -> dict:
             "adapter_width": settings.model.adapter_width, "neighbours": settings.optimisation.neighbours}
 
 
+def task_features(task: dict, extractor: ViewExtractor) -> RegionFeatures:
+    """The task's region views as the product reads them (the image view at ``IMAGE_TURNS``)."""
+    return extract_region_features(extractor, task["regions"], image_getter(task["paths"]), turns=IMAGE_TURNS)
+
+
+def normal_projection(task: dict, extractor: ViewExtractor) -> NuisanceProjection | None:
+    """The projection of the task's normal images as the product fits it (None without normal images)."""
+    return fit_projection(extractor, task["normals"], 224, 10, turns=IMAGE_TURNS)
+
+
 def view_grid(task: dict, extractor: ViewExtractor) -> dict:
     """NMI and silhouette of every weighting (K given), and the rule's pick, with and without the projection."""
     k = len(set(task["truth"].values()))
-    features = extract_region_features(extractor, task["regions"], image_getter(task["paths"]))
+    features = task_features(task, extractor)
     out = {}
     for projected in ([True, False] if task["normals"] else [False]):
-        projection = fit_projection(extractor, task["normals"], 224, 10) if projected else None
+        projection = normal_projection(task, extractor) if projected else None
         vectors = view_vectors(features, projection)
         picked, silhouettes = select_view_weights(vectors, k)
         grid = []
@@ -356,11 +368,12 @@ def own_projection_k_auto_rows(task: dict, extractor: ViewExtractor) -> dict:
     estimated = DiscoveryConfig.of(k="auto")
     groups, threshold = TEN_GROUPS_RULE
     images = region_images(task["paths"])
-    depths, image_rows = region_image_depths(extractor, task["regions"], images, estimated.model.view_size)
+    depths, image_rows = region_image_depths(extractor, task["regions"], images, estimated.model.view_size,
+                                             turns=IMAGE_TURNS)
     features = extract_region_features(extractor, task["regions"], image_getter(images), estimated.model.view_size,
                                        whole=depths[-1][image_rows])
     product = own_projection_for(depths, task["regions"], view_vectors(features, None), estimated)
-    at_groups = image_cluster_strength(depths, groups, estimated.runtime.seed)
+    at_groups = image_cluster_strength(depths[:len(extractor.channels)], groups, estimated.runtime.seed)
     runs = []
     for kind in ("frozen", "learned"):
         for mode in ("never", "always"):
@@ -416,8 +429,7 @@ def view_stability_rows(task: dict, extractor: ViewExtractor) -> list[dict]:
     """The rule's pick (K given) and the floor's NMI at it, for every seed of ``VIEW_SEEDS`` and every number of
     k-means starts of ``VIEW_INITS``."""
     k = len(set(task["truth"].values()))
-    features = extract_region_features(extractor, task["regions"], image_getter(task["paths"]))
-    vectors = view_vectors(features, fit_projection(extractor, task["normals"], 224, 10) if task["normals"] else None)
+    vectors = view_vectors(task_features(task, extractor), normal_projection(task, extractor))
     rows = []
     for n_init in VIEW_INITS:
         for seed in VIEW_SEEDS:
@@ -551,9 +563,8 @@ def main() -> None:
         if "open_world" in parts:
             rows = []
             for task in tasks:
-                features = extract_region_features(extractor, task["regions"], image_getter(task["paths"]))
-                projection = fit_projection(extractor, task["normals"], 224, 10)
-                rows += open_world_rows(task, view_vectors(features, projection))
+                rows += open_world_rows(task, view_vectors(task_features(task, extractor),
+                                                           normal_projection(task, extractor)))
             result["open_world"] = {"rows": rows, "chosen_k": chosen_outlier_k(rows),
                                     "mean_auroc": {f"k{k}": float(np.mean([row[f"k{k}"]["auroc"] for row in rows]))
                                                    for k in OUTLIER_KS}}

@@ -19,10 +19,11 @@ unseen class as positives.
 Without normal images (the zero-shot rows, NEU-DET) discovery may remove the run's own images' main variation
 (``own_projection``, chosen on NEU-DET and generated data). ``--own-projection never --tag NAME`` writes the rows
 without it to their own file, on the same cached maps, for the side-by-side comparison (the maps, and so every
-number here, move with the machine's floating point: compare runs on one machine).
+number here, move with the machine's floating point: compare runs on one machine). ``--image-turns 4 --tag NAME``
+does the same for the image view averaged over the whole image's quarter turns (``image_turns_selection.py``).
 
     .venv/bin/python benchmarks/mtd_discovery.py [--parts mtd,neu,loco] [--maps semi,zero-shot] [--threads 1]
-        [--own-projection auto|always|never --tag NAME]
+        [--own-projection auto|always|never --tag NAME] [--image-turns 1|4 --tag NAME]
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from anomaly_discovery.models.detectors.protocol import Detection
 from anomaly_discovery.models.discovery.config import OWN_PROJECTIONS, DiscoveryConfig
 from anomaly_discovery.models.discovery.outliers import evaluate_outlier_scores, knn_distance_score
 from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
-from anomaly_discovery.models.discovery.views import ViewExtractor, image_features, unit_rows
+from anomaly_discovery.models.discovery.views import IMAGE_TURNS, ViewExtractor, image_features, unit_rows
 from anomaly_discovery.models.discovery.frozen import kmeans
 from anomaly_discovery.models.localisation.localise import image_regions, localise_set
 from anomaly_discovery.models.localisation.priors.factory import build_object_prior
@@ -133,10 +134,11 @@ def whole_image_baseline(paths: dict, truth: dict, k: int) -> dict:
     return {"nmi": report["nmi"], "ari": report["ari"], "f1": report["f1"], "k_true": report["n_classes_true"]}
 
 
-def leave_one_class_out(regions, paths: dict, truth: dict, normals: list[str], seed: int = 0) -> dict:
-    """Each class held out in turn: the learned model (defaults) and its floor (``kind="frozen"``) are fitted on the
-    other classes minus a fifth of their images; their k-NN outlier scores of those known test images' crops against
-    the held-out class's. The learned model's numbers at the top level, the floor's under ``floor``."""
+def leave_one_class_out(regions, paths: dict, truth: dict, normals: list[str], seed: int = 0, **settings) -> dict:
+    """Each class held out in turn: the learned model (defaults, but for ``settings``) and its floor
+    (``kind="frozen"``) are fitted on the other classes minus a fifth of their images; their k-NN outlier scores of
+    those known test images' crops against the held-out class's. The learned model's numbers at the top level, the
+    floor's under ``floor``."""
     rng = np.random.default_rng(seed)
     per_class = {model: {} for model in MODELS}
     for held_out in sorted(set(truth.values())):
@@ -144,8 +146,8 @@ def leave_one_class_out(regions, paths: dict, truth: dict, normals: list[str], s
         known_test = set(rng.choice(seen_ids, size=max(1, len(seen_ids) // 5), replace=False))
         train = [r for r in regions if truth[r.image_id] != held_out and r.image_id not in known_test]
         for model in MODELS:
-            artifacts = train_discovery(DiscoveryConfig.of(kind=model, progress=False), train, images=paths,
-                                        normal_images=normals)
+            artifacts = train_discovery(DiscoveryConfig.of(kind=model, progress=False, **settings), train,
+                                        images=paths, normal_images=normals)
             reference = torch.as_tensor(artifacts.regions.embeddings)
             k = artifacts.predictor.config.classes.outlier_k
             scores = {}
@@ -179,6 +181,8 @@ def main() -> None:
     parser.add_argument("--maps", default="semi,zero-shot", help="comma list of semi, zero-shot (parts mtd, loco)")
     parser.add_argument("--own-projection", choices=OWN_PROJECTIONS, default=None,
                         help="discovery's own_projection for every row (default: the product's); with --tag")
+    parser.add_argument("--image-turns", type=int, choices=IMAGE_TURNS, default=None,
+                        help="discovery's image_turns for every row (default: the product's); with --tag")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-discovery-maps"),
                         help="where each data set's anomaly maps are kept between runs")
@@ -193,7 +197,8 @@ def main() -> None:
                          "load_average": list(os.getloadavg()), "gpu": "none"}
     result["settings"] = {"detector_semi": "patchcore (defaults)", "detector_zero_shot": "mutual scoring (defaults)",
                           "discovery": "DiscoveryConfig defaults; kind and k as each row says"
-                          + (f"; own_projection {args.own_projection}" if args.own_projection else ""), "base": "none",
+                          + (f"; own_projection {args.own_projection}" if args.own_projection else "")
+                          + (f"; image_turns {args.image_turns}" if args.image_turns else ""), "base": "none",
                           "object_prior": "fallback"}
     maps = [m for m in ("semi", "zero-shot") if m in args.maps.split(",")]
     rerun = {"neu-det" if part == "neu" else "mtd" for part in parts & {"mtd", "neu"}}
@@ -205,7 +210,8 @@ def main() -> None:
     samples = read_dataset(args.data, "mtd").samples
     normal_train = [s for s in samples if s.split == "train" and s.is_normal]
     all_test = protocol_samples(samples, "with-good-6")
-    settings = {"own_projection": args.own_projection} if args.own_projection else {}
+    settings = {name: value for name, value in (("own_projection", args.own_projection),
+                                                 ("image_turns", args.image_turns)) if value is not None}
     for setting in maps if parts & {"mtd", "loco"} else ():
         found, detect_seconds = cached_maps(all_test, setting, normal_train, args.cache, "mtd")
         by_path = dict(zip([s.image_path for s in all_test], found))
@@ -214,7 +220,7 @@ def main() -> None:
             chosen = protocol_samples(samples, protocol)
             regions, paths, truth = regions_for(chosen, [by_path[s.image_path] for s in chosen])
             if setting == "semi" and protocol == "defects-5" and "loco" in parts:
-                result["leave_one_class_out"] = leave_one_class_out(regions, paths, truth, normals)
+                result["leave_one_class_out"] = leave_one_class_out(regions, paths, truth, normals, **settings)
                 write_result(out, result)
             if "mtd" not in parts:
                 continue

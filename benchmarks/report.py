@@ -449,6 +449,79 @@ def section_discovery_selection() -> str:
     return "\n".join(lines)
 
 
+def _image_turns_rows(part: dict) -> list[list[str]]:
+    """Per task: the floor's NMI and F1 with the image view unturned → turned, K given, and with K estimated (its K
+    too)."""
+    cell = {(r["task"], r["k"], r["image_turns"]): r for r in part["rows"]}
+    rows = []
+    for task in dict.fromkeys(r["task"] for r in part["rows"]):
+        given, estimated = ([cell[(task, k, t)] for t in (1, 4)] for k in ("given", "estimated"))
+        rows.append([task, *(f"{fmt(a[m])} → {fmt(b[m])}" for a, b in (given, estimated) for m in ("nmi", "f1")),
+                     f"{estimated[0]['k_estimated']} → {estimated[1]['k_estimated']} ({given[0]['k_true']})"])
+    summary = part["summary"]
+    rows.append(["mean", *(f"{fmt(summary[k]['mean_' + m + '_turns1'])} → {fmt(summary[k]['mean_' + m + '_turns4'])}"
+                           for k in ("given", "estimated") for m in ("nmi", "f1")), ""])
+    return rows
+
+
+def section_image_turns() -> str:
+    title = "## The whole image at four quarter turns (`benchmarks/image_turns_selection.py`)"
+    r = load("image_turns_selection")
+    if r is None:
+        return f"{title}\n\nnot run"
+    rule = r["rule"]
+    parts = [title, "",
+             "The floor (frozen views, k-means) with the image view unturned (`image_turns` 1) or averaged over the "
+             "whole image's four quarter turns (4, with the image view's own projection fitted on the normal or own "
+             "images' turned means). Tasks of `discovery_selection.py`; no MTD image or label. Rule, written before "
+             f"the run: 4 becomes the default if, K given, the floor's mean NMI rises by more than "
+             f"{rule['mean_gain_above']:g} with no task losing more than {-rule['worst_change_at_least']:g}, on the "
+             f"selection tasks and then on the fresh draws ({rule['fresh']}). The default is "
+             f"**{ModelSettings().image_turns}**: the rule passed, but the turns' cost takes the frozen floor on MTD "
+             "past its one-minute target (below; a requirement the rule had not weighed). The MTD evaluation with the "
+             "turns (next section) had been run and read before the default went back: lower on MTD in some rows, "
+             "higher on NEU-DET; the default was not chosen on it."]
+    header = ["task", "NMI, K given", "F1, K given", "NMI, K estimated", "F1, K estimated", "K estimated (true)"]
+    for draw, name in (("select", "Selection tasks"), ("fresh", "Fresh draws")):
+        if r.get(draw) is None:
+            parts += ["", f"{name}: not run"]
+            continue
+        summary = r[draw]["summary"]
+        parts += ["", f"{name} (unturned → turned); rule {'passed' if summary['passes'] else 'failed'}: largest "
+                  f"change of one task's NMI, K given, {fmt(summary['given']['worst_change'])}; with K estimated (not "
+                  f"ruled on), {fmt(summary['estimated']['worst_change'])}.", "",
+                  table(header, _image_turns_rows(r[draw]))]
+    speed = r.get("mtd_speed")
+    if speed:
+        parts += ["", "The frozen floor, K estimated, on MTD with-good-6 with PatchCore maps and the normal training "
+                  f"images ({speed[0]['n_regions']} regions of {speed[0]['n_images']} images, "
+                  f"{speed[0]['n_normal_images']} normal images; nothing scored), one run, "
+                  f"{r['machine']['torch_threads']} threads: "
+                  + ", ".join(f"{row['image_turns']} turn{'s' if row['image_turns'] > 1 else ''} "
+                              f"{fmt(row['seconds'], 1)} s" for row in speed)
+                  + " (issue 14's target for the frozen mode after detection, which `mtd_discover_time.py` times "
+                  "through the CLI: 60 s)."]
+    return "\n".join(parts + ["", machine(r)])
+
+
+def _variant_rows(before: dict, after: dict, last: str) -> list[list[str]]:
+    """Rows present in both runs of ``mtd_discovery.py``: NMI / ARI / F1 and K before → after, and ``after``'s
+    ``last`` field (view weights as region:crop:image)."""
+    now = {(row["maps"], row["protocol"], row["k"], row["model"]): row for row in after["rows"]}
+    rows = []
+    for row in before["rows"]:
+        other = now.get((row["maps"], row["protocol"], row["k"], row["model"]))
+        if other is None or row["model"] not in ("frozen", "learned"):
+            continue
+        extra = other.get(last, "–")
+        if isinstance(extra, dict):
+            extra = ":".join(f"{extra[v]:.2f}" for v in ("region", "crop", "image"))
+        rows.append([row["protocol"], row["maps"], row["k"], row["model"],
+                     *(f"{fmt(row[m])} → {fmt(other[m])}" for m in ("nmi", "ari", "f1")),
+                     f"{row['k_estimated']} → {other['k_estimated']}", extra])
+    return rows
+
+
 def section_discovery() -> str:
     title = "## Discovery: the learned model beside its floor (`benchmarks/mtd_discovery.py`)"
     r = load("mtd_discovery")
@@ -486,15 +559,17 @@ def section_discovery() -> str:
         "(the issue's must).", ""]
     never = load("mtd_discovery.own-projection-never")
     if never and never.get("rows"):
-        now = {(row["maps"], row["protocol"], row["k"], row["model"]): row for row in r["rows"]}
-        rows = [[row["protocol"], row["maps"], row["k"], row["model"],
-                 *(f"{fmt(row[m])} → {fmt(now[key][m])}" for m in ("nmi", "ari", "f1")),
-                 f"{row['k_estimated']} → {now[key]['k_estimated']}", now[key].get("nuisance_projection", "–")]
-                for row in never["rows"] if (key := (row["maps"], row["protocol"], row["k"], row["model"])) in now]
         lines += ["Without normal images, with the run's own images' main variation removed or not (the same maps and "
                   f"machine, {never['machine']['cpu']}: `--own-projection never` → the default):", "",
-                  table(["protocol", "maps", "K", "model", "NMI never → default", "ARI", "F1", "K", "removed"], rows),
-                  ""]
+                  table(["protocol", "maps", "K", "model", "NMI never → default", "ARI", "F1", "K", "removed"],
+                        _variant_rows(never, r, last="nuisance_projection")), ""]
+    turned = load("mtd_discovery.image-turns-4")
+    if turned and turned.get("rows"):
+        lines += ["With the whole image at its four quarter turns (`--image-turns 4`, the same maps and machine, "
+                  f"{turned['machine']['cpu']}, {turned['machine']['torch_threads']} threads: the default → turned; "
+                  "`image_turns_selection.py` says why the default stays unturned):", "",
+                  table(["protocol", "maps", "K", "model", "NMI default → turned", "ARI", "F1", "K", "view weights"],
+                        _variant_rows(r, turned, last="view_weights")), ""]
     if whole:
         w = whole[0]
         lines += [f"Whole-image k-means on the same NEU-DET images (final MobileNetV2 layer averaged over the 224 px "
@@ -712,7 +787,7 @@ def render() -> str:
         "images, never on the labels of the data being evaluated.",
         section_generator(), section_metrics(), section_mebin(), section_detector_selection(), section_detection(),
         section_prn_learning_curve(),
-        section_discovery_selection(), section_discovery(),
+        section_discovery_selection(), section_image_turns(), section_discovery(),
         section_train_scaling(), section_index(), section_review(), section_active_loop(), section_serve(),
         section_proposals_page(), section_export(), section_demo()]
     return "\n\n".join(parts) + "\n"

@@ -76,12 +76,14 @@ class ViewDiscoveryModel(nn.Module):
         self.pools = nn.ModuleList(GuidedAttentionPooling(c) for c in tap_channels)
         self.register_buffer("view_scale", torch.tensor([math.sqrt(view_weights[v]) for v in VIEW_NAMES]))
         self.temperature = temperature
-        for depth, channels in enumerate(tap_channels):
+        entries = tap_channels if projection is None else [*tap_channels, tap_channels[-1]][:len(projection.means)]
+        for depth, channels in enumerate(entries):  # one more than the depths: the turned image view's own
             mean = torch.zeros(channels) if projection is None else torch.from_numpy(projection.means[depth])
             basis = (torch.zeros(0, channels) if projection is None
                      else torch.from_numpy(projection.components[depth]))
             self.register_buffer(f"mean_{depth}", mean.float())
             self.register_buffer(f"basis_{depth}", basis.float())
+        self.image_entry = len(entries) - 1
         dim = self.embedding_dim(tap_channels, view_weights)
         self.prototypes = nn.Parameter(torch.zeros(n_classes, dim))
         self.adapter_width = adapter_width
@@ -90,15 +92,15 @@ class ViewDiscoveryModel(nn.Module):
     @classmethod
     def with_shapes(cls, tap_channels: Sequence[int], view_weights: dict[str, float], components: Sequence[int],
                     n_classes: int, temperature: float = 0.1, adapter_width: int = 0) -> "ViewDiscoveryModel":
-        """An empty model of the given nuisance-basis sizes per depth, for loading saved weights into."""
-        projection = None
-        if any(components):
-            projection = NuisanceProjection([np.zeros(c, np.float32) for c in tap_channels],
-                                            [np.zeros((n, c), np.float32) for n, c in zip(components, tap_channels)])
+        """An empty model of the given nuisance-basis sizes per depth (and the turned image view's, when one more),
+        for loading saved weights into."""
+        entries = [*tap_channels, tap_channels[-1]][:len(components)]
+        projection = NuisanceProjection([np.zeros(c, np.float32) for c in entries],
+                                        [np.zeros((n, c), np.float32) for n, c in zip(components, entries)])
         return cls(tap_channels, view_weights, projection, n_classes, temperature, adapter_width)
 
     def projection_components(self) -> list[int]:
-        return [getattr(self, f"basis_{d}").shape[0] for d in range(len(self.pools))]
+        return [getattr(self, f"basis_{d}").shape[0] for d in range(self.image_entry + 1)]
 
     @staticmethod
     def embedding_dim(tap_channels: Sequence[int], view_weights: dict[str, float]) -> int:
@@ -124,7 +126,7 @@ class ViewDiscoveryModel(nn.Module):
         if scales["crop"] > 0:
             parts.append(scales["crop"] * F.normalize(self.project(maps[-1].float().mean((2, 3)), last), dim=1))
         if scales["image"] > 0:
-            parts.append(scales["image"] * F.normalize(self.project(image.float(), last), dim=1))
+            parts.append(scales["image"] * F.normalize(self.project(image.float(), self.image_entry), dim=1))
         embedding = F.normalize(torch.cat(parts, dim=1), dim=1)
         return embedding if self.adapter is None else F.normalize(embedding + self.adapter(embedding), dim=1)
 

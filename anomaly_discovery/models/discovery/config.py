@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 from .augment import AugmentConfig
 from .class_count import METHODS as CLASS_COUNT_METHODS
 from .network import DEFAULT_VIT
+from .views import IMAGE_TURNS
 
 RESULT_FIELDS = ("progress", "checkpoint_dir", "resume", "keep_checkpoints", "device")
 MODEL_KINDS = ("learned", "frozen", "transformer")
@@ -61,6 +62,10 @@ class ModelSettings:
     removed (chosen on generated bottles: NMI .49 → .65 with 10), ``own_projection`` whether, without normal images,
     the run's own images stand in for them (``frozen.own_image_projection``; ``auto``: only when those images do not
     form K tight groups, chosen by ``discovery_selection.py``'s part ``own_projection``; ``always``; ``never``),
+    ``image_turns`` whether the image view reads the whole image as it is (1) or averages it over its 4 quarter
+    turns (``benchmarks/image_turns_selection.py``: 4 raised the floor's mean NMI, K given, .711 → .734 on the
+    selection tasks and .677 → .715 on fresh draws, most on NEU-DET's steel, but its three more backbone passes per
+    whole and normal image take the frozen floor on MTD past its one-minute target, so 1 stays the default),
     ``adapter_width`` the hidden width of the learned model's zero-initialised residual adapter (0: none; widths 32
     and 128 lost to none in ``discovery_selection.py``'s part ``adapter``, on μ = 1: mean NMI .779 and .793 against
     .797). The transformer's fields (``backbone`` to ``projection_dim``): ``depth`` 2 (was 4) was chosen on NEU-DET
@@ -71,6 +76,7 @@ class ModelSettings:
     view_size: int = 224
     nuisance_components: int = 10
     own_projection: str = "auto"
+    image_turns: int = 1
     adapter_width: int = 0
     temperature: float = 0.1
     backbone: str = "hybrid"
@@ -95,6 +101,8 @@ class ModelSettings:
         _check_choice(self, "backbone", ("hybrid", "vit"))
         _check_choice(self, "guidance", ("none", "hard", "amga"))
         _check_choice(self, "own_projection", OWN_PROJECTIONS)
+        if self.image_turns not in IMAGE_TURNS:
+            raise ValueError(f"image_turns must be one of {', '.join(map(str, IMAGE_TURNS))}, got {self.image_turns!r}")
         _check_positive(self, "image_size", "n_heads", "depth", "view_size")
         for name in ("nuisance_components", "adapter_width"):
             if getattr(self, name) < 0:

@@ -39,7 +39,6 @@ so when it keeps them; K given, or ``own_projection: always``, settles it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -50,9 +49,8 @@ from sklearn.metrics import silhouette_score
 from anomaly_discovery.data.images import load_image
 
 from ..localisation.regions import Region
-from .class_count import ClassCountEstimate, estimate_class_count
-from .views import (VIEW_NAMES, NuisanceProjection, RegionFeatures, ViewExtractor, combine_views,
-                    extract_region_features, image_features, unit_rows, view_vectors)
+from .class_count import ClassCountEstimate, estimate_class_count, in_own_span
+from .views import VIEW_NAMES, NuisanceProjection, ViewExtractor, combine_views, image_features, unit_rows
 
 ImageSource = Union[np.ndarray, str, Path]
 WEIGHT_GRID = tuple({"region": r / 4, "crop": c / 4, "image": (4 - r - c) / 4}
@@ -87,7 +85,7 @@ def select_view_weights(vectors: dict[str, np.ndarray], k: int, seed: int = 0, n
     cosine silhouette, and the silhouette of every weighting (keyed ``region:crop:image``)."""
     scores = {}
     for weights in WEIGHT_GRID:
-        embedding = combine_views(vectors, weights)
+        embedding = in_own_span(combine_views(vectors, weights))  # the same cosines, fewer coordinates
         labels = kmeans(embedding, k, seed, n_init=n_init).labels_
         scores[":".join(f"{weights[v]:.2f}" for v in VIEW_NAMES)] = (
             float(silhouette_score(embedding, labels, metric="cosine")) if len(set(labels)) > 1 else -1.0)
@@ -115,35 +113,15 @@ def estimate_k(embeddings: np.ndarray, regions: Sequence[Region], k_max: int, me
     return estimate_class_count(points, k_min=2, k_max=k_max, method=method, seed=seed)
 
 
-@dataclass
-class FrozenViews:
-    """A fitted view embedding: the backbone and input size, the view weights and the nuisance projection (None
-    without normal images). ``embed`` turns region features into the unit embeddings discovery clusters."""
-
-    backbone: str
-    size: int
-    weights: dict[str, float]
-    projection: Optional[NuisanceProjection]
-
-    def features(self, extractor: ViewExtractor, regions: Sequence[Region], images: Mapping[str, ImageSource],
-                 progress: bool = False) -> RegionFeatures:
-        return extract_region_features(extractor, regions, image_getter(images), self.size, progress=progress)
-
-    def vectors(self, features: RegionFeatures) -> dict[str, np.ndarray]:
-        return view_vectors(features, self.projection)
-
-    def embed(self, features: RegionFeatures) -> np.ndarray:
-        return combine_views(self.vectors(features), self.weights)
-
-
 def fit_projection(extractor: ViewExtractor, normal_images: Sequence[ImageSource], size: int, n_components: int,
-                   progress: bool = False) -> Optional[NuisanceProjection]:
-    """The nuisance projection of the normal images (None when there are none or none is asked for)."""
+                   progress: bool = False, turns: int = 1) -> Optional[NuisanceProjection]:
+    """The nuisance projection of the normal images, the image view's from their means over ``turns`` quarter
+    turns (None when there are no normal images or no component is asked for)."""
     if not normal_images or n_components < 1:
         return None
     loaded = (load_image(s) if isinstance(s, (str, Path)) else np.asarray(s) for s in normal_images)
-    return NuisanceProjection.fit(image_features(extractor, loaded, len(normal_images), size, progress=progress),
-                                  n_components)
+    return NuisanceProjection.fit(image_features(extractor, loaded, len(normal_images), size, progress=progress,
+                                                 turns=turns), n_components)
 
 
 def image_cluster_strength(image_depths: Sequence[np.ndarray], k: int, seed: int = 0) -> float:
@@ -157,14 +135,16 @@ def image_cluster_strength(image_depths: Sequence[np.ndarray], k: int, seed: int
     return float(silhouette_score(points, labels, metric="cosine")) if len(set(labels)) > 1 else 1.0
 
 
-def own_image_projection(image_depths: Sequence[np.ndarray], k: int, seed: int, n_components: int, mode: str
-                         ) -> tuple[Optional[NuisanceProjection], Optional[float]]:
-    """The nuisance projection of the run's own images (``image_features``), for a run without normal images:
+def own_image_projection(image_depths: Sequence[np.ndarray], k: int, seed: int, n_components: int, mode: str,
+                         turned: bool = False) -> tuple[Optional[NuisanceProjection], Optional[float]]:
+    """The nuisance projection of the run's own images (``image_features``; ``turned``: its last array is the
+    turned image view, which the strength, chosen on the depths alone, leaves out), for a run without normal images:
     with ``mode`` ``always``, or ``auto`` when their ``image_cluster_strength`` at k is below
     ``OWN_PROJECTION_MAX_SILHOUETTE``; ``never`` gives none. Also the strength (None when not measured)."""
     if mode == "never" or n_components < 1 or len(image_depths[0]) < 2:
         return None, None
-    strength = image_cluster_strength(image_depths, k, seed) if mode == "auto" else None
+    depths = image_depths[:-1] if turned else image_depths
+    strength = image_cluster_strength(depths, k, seed) if mode == "auto" else None
     if strength is None or strength < OWN_PROJECTION_MAX_SILHOUETTE:
         return NuisanceProjection.fit(image_depths, n_components), strength
     return None, strength

@@ -96,6 +96,8 @@ class DiscoveryPredictor:
             raise CheckpointError(f"{folder} is not a saved discovery model ({exc})") from exc
         try:
             config = DiscoveryConfig.from_dict(meta["config"]).replace(device=device, progress=False)
+            if "image_turns" not in meta["config"].get("model", meta["config"]):
+                config = config.replace(image_turns=1)  # saved before the image view was turned
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{folder / 'model.json'} holds settings this version cannot read ({exc})") from exc
         if config.model.uses_views:

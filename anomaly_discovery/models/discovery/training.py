@@ -215,7 +215,7 @@ def predict_regions(artifacts: "DiscoveryArtifacts | DiscoveryPredictor", region
         if images is None:
             raise ValueError(f"a {predictor.config.model.kind} discovery model needs the regions' whole images")
         embeddings = embed_view_regions(predictor.model, predictor.view_extractor(), regions, images,
-                                        predictor.config.model.view_size)
+                                        predictor.config.model.view_size, predictor.config.model.image_turns)
         return score_embeddings(predictor, embeddings)
     device = next(predictor.model.parameters()).device
     data = RegionTensors.build([dataclasses.replace(r, class_name=None) for r in regions],

@@ -2,9 +2,10 @@
 
 ``fit_view_discovery`` runs the whole method on the novel regions (and, optionally, labelled base regions):
 
-1. the views of every region (``views``), with the normal images' main variation removed when normal images are
-   given (``NuisanceProjection``), else that of the run's own images unless they fall into K tight groups
-   (``frozen.own_image_projection``; K given, or a first estimate on the equally weighted views);
+1. the views of every region (``views``; with ``image_turns`` 4 the image view over the whole image's turns),
+   with the normal images' main variation removed when normal images are given (``NuisanceProjection``), else that
+   of the run's own images unless they fall into K tight groups (``frozen.own_image_projection``; K given, or a
+   first estimate on the equally weighted views);
 2. K: given, or estimated (``ClassSettings.k_method``, by default the consensus of ``class_count``) on the image
    level of the equally weighted views, then again on the chosen weighting;
 3. the view weights (``frozen.select_view_weights``: highest silhouette at K);
@@ -51,20 +52,21 @@ EQUAL_WEIGHTS = {name: 1 / len(VIEW_NAMES) for name in VIEW_NAMES}
 
 
 def region_image_depths(extractor: ViewExtractor, regions: Sequence[Region], images: Mapping[str, ImageSource],
-                        size: int, progress: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
-    """The spatial means of every depth of the regions' whole images (each image read once, first-seen order) and
-    each region's row among them."""
+                        size: int, progress: bool = False, turns: int = 1) -> tuple[list[np.ndarray], np.ndarray]:
+    """``image_features`` of the regions' whole images (each image read once, first-seen order; the turned image
+    view last when ``turns`` > 1) and each region's row among them."""
     image_ids = list(dict.fromkeys(r.image_id for r in regions))
     get = image_getter(images)
-    depths = image_features(extractor, (get(i) for i in image_ids), len(image_ids), size, progress=progress)
+    depths = image_features(extractor, (get(i) for i in image_ids), len(image_ids), size, progress=progress,
+                            turns=turns)
     row = {image_id: i for i, image_id in enumerate(image_ids)}
     return depths, np.array([row[r.image_id] for r in regions], dtype=np.int64)
 
 
 def region_image_vectors(extractor: ViewExtractor, regions: Sequence[Region], images: Mapping[str, ImageSource],
-                         size: int) -> np.ndarray:
-    """The raw whole-image vector of every region's image (each image read once)."""
-    depths, rows = region_image_depths(extractor, regions, images, size)
+                         size: int, turns: int = 1) -> np.ndarray:
+    """The raw image view of every region's image (each image read once)."""
+    depths, rows = region_image_depths(extractor, regions, images, size, turns=turns)
     return depths[-1][rows]
 
 
@@ -85,15 +87,18 @@ def own_projection_for(novel_image_depths: list[np.ndarray], novel: Sequence[Reg
     """``frozen.own_image_projection`` over the novel regions' whole images (``region_image_depths``), at K given
     or, with ``k="auto"``, at a first estimate on the equally weighted views."""
     settings, classes, seed = config.model, config.classes, config.runtime.seed
+    turned = settings.image_turns > 1
     if settings.own_projection == "never":
         return OwnProjection()
     if settings.own_projection == "always":  # K is not read
-        projection, _ = own_image_projection(novel_image_depths, 0, seed, settings.nuisance_components, "always")
+        projection, _ = own_image_projection(novel_image_depths, 0, seed, settings.nuisance_components, "always",
+                                             turned)
         return OwnProjection(projection)
     first = None if classes.k != "auto" else estimate_k(
         combine_views(novel_vectors, EQUAL_WEIGHTS), novel, classes.k_max, classes.k_method, seed)
     k = int(classes.k) if first is None else first.k
-    projection, strength = own_image_projection(novel_image_depths, k, seed, settings.nuisance_components, "auto")
+    projection, strength = own_image_projection(novel_image_depths, k, seed, settings.nuisance_components, "auto",
+                                                turned)
     groups = min(k, len(novel_image_depths[0]) - 1) if strength is not None else None  # image_cluster_strength's cap
     return OwnProjection(projection, strength, groups, first)
 
@@ -221,11 +226,12 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
     classes = sorted({r.class_name for r in base})
     extractor = ViewExtractor(settings.cnn)
     projection = fit_projection(extractor, normal_images, settings.view_size, settings.nuisance_components,
-                                runtime.progress)
+                                runtime.progress, settings.image_turns)
     regions = list(novel) + base_train + base_val
     learns = settings.kind == "learned" and config.optimisation.epochs > 0
     cache = None
-    depths, image_rows = region_image_depths(extractor, regions, images, settings.view_size, runtime.progress)
+    depths, image_rows = region_image_depths(extractor, regions, images, settings.view_size, runtime.progress,
+                                             settings.image_turns)
     if learns:
         cache = cache_views(extractor, regions, depths[-1][image_rows], config.optimisation.consistency_views,
                             settings.view_size, config.optimisation.augment, runtime.seed, progress=runtime.progress)
@@ -292,8 +298,9 @@ def train_view_discovery(config: DiscoveryConfig, novel: Sequence[Region], base:
 
 @torch.no_grad()
 def embed_view_regions(model: ViewDiscoveryModel, extractor: ViewExtractor, regions: Sequence[Region],
-                       images: Mapping[str, ImageSource], size: int) -> torch.Tensor:
-    """Unit embeddings of new regions (view 0), the whole images read from ``images`` by image id."""
-    cache: CachedViews = cache_views(extractor, regions, region_image_vectors(extractor, regions, images, size), 1,
-                                     size, None, 0)
+                       images: Mapping[str, ImageSource], size: int, turns: int = 1) -> torch.Tensor:
+    """Unit embeddings of new regions (view 0), the whole images read from ``images`` by image id (seen at the
+    model's ``turns``)."""
+    cache: CachedViews = cache_views(extractor, regions, region_image_vectors(extractor, regions, images, size, turns),
+                                     1, size, None, 0)
     return embed_cached(model, cache)

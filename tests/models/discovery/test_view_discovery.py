@@ -1,6 +1,8 @@
 """The view models end to end: ``kind="frozen"`` (the floor) and ``kind="learned"`` (AMGA pooling + prototypes
 trained by neighbour consistency), on a world of coloured squares."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -281,3 +283,40 @@ def test_the_floor_starts_its_prototypes_over_images_when_asked(world):
     assert np.abs(starts["regions"] - starts["images"]).max() > 1e-3
     with pytest.raises(ValueError, match="prototype_init"):
         DiscoveryConfig.of(prototype_init="pixels")
+
+
+def test_a_turned_learned_model_with_normal_images_reloads_and_an_unturned_save_reads_as_unturned(world, tmp_path):
+    """The turned image view brings its own projection (one basis more than the depths), saved and loaded with the
+    model; a model saved before the setting existed (no ``image_turns`` in its settings) is read as unturned."""
+    regions, images, _, normals = world
+    turned = train_discovery(DiscoveryConfig.of(kind="learned", k=3, epochs=1, image_turns=4, **SMALL), regions,
+                             images=images, normal_images=normals)
+    depths = len(turned.predictor.view_extractor().channels)
+    assert turned.predictor.config.model.image_turns == 4
+    assert len(turned.predictor.model.projection_components()) == depths + 1
+    loaded = DiscoveryPredictor.load(turned.predictor.save(tmp_path / "turned"))
+    assert np.allclose(predict_regions(loaded, regions[:4], images).embeddings, turned.regions.embeddings[:4],
+                       atol=1e-4)
+    unturned = train_discovery(DiscoveryConfig.of(kind="learned", k=3, epochs=1, **SMALL), regions, images=images,
+                               normal_images=normals)  # the default: unturned
+    assert len(unturned.predictor.model.projection_components()) == depths
+    folder = unturned.predictor.save(tmp_path / "unturned")
+    meta = json.loads((folder / "model.json").read_text())
+    del meta["config"]["model"]["image_turns"]  # as a model saved before the setting was written
+    (folder / "model.json").write_text(json.dumps(meta))
+    old = DiscoveryPredictor.load(folder)
+    assert old.config.model.image_turns == 1
+    assert np.allclose(predict_regions(old, regions[:4], images).embeddings, unturned.regions.embeddings[:4],
+                       atol=1e-4)
+    with pytest.raises(ValueError, match="image_turns"):
+        DiscoveryConfig.of(image_turns=3)
+
+
+def test_without_normal_images_the_turned_view_takes_its_projection_from_the_runs_own_images(world, tmp_path):
+    regions, images, _, _ = world
+    run = train_discovery(DiscoveryConfig.of(kind="frozen", k=3, image_turns=4, own_projection="always", **SMALL),
+                          regions, images=images)
+    assert run.metrics["nuisance_projection"] == "own images"
+    assert len(run.predictor.model.projection_components()) == len(run.predictor.view_extractor().channels) + 1
+    loaded = DiscoveryPredictor.load(run.predictor.save(tmp_path / "model"))
+    assert np.allclose(predict_regions(loaded, regions[:4], images).embeddings, run.regions.embeddings[:4], atol=1e-4)

@@ -5,9 +5,9 @@ import torch
 from anomaly_discovery.models.discovery.amga import RegionGuidanceFactor
 from anomaly_discovery.models.discovery.frozen import OWN_PROJECTION_MAX_SILHOUETTE, own_image_projection
 from anomaly_discovery.models.features.backbones import build_backbone
-from anomaly_discovery.models.discovery.views import (REGION_TAPS, NuisanceProjection, ViewExtractor, combine_views,
-                                                      extract_region_features, guided_pool, image_features,
-                                                      view_vectors)
+from anomaly_discovery.models.discovery.views import (REGION_TAPS, NuisanceProjection, RegionFeatures, ViewExtractor,
+                                                      combine_views, extract_region_features, guided_pool,
+                                                      image_features, view_vectors)
 from tests.models.discovery.view_world import square_world
 
 
@@ -99,3 +99,42 @@ def test_the_extractor_runs_folded_and_channels_last_with_the_backbones_own_maps
     with torch.no_grad():
         for fast, reference in zip(extractor(images), plain(images)):
             torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_the_turned_image_view_is_the_same_for_an_image_at_any_quarter_turn(world, extractor):
+    """``turns=4``: one array more, the final layer's mean over the image's four quarter turns; a turned image gets
+    the same vector (a kind of defect has no orientation), while the unturned final layer tells the turns apart."""
+    _, images, _, _ = world
+    image = images["im0"]
+    turned_copies = [np.rot90(image, turn).copy() for turn in range(4)]
+    plain = image_features(extractor, turned_copies, 4, size=64)
+    turned = image_features(extractor, turned_copies, 4, size=64, turns=4)
+    assert len(turned) == len(plain) + 1
+    assert all(np.array_equal(a, b) for a, b in zip(turned, plain))  # the depths are the unturned means
+    assert np.allclose(turned[-1], turned[-1][0], atol=1e-4)
+    assert np.abs(plain[-1] - plain[-1][0]).max() > 1e-3
+    assert np.allclose(turned[-1][0], plain[-1].mean(axis=0), atol=1e-4)  # the mean over the four turns
+    with pytest.raises(ValueError, match="image turns"):
+        image_features(extractor, [image], 1, size=64, turns=3)
+
+
+def test_the_turned_image_view_has_its_own_projection_and_the_crop_keeps_the_final_layers():
+    rng = np.random.default_rng(2)
+    depths = [rng.normal(size=(30, 8)).astype(np.float32), rng.normal(size=(30, 6)).astype(np.float32)]
+    turned = rng.normal(size=(30, 6)).astype(np.float32) + 3
+    projection = NuisanceProjection.fit([*depths, turned], n_components=2)
+    features = RegionFeatures([depths[0][:4], depths[1][:4]], depths[1][4:8], turned[:4])
+    applied = projection.apply(features)
+    assert np.allclose(applied.crop, projection.remove(depths[1][4:8], 1))
+    assert np.allclose(applied.image, projection.remove(turned[:4], 2))
+    unturned = NuisanceProjection.fit(depths, n_components=2).apply(features)  # no turned entry: the final layer's
+    assert np.allclose(unturned.image, projection.remove(turned[:4], 1))
+
+
+def test_the_own_image_rule_judges_the_depths_not_the_turned_view():
+    rng = np.random.default_rng(3)
+    depths = [rng.normal(size=(40, 16))]
+    tight_turned = np.repeat(rng.normal(size=(2, 16)) * 5, 20, axis=0)
+    _, alone = own_image_projection(depths, 2, 0, 4, "auto")
+    projection, with_turned = own_image_projection([*depths, tight_turned], 2, 0, 4, "auto", turned=True)
+    assert with_turned == pytest.approx(alone) and len(projection.means) == 2
