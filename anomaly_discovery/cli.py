@@ -167,7 +167,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                          description="Run an anomaly detector on a dataset and write, per image, the anomaly "
                                      "map, MEBin mask, object mask, crops and a JSON summary.")
     _add_data_args(p)
-    p.add_argument("--detector", default="patchcore", choices=["patchcore", "zero-shot", "prn", "maps"])
+    p.add_argument("--detector", default="patchcore", choices=["patchcore", "zero-shot", "prn", "ensemble", "maps"])
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--backbone", default="mobilenet_v2",
                    help="mobilenet_v2 | efficientnet_lite0/1/2 | tiny | timm:<name> | torchvision:<name>")
@@ -184,7 +184,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", type=Path, default=None, help="local BERT folder for GroundingDINO")
     p.add_argument("--image-size", type=int, default=None,
                    help="detector input side in pixels (default: the detector's own: PatchCore 320, zero-shot and "
-                        "PRN 256)")
+                        "PRN 256; the ensemble keeps each member's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -194,7 +194,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                          description="Train the AMGA discovery model on the regions of a dataset and write "
                                      "assignments (image, regions, class, confidence, outlier score).")
     _add_data_args(p)
-    p.add_argument("--detector", default="patchcore", choices=["patchcore", "zero-shot", "prn", "maps"])
+    p.add_argument("--detector", default="patchcore", choices=["patchcore", "zero-shot", "prn", "ensemble", "maps"])
     p.add_argument("--detections", type=Path, default=None, help="reuse an `adisc detect` output folder")
     p.add_argument("--k", default="auto", help="number of novel classes, or auto to estimate it")
     p.add_argument("--base", default="none", help="labelled known classes: neu:PATH | synthetic:PATH | none")

@@ -60,6 +60,14 @@ IMAGE_SCORES = (1, 9)
 HELD_OUT_SETS = {"simulated": (0.0, 0.8), "faint": (0.6, 0.9)}
 
 
+def normal_split(normals: list, held_out_fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """MTD's normal training samples split (seeded) into (fit images, held-out images), decoded."""
+    order = np.random.default_rng(seed).permutation(len(normals))
+    n_held_out = int(round(len(normals) * held_out_fraction))
+    return ([load_image(normals[i].image_path) for i in order[n_held_out:]],
+            [load_image(normals[i].image_path) for i in order[:n_held_out]])
+
+
 def held_out_set(images: list[np.ndarray], min_beta: float, max_beta: float,
                  seed: int) -> tuple[list, np.ndarray, list]:
     """The held-out normals followed by one simulated-anomaly copy of each: images, labels, masks."""
@@ -107,10 +115,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = args.out or results_path("detector_selection", args.tag)
     normals = [s for s in read_dataset(args.data, "mtd", check=False).samples if s.is_normal and s.split == "train"]
-    order = np.random.default_rng(args.seed).permutation(len(normals))
-    n_held_out = int(round(len(normals) * args.held_out_fraction))
-    fit_images = [load_image(normals[i].image_path) for i in order[n_held_out:]]
-    held_out = [load_image(normals[i].image_path) for i in order[:n_held_out]]
+    fit_images, held_out = normal_split(normals, args.held_out_fraction, args.seed)
+    n_held_out = len(held_out)
     sets = {name: held_out_set(held_out, *betas, args.seed) for name, betas in HELD_OUT_SETS.items()}
     protocol = {"fit_images": len(fit_images), "held_out_normal": n_held_out, "anomalous_copies_per_set": n_held_out,
                 "beta_ranges": {name: list(betas) for name, betas in HELD_OUT_SETS.items()}, "seed": args.seed,

@@ -1,6 +1,6 @@
 """Detection quality and speed on MTD: image AUROC, pixel AUROC, AUPRO and images/s for each detector.
 
-Usage: python benchmarks/mtd_detection.py [--data ../shared/datasets/mtd] [--detectors patchcore zero-shot prn]
+Usage: python benchmarks/mtd_detection.py [--data ../shared/datasets/mtd] [--detectors patchcore zero-shot prn ensemble]
        [--threads 1] [--neu ../shared/datasets/neu-det] [--anomalib-python /tmp/anomalib-venv/bin/python]
        [--tag NAME]
 
@@ -11,7 +11,10 @@ runs with the defaults its module chose on synthetic data (nothing is tuned on M
 - ``zero-shot``: no fit; ONE predict call over all test images (each is scored against the others).
 - ``prn``: fit on the normal training images and 10 real anomalies picked by ``select_real_anomalies``; those
   10 are left out of PRN's evaluation. Every detector is also scored on PRN's evaluation set
-  (``on_prn_eval_set``) so the three can be compared on the same images.
+  (``on_prn_eval_set``) so all can be compared on the same images.
+- ``ensemble``: ``DetectorEnsemble`` (PatchCore + PRN, their defaults, standardised on 10% of the normal
+  training images held back from both and averaged; offered after benchmarks/ensemble_selection.py's rule
+  passed on normal images only); PRN inside it trains on the same 10 real anomalies, left out as for PRN.
 images/s times predict alone (images already decoded); fit seconds are reported apart. With
 ``--anomalib-python`` anomalib's PatchCore runs on the same images in its own virtualenv
 (``anomalib_patchcore.py``) and its maps are scored with the same metric functions. Its memory bank holds its
@@ -48,6 +51,7 @@ import torch
 from anomaly_discovery.data import Sample, load_image, load_mask, read_dataset
 from anomaly_discovery.models.features.backbones import find_mobilenet_v2_weights
 from anomaly_discovery.models.metrics import aupro, image_auroc, pixel_auroc
+from anomaly_discovery.models.detectors.ensemble import DetectorEnsemble
 from anomaly_discovery.models.detectors.mutual_scoring import MutualScoringDetector
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from anomaly_discovery.models.detectors.prn import PRNConfig, PRNDetector
@@ -59,7 +63,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
 RESULT_KEYS = ("benchmark", "machine", "protocol", "run_started", "load_average_at_start", "detectors", "anomalib",
                "neu_det_zero_shot", "load_average_at_end", "notes")
-DETECTORS = ("patchcore", "zero-shot", "prn")
+DETECTORS = ("patchcore", "zero-shot", "prn", "ensemble")
+TRAINS_ON_REAL_ANOMALIES = ("prn", "ensemble")
 N_REAL_ANOMALIES = 10
 BORDER_PX = 16
 RUN_STARTED = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -126,6 +131,10 @@ def timed(function):
     return value, time.perf_counter() - start
 
 
+def prn_settings(config: PRNConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
 def run_detector(name: str, train_images, test_images, real_anomalies, threads: int) -> tuple[dict, list, object]:
     """Fit (timed) and predict (timed) one detector with its default settings."""
     if name == "patchcore":
@@ -148,16 +157,27 @@ def run_detector(name: str, train_images, test_images, real_anomalies, threads: 
         _, fit_s = timed(lambda: detector.fit(None))
         note = ("no normal images used; one predict call over all test images, each scored against the others "
                 f"(in random groups of ≤ {detector.max_references + 1})")
-    else:
+    elif name == "prn":
         config = PRNConfig()
         detector = PRNDetector(config)
-        settings = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+        settings = prn_settings(config)
         _, fit_s = timed(lambda: detector.fit(train_images, real_anomalies=real_anomalies))
         settings["anomaly_sources"] = list(detector.sources_)
         settings["loss_per_epoch"] = [round(loss, 5) for loss in detector.loss_history_]
         note = (f"trained with the normal training images and {len(real_anomalies)} real anomalies chosen by "
                 "select_real_anomalies(seed=0); those are EXCLUDED from its evaluation (its main numbers are on "
                 "the other test images)")
+    else:
+        detector = DetectorEnsemble()
+        _, fit_s = timed(lambda: detector.fit(train_images, real_anomalies=real_anomalies))
+        patchcore, prn = detector.members
+        settings = {"members": [member.name for member in detector.members],
+                    "calibration_fraction": detector.calibration_fraction, "n_calibration": detector.n_calibration_,
+                    "patchcore_image_size": patchcore.image_size, "prn": prn_settings(prn.config),
+                    "scales": [asdict(scale) for scale in detector.scales_]}
+        note = (f"PatchCore and PRN (their defaults) fitted on {len(train_images) - detector.n_calibration_} of the "
+                f"normal training images (PRN also on the {len(real_anomalies)} real anomalies, EXCLUDED from its "
+                f"evaluation as for PRN), standardised on the other {detector.n_calibration_} and averaged")
     load_before = load_average()
     detections, predict_s = timed(lambda: detector.predict(test_images))
     entry = {"fit_seconds": round(fit_s, 1), "predict_seconds": round(predict_s, 1),
@@ -286,7 +306,7 @@ def main() -> None:
         entry, detections, detector = run_detector(name, train_images, test_images, real_anomalies, args.threads)
         scores = np.array([d.score for d in detections], dtype=np.float64)
         metrics = score_detector(scores, [d.anomaly_map for d in detections], labels, masks, prn_eval)
-        if name == "prn":
+        if name in TRAINS_ON_REAL_ANOMALIES:
             main_metrics = metrics.pop("on_prn_eval_set")
             main_metrics["evaluated_on"] = "test images minus PRN's 10 real training anomalies"
             main_metrics["on_all_test_images_incl_its_training_anomalies"] = metrics

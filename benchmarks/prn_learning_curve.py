@@ -40,7 +40,7 @@ from anomaly_discovery.data import load_image, load_mask, read_dataset
 from anomaly_discovery.models.detectors.prn import PRNConfig, PRNDetector
 from anomaly_discovery.models.detectors.prn_training import PRNTrainHooks, select_real_anomalies
 from anomaly_discovery.models.metrics import aupro, image_auroc, pixel_auroc
-from detector_selection import HELD_OUT_SETS, held_out_set
+from detector_selection import HELD_OUT_SETS, held_out_set, normal_split
 from machine_info import cpu_model
 from results_file import add_output_arguments, results_path, write_results
 
@@ -140,10 +140,8 @@ def main() -> None:
 
     samples = read_dataset(args.data, "mtd", check=False).samples
     normals = [s for s in samples if s.is_normal and s.split == "train"]
-    order = np.random.default_rng(args.seed).permutation(len(normals))
-    n_held_out = int(round(len(normals) * args.held_out_fraction))
-    fit_images = [load_image(normals[i].image_path) for i in order[n_held_out:]][:args.limit]
-    held_images = [load_image(normals[i].image_path) for i in order[:n_held_out]]
+    fit_images, held_images = normal_split(normals, args.held_out_fraction, args.seed)
+    fit_images, n_held_out = fit_images[:args.limit], len(held_images)
     held_out = {name: held_out_set(held_images, *betas, args.seed) for name, betas in HELD_OUT_SETS.items()}
     chosen_real, _ = select_real_anomalies([s for s in samples if s.split == "test"], 10, seed=0)
     real = [(load_image(s.image_path), load_mask(s.mask_path)) for s in chosen_real]

@@ -102,8 +102,9 @@ def section_detection() -> str:
                      "this run" if anomalib.get("run_started") == run else "kept"])
     lines = [
         "## MTD detection (`benchmarks/mtd_detection.py`)", "",
-        "Fit on the 761 normal training images; test on the 392 defect + 191 normal test images (PRN: its ≤ 10 "
-        "real training anomalies are left out of its evaluation). Anchors (AUPRO): PatchCore .729, MuSc .769, "
+        "Fit on the 761 normal training images; test on the 392 defect + 191 normal test images (PRN and the "
+        "ensemble: the ≤ 10 real anomalies PRN trains on are left out of their evaluation; the ensemble holds 10% "
+        "of the normal images back to put PatchCore and PRN on one scale). Anchors (AUPRO): PatchCore .729, MuSc .769, "
         "UniFormaly .837. Targets (issue 13): best AUPRO ≥ .85; PatchCore image AUROC ≥ .96 with AUPRO ≥ .78 at "
         "≥ 2× anomalib's images/s; PRN image AUROC ≥ .95 and AUPRO ≥ .85 within 30 minutes of training.", "",
         table(["detector", "image AUROC", "pixel AUROC", "AUPRO", "images/s", "fit s", "run"], rows), ""]
@@ -159,6 +160,34 @@ def section_prn_learning_curve() -> str:
         table(header, rows), "", f"Speed ({speed}).", "",
         f"Chosen: **{r.get('chosen') or 'run incomplete'}** prototypes, default epochs "
         f"{fmt(r.get('default_epochs'))}.", "", machine(r)])
+
+
+def section_ensemble_selection() -> str:
+    title = "## PatchCore and PRN averaged, decided without MTD's test labels (`benchmarks/ensemble_selection.py`)"
+    r = load("ensemble_selection")
+    if r is None:
+        return f"{title}\n\nnot run"
+    protocol, decision = r["protocol"], r["decision"]
+    sets = list(r["sets"])
+    header = ["detector", *[f"{s} {m}" for s in sets for m in ("img AUROC", "px AUROC", "AUPRO")],
+              f"{decision['set']} score"]
+    rows = [[name, *[c[s][m] for s in sets for m in ("image_auroc", "pixel_auroc", "aupro")],
+             decision["scores"][name]] for name, c in r["candidates"].items()]
+    ranges = ", ".join(f"{s} β ∈ [{low}, {high}]" for s, (low, high) in protocol["beta_ranges"].items())
+    verdict = "adopted: offered as `adisc detect --detector ensemble`" if decision["adopted"] else "not adopted"
+    return "\n".join([
+        title, "",
+        f"Fitted on {protocol['fit_images']} of MTD's normal training images (the ensemble holds back "
+        f"{protocol['calibration_fraction']:.0%} of them to put its members on one scale; PRN, "
+        f"{protocol['prn_epochs']} epochs, also on its 10 real anomalies) and scored on {protocol['held_out_normal']} held-out normals plus "
+        f"one anomalous copy of each: DRAEM-style simulated anomalies ({ranges}) and the generator's six defect "
+        f"kinds drawn at {protocol['drawn']['side']} px (`drawn`). Members alone are scored from the same fits. "
+        f"Rule, fixed before the run: {r['rule']}", "",
+        table(header, rows), "",
+        f"Decision on `{decision['set']}`: ensemble {fmt(decision['scores']['ensemble'])} against the best member "
+        f"({decision['best_member']}) {fmt(decision['scores'][decision['best_member']])}, margin "
+        f"{fmt(decision['margin_over_best_member'])}: **{verdict}**. Fit {fmt(r['fit_seconds'], 0)} s.", "",
+        machine(r)])
 
 
 def section_detector_selection() -> str:
@@ -786,7 +815,7 @@ def render() -> str:
         "recorded), no GPU. Hyper-parameters were chosen on synthetic data, NEU-DET and MTD's normal training "
         "images, never on the labels of the data being evaluated.",
         section_generator(), section_metrics(), section_mebin(), section_detector_selection(), section_detection(),
-        section_prn_learning_curve(),
+        section_prn_learning_curve(), section_ensemble_selection(),
         section_discovery_selection(), section_image_turns(), section_discovery(),
         section_train_scaling(), section_index(), section_review(), section_active_loop(), section_serve(),
         section_proposals_page(), section_export(), section_demo()]

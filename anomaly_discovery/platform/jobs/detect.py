@@ -25,7 +25,9 @@ from anomaly_discovery.models.localisation.localise import localise_set
 from anomaly_discovery.models.localisation.mebin import MEBinResult
 from anomaly_discovery.models.localisation.priors.factory import build_object_prior
 
-DETECTORS = ("patchcore", "zero-shot", "prn", "maps")
+DETECTORS = ("patchcore", "zero-shot", "prn", "ensemble", "maps")
+FITTED_ON_NORMALS = ("patchcore", "prn", "ensemble")
+TRAINED_ON_REAL_ANOMALIES = ("prn", "ensemble")
 SUMMARY_FILE = "summary.json"
 
 
@@ -138,7 +140,7 @@ def image_ids(samples: list[Sample], root: Path) -> list[str]:
 def split_for_detector(samples: list[Sample], detector: str) -> tuple[list[Sample], list[Sample]]:
     """(images to fit on, images to predict) for a detector kind."""
     test = [s for s in samples if s.split == "test"]
-    if detector in ("patchcore", "prn"):
+    if detector in FITTED_ON_NORMALS:
         normal_train = [s for s in samples if s.split == "train" and s.is_normal]
         if not normal_train:
             raise ValueError(f"the {detector} detector needs normal training images (train/good); none were "
@@ -160,13 +162,21 @@ def build_detector(config: DetectConfig):
 
         return MutualScoringDetector(backbone=config.backbone, weights=config.weights, batch_size=config.batch_size,
                                      device=config.device, seed=config.seed, progress=config.progress, **sizing)
-    if config.detector == "prn":
+    if config.detector in ("prn", "ensemble"):
         from anomaly_discovery.models.detectors.prn import PRNConfig, PRNDetector
 
         if config.prn_model is not None:
             return PRNDetector.load(config.prn_model, device=config.device)
-        return PRNDetector(PRNConfig(encoder=config.backbone, device=config.device, seed=config.seed,
-                                     progress=config.progress, **sizing))
+        prn = PRNDetector(PRNConfig(encoder=config.backbone, device=config.device, seed=config.seed,
+                                    progress=config.progress, **sizing))
+        if config.detector == "prn":
+            return prn
+        from anomaly_discovery.models.detectors.ensemble import DetectorEnsemble
+        from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
+
+        patchcore = PatchCoreDetector(backbone=config.backbone, weights=config.weights, batch_size=config.batch_size,
+                                      device=config.device, seed=config.seed, progress=config.progress, **sizing)
+        return DetectorEnsemble(members=(patchcore, prn), seed=config.seed)
     from anomaly_discovery.models.detectors.external_maps import ExternalMapDetector
 
     layout = "anomalib" if any(p.is_dir() for p in Path(config.maps).iterdir()) else "flat"
@@ -178,8 +188,8 @@ def _load_all(samples: list[Sample], progress: bool, desc: str) -> list[np.ndarr
 
 
 def fit_detector(detector, config: DetectConfig, fit_samples: list[Sample], test_samples: list[Sample]):
-    """Fit; for PRN also choose ≤ 10 real anomalies and return the test images left for evaluation (a saved
-    PRN is not fitted again: the anomalies it trained on, picked the same way, are left out)."""
+    """Fit; for PRN (alone or in the ensemble) also choose ≤ 10 real anomalies and return the test images left for
+    evaluation (a saved PRN is not fitted again: the anomalies it trained on, picked the same way, are left out)."""
     if config.detector in ("zero-shot", "maps"):
         return detector.fit(None), test_samples, []
     if config.prn_model is not None:
@@ -188,7 +198,7 @@ def fit_detector(detector, config: DetectConfig, fit_samples: list[Sample], test
         chosen, rest = select_real_anomalies(test_samples, n=detector.n_real_anomalies_, seed=detector.config.seed)
         return detector, rest, chosen
     normal_images = _load_all(fit_samples, config.progress, "loading normal images")
-    if config.detector != "prn":
+    if config.detector not in TRAINED_ON_REAL_ANOMALIES:
         return detector.fit(normal_images), test_samples, []
     from anomaly_discovery.models.detectors.prn_training import select_real_anomalies
 

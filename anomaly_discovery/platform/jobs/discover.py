@@ -30,7 +30,7 @@ from anomaly_discovery.models.discovery.config import DiscoveryConfig
 from anomaly_discovery.models.discovery.frozen import region_images
 from anomaly_discovery.models.localisation.regions import (Region, base_regions_from_boxes, base_regions_from_mask,
                                                            crop_region, novel_regions)
-from .detect import DETECTORS, SUMMARY_FILE, DetectConfig, run_detect, split_for_detector
+from .detect import DETECTORS, FITTED_ON_NORMALS, SUMMARY_FILE, DetectConfig, run_detect, split_for_detector
 
 BASE_KINDS = ("neu", "synthetic")
 
@@ -147,7 +147,7 @@ def normal_images_of(detect_config: dict) -> list[str]:
     """The defect-free images the detector learned from (none for a zero-shot detector or external maps): read
     again from the data set the detect run names; discovery removes their main variation from its views."""
     detector = detect_config.get("detector")
-    if detector not in ("patchcore", "prn") or detect_config.get("data") is None:
+    if detector not in FITTED_ON_NORMALS or detect_config.get("data") is None:
         return []
     data = Path(detect_config["data"])
     data_format = detect_config.get("format") or "auto"

@@ -65,6 +65,9 @@ def publish_discovery(detection: DetectSummary, discovery: DiscoverSummary, work
                       model_version: str | None = None, replace: bool = False) -> PublishResult:
     """Write the serving model (detector + the run's map scale and MEBin level + discovery model), then load the
     run's images and regions (with their learned embeddings and the model's classes) into the store and index."""
+    if detection.config.detector != "patchcore" or detection.detector is None:
+        raise ValueError(f"the {detection.config.detector} detector cannot be saved for serving (the service loads a "
+                         "PatchCore bank); use patchcore")
     paths = ServicePaths(Path(workdir))
     if paths.service.exists() and any(paths.service.iterdir()):
         if not replace:
@@ -72,8 +75,6 @@ def publish_discovery(detection: DetectSummary, discovery: DiscoverSummary, work
                              "folder, or replace it")
         shutil.rmtree(paths.service)
     paths.service.mkdir(parents=True, exist_ok=True)
-    if detection.detector is None or not hasattr(detection.detector, "save"):
-        raise ValueError(f"the {detection.config.detector} detector cannot be saved for serving; use patchcore")
     version = model_version or f"discovery-{Path(discovery.config.out).name}"
     localisation = fit_localisation([r.detection.anomaly_map for r in detection.results],
                                     [r.mebin.threshold for r in detection.results if r.mebin.n_regions > 0]

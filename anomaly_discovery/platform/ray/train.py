@@ -285,7 +285,8 @@ def add_data_arguments(parser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="dataset folder")
     parser.add_argument("--format", default="auto", choices=["auto", "mvtec", "mtd", "folder", "neu"])
     parser.add_argument("--detections", type=Path, default=None, help="an `adisc detect` output folder")
-    parser.add_argument("--detector", default="patchcore", choices=["patchcore", "zero-shot", "prn", "maps"],
+    parser.add_argument("--detector", default="patchcore",
+                        choices=["patchcore", "zero-shot", "prn", "ensemble", "maps"],
                         help="detector to run first when --detections is not given")
     parser.add_argument("--base", default="none", help="labelled known classes: neu:PATH | synthetic:PATH | none")
     parser.add_argument("--k", default="auto", help="number of novel classes, or auto")

@@ -37,7 +37,8 @@ def test_detect_writes_maps_masks_crops_and_summary(bottle_data, tmp_path):
     assert written["detector_image_size"] == 96
 
 
-@pytest.mark.parametrize("detector, own_size", [("patchcore", 320), ("zero-shot", 256), ("prn", 256)])
+@pytest.mark.parametrize("detector, own_size", [("patchcore", 320), ("zero-shot", 256), ("prn", 256),
+                                                      ("ensemble", 320)])
 def test_detectors_keep_their_own_input_size_unless_one_is_given(bottle_data, tmp_path, detector, own_size):
     from anomaly_discovery.platform.jobs.detect import build_detector
 
@@ -45,6 +46,25 @@ def test_detectors_keep_their_own_input_size_unless_one_is_given(bottle_data, tm
     assert built.image_size == own_size
     given = build_detector(_config(bottle_data, tmp_path, detector=detector, image_size=64))
     assert given.image_size == 64
+
+
+def test_ensemble_fits_patchcore_and_prn_and_leaves_prns_real_anomalies_out_of_its_output(tmp_path):
+    generate_dataset(tmp_path / "gen", n_images=110, seed=2, progress=False)
+    data = tmp_path / "gen" / "metal_plate"
+    summary = run_detect(_config(data, tmp_path / "out", detector="ensemble", image_size=64))
+    patchcore, prn = summary.detector.members
+    assert patchcore.image_size == prn.image_size == 64 and prn.n_real_anomalies_ == 10
+    n_test = sum(1 for path in (data / "test").rglob("*.png"))
+    assert len(summary.results) == n_test - 10
+    n_normal = sum(1 for _ in (data / "train" / "good").glob("*.png"))
+    assert summary.n_fit_images == n_normal and summary.detector.n_calibration_ == max(8, round(0.1 * n_normal))
+    metrics = evaluate_output(tmp_path / "out").metrics
+    assert metrics["image_auroc"] > 0.75 and metrics["pixel_auroc"] > 0.8
+
+
+def test_ensemble_with_too_few_normal_images_is_a_clear_error(bottle_data, tmp_path):
+    with pytest.raises(ValueError, match="the ensemble needs at least 16 normal images"):
+        run_detect(_config(bottle_data, tmp_path / "out", detector="ensemble"))
 
 
 def test_detect_never_reads_labels_of_the_images(bottle_data, tmp_path):

@@ -1,0 +1,150 @@
+"""PatchCore and PRN on one scale: their maps and image scores standardised on held-out normals, averaged.
+
+The two detectors fail differently (PatchCore measures distance to a memory bank of normal patches, PRN learns
+residuals to normal prototypes with real and simulated anomalies), so averaging their evidence can localise
+better than either. Their scores live on different scales (a feature distance; a probability), so:
+
+1. a calibration share of the normal images (``calibration_fraction``, at least ``MIN_CALIBRATION`` images,
+   seeded) is held out; every member is fitted on the rest (PRN also on the real anomalies it is given);
+2. each member predicts the held-out normals; in its score space (PRN's probabilities as log-odds, PatchCore's
+   distances as they are) the mean and standard deviation of their pixels and of their image scores are kept;
+3. at prediction, each member's map and image score are standardised by those statistics (a z-score against
+   normal data, as anomalib normalises against a validation set) and the members' z-scores averaged.
+
+Members are scored on the images' own sizes (each detector resizes its map back), so maps of different input
+sizes average pixel by pixel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .protocol import Detection
+
+MIN_CALIBRATION = 8
+PROBABILITY_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class MemberScale:
+    """Mean and standard deviation of one member's pixel and image scores on held-out normal images."""
+
+    pixel_mean: float
+    pixel_std: float
+    image_mean: float
+    image_std: float
+
+
+def to_score_space(values: np.ndarray, probabilities: bool) -> np.ndarray:
+    """Log-odds of probabilities (clipped away from 0 and 1), other scores unchanged."""
+    if not probabilities:
+        return np.asarray(values, dtype=np.float64)
+    clipped = np.clip(np.asarray(values, dtype=np.float64), PROBABILITY_EPS, 1.0 - PROBABILITY_EPS)
+    return np.log(clipped) - np.log1p(-clipped)
+
+
+def member_scale(detections: Sequence[Detection], probabilities: bool) -> MemberScale:
+    """Statistics of a member's predictions on normal images, in its score space (step 2)."""
+    pixels = np.concatenate([to_score_space(d.anomaly_map, probabilities).ravel() for d in detections])
+    scores = to_score_space(np.array([d.score for d in detections]), probabilities)
+    floor = np.finfo(np.float32).eps
+    return MemberScale(float(pixels.mean()), max(float(pixels.std()), floor),
+                       float(scores.mean()), max(float(scores.std(ddof=1)), floor))
+
+
+def standardised(detection: Detection, scale: MemberScale, probabilities: bool) -> Detection:
+    """One member's detection as z-scores against its normal statistics (step 3)."""
+    anomaly_map = (to_score_space(detection.anomaly_map, probabilities) - scale.pixel_mean) / scale.pixel_std
+    score = (to_score_space(np.array([detection.score]), probabilities)[0] - scale.image_mean) / scale.image_std
+    return Detection(float(score), anomaly_map.astype(np.float32))
+
+
+def average_detections(per_member: Sequence[Sequence[Detection]]) -> list[Detection]:
+    """Pixel-wise and score-wise mean over members of already standardised detections."""
+    combined = []
+    for detections in zip(*per_member, strict=True):
+        maps = [d.anomaly_map for d in detections]
+        if len({m.shape for m in maps}) != 1:
+            raise ValueError(f"members gave maps of different sizes for one image: {[m.shape for m in maps]}")
+        combined.append(Detection(float(np.mean([d.score for d in detections])),
+                                  np.mean(maps, axis=0).astype(np.float32)))
+    return combined
+
+
+def calibration_split(n_images: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit indices, calibration indices): a seeded ``fraction`` of the images, at least MIN_CALIBRATION."""
+    n_calibration = max(MIN_CALIBRATION, int(round(n_images * fraction)))
+    if n_images - n_calibration < MIN_CALIBRATION:
+        raise ValueError(f"the ensemble needs at least {2 * MIN_CALIBRATION} normal images ({MIN_CALIBRATION} to "
+                         f"fit on and {MIN_CALIBRATION} to calibrate the members' scales), got {n_images}")
+    order = np.random.default_rng(seed).permutation(n_images)
+    return np.sort(order[n_calibration:]), np.sort(order[:n_calibration])
+
+
+class DetectorEnsemble:
+    """PatchCore + PRN (by default, each with its own defaults), standardised on held-out normals and averaged.
+
+    ``members`` are unfitted detectors; a member whose ``name`` is in ``probability_members`` gives
+    probabilities (PRN) and is standardised in log-odds. After ``fit``: ``scales_`` (one :class:`MemberScale`
+    per member) and ``n_calibration_``.
+    """
+
+    name = "ensemble"
+
+    def __init__(self, members: Sequence | None = None, calibration_fraction: float = 0.1, seed: int = 0,
+                 probability_members: Sequence[str] = ("prn",)):
+        if not 0.0 < calibration_fraction < 1.0:
+            raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
+        if members is None:
+            from .patchcore import PatchCoreDetector
+            from .prn import PRNDetector
+
+            members = (PatchCoreDetector(seed=seed), PRNDetector())
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+        self.members = list(members)
+        self.calibration_fraction, self.seed = calibration_fraction, seed
+        self.probability_members = tuple(probability_members)
+
+    @property
+    def image_size(self) -> int:
+        """The largest member input side (each member keeps its own)."""
+        return max(member.image_size for member in self.members)
+
+    def _is_probability(self, member) -> bool:
+        return member.name in self.probability_members
+
+    def fit(self, normal_images: Sequence[np.ndarray],
+            real_anomalies: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> "DetectorEnsemble":
+        """Fit every member on the normal images less the calibration share, then measure their scales."""
+        fit_idx, calibration_idx = calibration_split(len(normal_images), self.calibration_fraction, self.seed)
+        fit_images = [normal_images[i] for i in fit_idx]
+        calibration_images = [normal_images[i] for i in calibration_idx]
+        for member in self.members:
+            if member.name == "prn":
+                member.fit(fit_images, real_anomalies=real_anomalies)
+            else:
+                member.fit(fit_images)
+        self.scales_ = [member_scale(member.predict(calibration_images), self._is_probability(member))
+                        for member in self.members]
+        self.n_calibration_ = len(calibration_images)
+        return self
+
+    def predict_members(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
+        """Each member's own detections (its own scale), in member order."""
+        if not hasattr(self, "scales_"):
+            raise RuntimeError("DetectorEnsemble.predict called before fit")
+        return [member.predict(images) for member in self.members]
+
+    def combine(self, per_member: Sequence[Sequence[Detection]]) -> list[Detection]:
+        """Standardise each member's detections by its calibration scale and average them."""
+        return average_detections([[standardised(d, scale, self._is_probability(member)) for d in detections]
+                                   for member, scale, detections in zip(self.members, self.scales_, per_member,
+                                                                        strict=True)])
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Detection]:
+        """One detection per image: the mean of the members' standardised maps and image scores."""
+        return self.combine(self.predict_members(images))
