@@ -167,7 +167,10 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                          description="Run an anomaly detector on a dataset and write, per image, the anomaly "
                                      "map, MEBin mask, object mask, crops and a JSON summary.")
     _add_data_args(p)
-    p.add_argument("--detector", default="patchcore", choices=["patchcore", "zero-shot", "prn", "ensemble", "maps"])
+    p.add_argument("--detector", default="patchcore", choices=["patchcore", "zero-shot", "prn", "ensemble", "maps"],
+                   help="patchcore (default, fast); zero-shot (no normal images); prn (trains on normal images and "
+                        "up to 10 labelled defects); ensemble (PatchCore and PRN averaged: the best maps on MTD, at "
+                        "PRN's training time); maps (another tool's maps, with --maps)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--backbone", default="mobilenet_v2",
                    help="mobilenet_v2 | efficientnet_lite0/1/2 | tiny | timm:<name> | torchvision:<name>")

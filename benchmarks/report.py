@@ -117,6 +117,12 @@ def section_detection() -> str:
                   f"{fmt(comparison.get('images_per_s_ratio_ours_over_anomalib'), 2)}× the images/s.", ""]
     else:
         lines.append(f"anomalib PatchCore: not compared — {anomalib.get('reason', 'not run')}.")
+    same_images = [(name, d["on_prn_eval_set"]) for name, d in r["detectors"].items() if "on_prn_eval_set" in d]
+    if same_images:
+        lines += [f"On the {same_images[0][1]['n_images']} images PRN and the ensemble are scored on (the test images "
+                  "without PRN's training anomalies), image AUROC / pixel AUROC / AUPRO: "
+                  + "; ".join(f"{name} {fmt(m['image_auroc'])} / {fmt(m['pixel_auroc'])} / {fmt(m['aupro'])}"
+                              for name, m in same_images) + " (the rows of PRN and the ensemble are on them).", ""]
     prn = r["detectors"].get("prn", {})
     if prn.get("settings", {}).get("loss_per_epoch"):
         lines += [f"PRN: {prn['settings']['epochs']} epochs, {prn['settings']['prototypes']} prototypes, loss per "
