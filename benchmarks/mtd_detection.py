@@ -1,8 +1,8 @@
 """Detection quality and speed on MTD: image AUROC, pixel AUROC, AUPRO and images/s for each detector.
 
-Usage: python benchmarks/mtd_detection.py [--data ../shared/datasets/mtd] [--detectors patchcore zero-shot prn ensemble]
-       [--threads 1] [--neu ../shared/datasets/neu-det] [--anomalib-python /tmp/anomalib-venv/bin/python]
-       [--tag NAME]
+Usage: python benchmarks/mtd_detection.py [--data ../shared/datasets/mtd]
+       [--detectors patchcore zero-shot prn ensemble] [--threads 1] [--neu ../shared/datasets/neu-det]
+       [--anomalib-python /tmp/anomalib-venv/bin/python] [--tag NAME]
 
 Protocol (../shared/datasets/README.md): fit on the normal training images of the split file (761), test on
 the 392 defect images + the 191 normal test images; normal test images get all-zero masks. Every detector

@@ -100,9 +100,9 @@ class DetectorEnsemble:
             raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
         if members is None:
             from .patchcore import PatchCoreDetector
-            from .prn import PRNDetector
+            from .prn import PRNConfig, PRNDetector
 
-            members = (PatchCoreDetector(seed=seed), PRNDetector())
+            members = (PatchCoreDetector(seed=seed), PRNDetector(PRNConfig(seed=seed)))
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
         self.members = list(members)
