@@ -23,6 +23,11 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def tagged_runs(name: str) -> list[tuple[Path, dict]]:
+    """Every ``<name>.<tag>.json`` with its contents, by file name."""
+    return [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob(f"{name}.*.json"))]
+
+
 def fmt(value, digits: int = 3) -> str:
     if value is None:
         return "–"
@@ -193,6 +198,13 @@ def section_ensemble_selection() -> str:
         f"Decision on `{decision['set']}`: ensemble {fmt(decision['scores']['ensemble'])} against the best member "
         f"({decision['best_member']}) {fmt(decision['scores'][decision['best_member']])}, margin "
         f"{fmt(decision['margin_over_best_member'])}: **{verdict}**. Fit {fmt(r['fit_seconds'], 0)} s.", "",
+        *[f"The same script on another split of the normal images (`{path.name}`, seed {other['protocol']['seed']}; "
+          f"reported, the decision above stands): on `{other['decision']['set']}` "
+          + ", ".join(f"{name} {fmt(score)}" for name, score in other["decision"]["scores"].items())
+          + f", margin {fmt(other['decision']['margin_over_best_member'])}; AUPRO "
+          + ", ".join(f"{name} {fmt(c[other['decision']['set']]['aupro'])}" for name, c in other["candidates"].items())
+          + ".\n"
+          for path, other in tagged_runs("ensemble_selection")],
         machine(r)])
 
 

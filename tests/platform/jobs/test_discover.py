@@ -8,9 +8,9 @@ from anomaly_discovery.data.synthetic import generate_dataset
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
 from anomaly_discovery.models.discovery.predict import DiscoveryPredictor
 from anomaly_discovery.platform.jobs.detect import DetectConfig, run_detect
-from anomaly_discovery.platform.jobs.discover import (DiscoverJobConfig, neu_base_regions, parse_base, parse_k,
-                                                      regions_from_detect_output, run_discover, synthetic_base_regions,
-                                                      view_lines)
+from anomaly_discovery.platform.jobs.discover import (DiscoverJobConfig, neu_base_regions, normal_images_of,
+                                                      parse_base, parse_k, regions_from_detect_output, run_discover,
+                                                      synthetic_base_regions, view_lines)
 from anomaly_discovery.platform.jobs.evaluate import evaluate_output
 from tests.conftest import shared_dataset
 
@@ -127,6 +127,15 @@ def test_synthetic_base_crops_at_most_per_class_images(generated):
     assert {r.class_name for r in regions} == {"crack", "fold", "hole", "missing_material", "scratch", "stain"}
     assert len({r.image_id for r in regions}) == 6
     assert all(r.image_id.startswith(str(generated / "bottle")) for r in regions)
+
+
+@pytest.mark.parametrize("detector, uses_normals", [("patchcore", True), ("prn", True), ("ensemble", True),
+                                                     ("zero-shot", False), ("maps", False)])
+def test_discovery_reads_the_normal_images_of_every_detector_that_learned_from_them(generated, detector,
+                                                                                     uses_normals):
+    normals = sorted(str(p) for p in (generated / "metal_plate" / "train" / "good").glob("*.png"))
+    found = normal_images_of({"detector": detector, "data": str(generated / "metal_plate"), "format": "mvtec"})
+    assert normals and sorted(found) == (normals if uses_normals else [])
 
 
 def test_regions_from_detect_output_follow_its_boxes(detections):
