@@ -201,7 +201,8 @@ def section_ensemble_selection() -> str:
         *[f"The same script on another split of the normal images (`{path.name}`, seed {other['protocol']['seed']}; "
           f"reported, the decision above stands): on `{other['decision']['set']}` "
           + ", ".join(f"{name} {fmt(score)}" for name, score in other["decision"]["scores"].items())
-          + f", margin {fmt(other['decision']['margin_over_best_member'])}; AUPRO "
+          + f", margin {fmt(other['decision']['margin_over_best_member'])} (by this split alone: "
+          + ("adopted" if other["decision"]["adopted"] else "**not adopted**") + "); AUPRO "
           + ", ".join(f"{name} {fmt(c[other['decision']['set']]['aupro'])}" for name, c in other["candidates"].items())
           + ".\n"
           for path, other in tagged_runs("ensemble_selection")],
