@@ -109,8 +109,8 @@ def section_detection() -> str:
         "## MTD detection (`benchmarks/mtd_detection.py`)", "",
         "Fit on the 761 normal training images; test on the 392 defect + 191 normal test images (PRN and the "
         "ensemble: the ≤ 10 real anomalies PRN trains on are left out of their evaluation; the ensemble holds 10% "
-        "of the normal images back to put PatchCore and PRN on one scale). Anchors (AUPRO): PatchCore .729, MuSc .769, "
-        "UniFormaly .837. Targets (issue 13): best AUPRO ≥ .85; PatchCore image AUROC ≥ .96 with AUPRO ≥ .78 at "
+        "of the normal images back to put PatchCore and PRN on one scale). Anchors (AUPRO): PatchCore .729, MuSc "
+        ".769, UniFormaly .837. Targets (issue 13): best AUPRO ≥ .85; PatchCore image AUROC ≥ .96 with AUPRO ≥ .78 at "
         "≥ 2× anomalib's images/s; PRN image AUROC ≥ .95 and AUPRO ≥ .85 within 30 minutes of training.", "",
         table(["detector", "image AUROC", "pixel AUROC", "AUPRO", "images/s", "fit s", "run"], rows), ""]
     if anomalib.get("ran"):
@@ -173,6 +173,17 @@ def section_prn_learning_curve() -> str:
         f"{fmt(r.get('default_epochs'))}.", "", machine(r)])
 
 
+def other_split_line(path: Path, other: dict) -> str:
+    """One tagged ensemble_selection run (another split of the normal images) in a sentence."""
+    ruled = other["decision"]["set"]
+    scores = ", ".join(f"{name} {fmt(score)}" for name, score in other["decision"]["scores"].items())
+    aupros = ", ".join(f"{name} {fmt(c[ruled]['aupro'])}" for name, c in other["candidates"].items())
+    verdict = "adopted" if other["decision"]["adopted"] else "**not adopted**"
+    return (f"The same script on another split of the normal images (`{path.name}`, seed {other['protocol']['seed']}; "
+            f"reported, the decision above stands): on `{ruled}` {scores}, margin "
+            f"{fmt(other['decision']['margin_over_best_member'])} (by this split alone: {verdict}); AUPRO {aupros}.\n")
+
+
 def section_ensemble_selection() -> str:
     title = "## PatchCore and PRN averaged, decided without MTD's test labels (`benchmarks/ensemble_selection.py`)"
     r = load("ensemble_selection")
@@ -190,22 +201,16 @@ def section_ensemble_selection() -> str:
         title, "",
         f"Fitted on {protocol['fit_images']} of MTD's normal training images (the ensemble holds back "
         f"{protocol['calibration_fraction']:.0%} of them to put its members on one scale; PRN, "
-        f"{protocol['prn_epochs']} epochs, also on its 10 real anomalies) and scored on {protocol['held_out_normal']} held-out normals plus "
-        f"one anomalous copy of each: DRAEM-style simulated anomalies ({ranges}) and the generator's six defect "
-        f"kinds drawn at {protocol['drawn']['side']} px (`drawn`). Members alone are scored from the same fits. "
+        f"{protocol['prn_epochs']} epochs, also on its 10 real anomalies) and scored on "
+        f"{protocol['held_out_normal']} held-out normals plus one anomalous copy of each: DRAEM-style simulated "
+        f"anomalies ({ranges}) and the generator's six defect kinds drawn at {protocol['drawn']['side']} px "
+        "(`drawn`). Members alone are scored from the same fits. "
         f"Rule, fixed before the run: {r['rule']}", "",
         table(header, rows), "",
         f"Decision on `{decision['set']}`: ensemble {fmt(decision['scores']['ensemble'])} against the best member "
         f"({decision['best_member']}) {fmt(decision['scores'][decision['best_member']])}, margin "
         f"{fmt(decision['margin_over_best_member'])}: **{verdict}**. Fit {fmt(r['fit_seconds'], 0)} s.", "",
-        *[f"The same script on another split of the normal images (`{path.name}`, seed {other['protocol']['seed']}; "
-          f"reported, the decision above stands): on `{other['decision']['set']}` "
-          + ", ".join(f"{name} {fmt(score)}" for name, score in other["decision"]["scores"].items())
-          + f", margin {fmt(other['decision']['margin_over_best_member'])} (by this split alone: "
-          + ("adopted" if other["decision"]["adopted"] else "**not adopted**") + "); AUPRO "
-          + ", ".join(f"{name} {fmt(c[other['decision']['set']]['aupro'])}" for name, c in other["candidates"].items())
-          + ".\n"
-          for path, other in tagged_runs("ensemble_selection")],
+        *[other_split_line(path, other) for path, other in tagged_runs("ensemble_selection")],
         machine(r)])
 
 
