@@ -135,10 +135,9 @@ def test_patchcore_and_prn_together_find_blobs_on_a_texture():
                                      n_prototypes=16, anomaly_pool=24, progress=False, device="cpu")))
     ensemble = DetectorEnsemble(members=members).fit(normals, real_anomalies=real)
     assert isinstance(ensemble, Detector)
-    held = [texture(100 + i) for i in range(4)] + [with_blob(texture(200 + i), 20 + 6 * i, 40 - 6 * i)[0]
-                                                   for i in range(4)]
-    masks = [np.zeros((SIZE, SIZE), bool)] * 4 + [with_blob(texture(200 + i), 20 + 6 * i, 40 - 6 * i)[1]
-                                                  for i in range(4)]
+    blobs = [with_blob(texture(200 + i), 20 + 6 * i, 40 - 6 * i) for i in range(4)]
+    held = [texture(100 + i) for i in range(4)] + [image for image, _ in blobs]
+    masks = [np.zeros((SIZE, SIZE), bool)] * 4 + [mask for _, mask in blobs]
     detections = ensemble.predict(held)
     assert all(d.anomaly_map.shape == (SIZE, SIZE) and d.anomaly_map.dtype == np.float32 for d in detections)
     assert roc_auc_score([0] * 4 + [1] * 4, [d.score for d in detections]) == 1.0
