@@ -173,6 +173,7 @@ def run_detector(name: str, train_images, test_images, real_anomalies, threads: 
         patchcore, prn = detector.members
         settings = {"members": [member.name for member in detector.members],
                     "calibration_fraction": detector.calibration_fraction, "n_calibration": detector.n_calibration_,
+                    "blur_sigma": detector.blur_sigma,
                     "patchcore_image_size": patchcore.image_size, "prn": prn_settings(prn.config),
                     "scales": [asdict(scale) for scale in detector.scales_]}
         note = (f"PatchCore and PRN (their defaults) fitted on {len(train_images) - detector.n_calibration_} of the "

@@ -9,7 +9,10 @@ better than either. Their scores live on different scales (a feature distance; a
 2. each member predicts the held-out normals; in its score space (PRN's probabilities as log-odds, PatchCore's
    distances as they are) the mean and standard deviation of their pixels and of their image scores are kept;
 3. at prediction, each member's map and image score are standardised by those statistics (a z-score against
-   normal data, as anomalib normalises against a validation set) and the members' z-scores averaged.
+   normal data, as anomalib normalises against a validation set) and the members' z-scores averaged;
+4. optionally, the averaged map is Gaussian-blurred (``blur_sigma``, in pixels of a 256-pixel shorter side,
+   scaled to each image's own): PatchCore's maps come blurred, PRN's do not. The default, 0 (no blur), stands by
+   ``benchmarks/ensemble_blur_selection.py``: on normal images with drawn defects no σ raised AUPRO by .01.
 
 Members are scored on the images' own sizes (each detector resizes its map back), so maps of different input
 sizes average pixel by pixel.
@@ -20,12 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import cv2
 import numpy as np
 
 from .protocol import Detection
 
 MIN_CALIBRATION = 8
 PROBABILITY_EPS = 1e-6
+BLUR_REFERENCE_SIDE = 256
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,18 @@ def average_detections(per_member: Sequence[Sequence[Detection]]) -> list[Detect
     return combined
 
 
+def blurred_map(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of one map (step 4): ``sigma`` pixels of a BLUR_REFERENCE_SIDE shorter side, scaled to the
+    map's own shorter side (reflected borders); ``sigma`` 0 returns the map as it is."""
+    if sigma < 0:
+        raise ValueError(f"blur sigma must be >= 0, got {sigma}")
+    if sigma == 0:
+        return anomaly_map
+    scaled = sigma * min(anomaly_map.shape[:2]) / BLUR_REFERENCE_SIDE
+    return cv2.GaussianBlur(np.asarray(anomaly_map, dtype=np.float32), (0, 0), scaled,
+                            borderType=cv2.BORDER_REFLECT)
+
+
 def calibration_split(n_images: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(fit indices, calibration indices): a seeded ``fraction`` of the images, at least MIN_CALIBRATION."""
     n_calibration = max(MIN_CALIBRATION, int(round(n_images * fraction)))
@@ -89,13 +106,13 @@ class DetectorEnsemble:
 
     ``members`` are unfitted detectors; a member whose ``name`` is in ``probability_members`` gives
     probabilities (PRN) and is standardised in log-odds. After ``fit``: ``scales_`` (one :class:`MemberScale`
-    per member) and ``n_calibration_``.
+    per member) and ``n_calibration_``. ``blur_sigma``: step 4's blur of the averaged map.
     """
 
     name = "ensemble"
 
     def __init__(self, members: Sequence | None = None, calibration_fraction: float = 0.1, seed: int = 0,
-                 probability_members: Sequence[str] = ("prn",)):
+                 probability_members: Sequence[str] = ("prn",), blur_sigma: float = 0.0):
         if not 0.0 < calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
         if members is None:
@@ -105,9 +122,12 @@ class DetectorEnsemble:
             members = (PatchCoreDetector(seed=seed), PRNDetector(PRNConfig(seed=seed)))
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+        if blur_sigma < 0:
+            raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma}")
         self.members = list(members)
         self.calibration_fraction, self.seed = calibration_fraction, seed
         self.probability_members = tuple(probability_members)
+        self.blur_sigma = blur_sigma
 
     @property
     def image_size(self) -> int:
@@ -139,11 +159,15 @@ class DetectorEnsemble:
             raise RuntimeError("DetectorEnsemble.predict called before fit")
         return [member.predict(images) for member in self.members]
 
-    def combine(self, per_member: Sequence[Sequence[Detection]]) -> list[Detection]:
-        """Standardise each member's detections by its calibration scale and average them."""
-        return average_detections([[standardised(d, scale, self._is_probability(member)) for d in detections]
-                                   for member, scale, detections in zip(self.members, self.scales_, per_member,
-                                                                        strict=True)])
+    def combine(self, per_member: Sequence[Sequence[Detection]], blur_sigma: float | None = None
+                ) -> list[Detection]:
+        """Standardise each member's detections by its calibration scale, average them and blur the averaged
+        maps (``blur_sigma``: the ensemble's own when None)."""
+        sigma = self.blur_sigma if blur_sigma is None else blur_sigma
+        averaged = average_detections([[standardised(d, scale, self._is_probability(member)) for d in detections]
+                                       for member, scale, detections in zip(self.members, self.scales_, per_member,
+                                                                            strict=True)])
+        return [Detection(d.score, blurred_map(d.anomaly_map, sigma)) for d in averaged]
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Detection]:
         """One detection per image: the mean of the members' standardised maps and image scores."""

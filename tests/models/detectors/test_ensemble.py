@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from anomaly_discovery.models.detectors.ensemble import (MIN_CALIBRATION, DetectorEnsemble, MemberScale,
-                                                         average_detections, calibration_split, member_scale,
-                                                         standardised, to_score_space)
+from anomaly_discovery.models.detectors.ensemble import (BLUR_REFERENCE_SIDE, MIN_CALIBRATION, DetectorEnsemble,
+                                                         MemberScale, average_detections, blurred_map,
+                                                         calibration_split, member_scale, standardised,
+                                                         to_score_space)
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from anomaly_discovery.models.detectors.protocol import Detection, Detector
 from anomaly_discovery.models.detectors.prn import PRNConfig, PRNDetector
@@ -115,6 +116,41 @@ def test_members_fit_on_the_same_images_without_the_calibration_share_and_prn_ge
     DetectorEnsemble(members=(distance, probability), seed=3).fit(normals, real_anomalies=real)
     assert distance.fitted_on == probability.fitted_on and len(distance.fitted_on) == 20 - MIN_CALIBRATION
     assert probability.real_anomalies is real
+
+
+def point_map(side: int) -> np.ndarray:
+    image = np.zeros((side, side), np.float32)
+    image[side // 2, side // 2] = 1.0
+    return image
+
+
+def test_blur_spreads_a_point_by_sigma_scaled_to_the_maps_shorter_side():
+    np.testing.assert_array_equal(blurred_map(point_map(64), 0.0), point_map(64))
+    for side in (BLUR_REFERENCE_SIDE, BLUR_REFERENCE_SIDE // 2):
+        spread = blurred_map(point_map(side), 4.0)
+        offsets = np.arange(side) - side // 2
+        row = spread[side // 2] / spread[side // 2].sum()
+        measured = np.sqrt((row * offsets ** 2).sum())
+        assert measured == pytest.approx(4.0 * side / BLUR_REFERENCE_SIDE, rel=0.05)
+        assert spread.sum() == pytest.approx(1.0, rel=1e-3)  # mass kept away from the borders
+    with pytest.raises(ValueError, match="sigma"):
+        blurred_map(point_map(8), -1.0)
+
+
+def test_ensemble_blurs_its_averaged_map_and_leaves_image_scores_alone():
+    normals, tests = gray_images(40, 0), gray_images(2, 1)
+    members = (AffineMember(gain=50.0, offset=3.0), ProbabilityMember(gain=4.0, offset=-6.0))
+    sharp = DetectorEnsemble(members=members, calibration_fraction=0.25).fit(normals)
+    blurred = DetectorEnsemble(members=members, calibration_fraction=0.25, blur_sigma=4.0).fit(normals)
+    per_member = sharp.predict_members(tests)
+    for plain, smooth in zip(sharp.combine(per_member), blurred.predict(tests)):
+        assert smooth.score == pytest.approx(plain.score)
+        np.testing.assert_allclose(smooth.anomaly_map, blurred_map(plain.anomaly_map, 4.0), rtol=1e-5, atol=1e-5)
+        assert smooth.anomaly_map.std() < plain.anomaly_map.std()
+    np.testing.assert_allclose(sharp.combine(per_member, 4.0)[0].anomaly_map, blurred.predict(tests)[0].anomaly_map,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="blur_sigma"):
+        DetectorEnsemble(members=members, blur_sigma=-0.5)
 
 
 def test_prediction_before_fit_and_a_single_member_are_refused():
