@@ -199,7 +199,7 @@ def main() -> None:
                           "discovery": "DiscoveryConfig defaults; kind and k as each row says"
                           + (f"; own_projection {args.own_projection}" if args.own_projection else "")
                           + (f"; image_turns {args.image_turns}" if args.image_turns else ""), "base": "none",
-                          "object_prior": "fallback"}
+                          "object_prior": "fallback", "k_method": DiscoveryConfig().classes.k_method}
     maps = [m for m in ("semi", "zero-shot") if m in args.maps.split(",")]
     rerun = {"neu-det" if part == "neu" else "mtd" for part in parts & {"mtd", "neu"}}
 

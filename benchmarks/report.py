@@ -214,6 +214,34 @@ def section_ensemble_selection() -> str:
         machine(r)])
 
 
+def section_ensemble_blur_selection() -> str:
+    title = ("## How much the ensemble blurs its map, decided without MTD's test labels "
+             "(`benchmarks/ensemble_blur_selection.py`)")
+    r = load("ensemble_blur_selection")
+    if r is None:
+        return f"{title}\n\nnot run"
+    protocol, decision, mean = r["protocol"], r["decision"], r["mean"]
+    sets = list(mean)
+    header = ["σ", *[f"{s} {m}" for s in sets for m in ("img AUROC", "px AUROC", "AUPRO")]]
+    rows = [[key.removeprefix("sigma "), *[mean[s][key][m] for s in sets
+                                           for m in ("image_auroc", "pixel_auroc", "aupro")]]
+            for key in mean[sets[0]]]
+    seeds = " and ".join(map(str, protocol["seeds"]))
+    fits = ", ".join(f"seed {seed} {fmt(seconds, 0)} s" for seed, seconds in r["fit_seconds"].items())
+    verdict = (f"σ = {decision['chosen_sigma']:g} becomes the ensemble's default" if decision["adopted"]
+               else "the ensemble keeps σ = 0")
+    return "\n".join([
+        title, "",
+        f"The ensemble of the section above, fitted on two splits of MTD's normal training images (seeds {seeds}; "
+        "each split's held-out normals plus one anomalous copy of each, as above); its averaged map blurred by each "
+        "σ (pixels of a 256-pixel shorter side, scaled to each image's own), scored on the same predictions. Mean "
+        f"over the two splits. Rule, fixed before the run: {r['rule']}", "",
+        table(header, rows), "",
+        f"Decision on `{decision['set']}`: best σ = {decision['best_sigma']:g}, AUPRO "
+        f"{decision['aupro_gain_over_none']:+.3f} and pixel AUROC {decision['pixel_auroc_change']:+.3f} against no "
+        f"blur: **{verdict}**. Fit: {fits} (with other jobs on the 2 cores).", "", machine(r)])
+
+
 def section_detector_selection() -> str:
     r = load("detector_selection")
     if r is None:
@@ -417,6 +445,27 @@ def section_discovery_selection() -> str:
                   "Whole long-tailed draws, each criterion's K (true K): "
                   + "; ".join(f"{task} ({row['true_k']}): " + ", ".join(f"{c} {k}" for c, k in row["estimates"].items())
                               for task, row in whole.items()) + ".", ""]
+    if r.get("class_count_flow"):
+        flow = r["class_count_flow"]
+        _, rows = _class_count_rows(flow["rows"])
+        tasks = {row["task"] for row in flow["rows"]}
+        at_true = [row for row in (r.get("class_count") or []) + (r.get("class_count_long_tailed") or [])
+                   if row["task"] in tasks]
+        at_true_within = {c: w for c, w, _ in (_class_count_rows(at_true)[1] if at_true else [])}
+        rows = [[*row, at_true_within.get(row[0], "")] for row in rows]
+        fresh = flow.get("fresh_within_one")
+        fresh_text = ("" if not fresh else " (fresh draws, within ±1: " + ", ".join(
+            f"{c} {w} of {len(flow['fresh_rows'])}" for c, w in fresh.items()) + ")")
+        verdict = (f"**{flow['adopted']}** replaces the consensus{fresh_text}" if flow["adopted"] else
+                   f"the consensus stays (best single criterion {flow['best_single']}, "
+                   f"{flow['within_one'][flow['best_single']]} against {flow['within_one']['consensus']}){fresh_text}")
+        lines += [f"**Number of classes as the product estimates it** ({len(flow['rows'])} estimates: the balanced "
+                  "tasks and the long-tailed draws, whole and in the same class subsets; the view weights chosen at a "
+                  "first estimate, not at the true K as in the two tables above, whose counts on the same estimates "
+                  "are the last column). Rule: a single criterion replaces the consensus with at least 3 more "
+                  f"estimates within ±1 here and no fewer on the fresh draws: {verdict}.", "",
+                  table(["criterion", "within ±1 of true K", "exact", "within ±1, view weights at the true K"], rows),
+                  ""]
     if r.get("open_world"):
         world = r["open_world"]
         tasks = list(dict.fromkeys(row["task"] for row in world["rows"]))
@@ -600,7 +649,8 @@ def section_discovery() -> str:
         "depths, the crop, the whole image; normal images' main variation removed when there are normal images, else "
         "the run's own images' unless they fall into K tight groups (`own_projection`); view weights chosen by "
         "silhouette; k-means). Learned = AMGA pooling and cosine prototypes started at the floor and trained "
-        "by neighbour consistency. Same regions, same K rule (the consensus of `class_count.py`), scored at the image "
+        "by neighbour consistency. Same regions, same K rule (`class_count.py`'s "
+        f"{r['settings'].get('k_method', 'consensus').replace('_', ' ')}), scored at the image "
         "level against the class folders, which only the scorer reads. Semi = PatchCore maps and the 761 normal "
         "training images; zero-shot = mutual-scoring maps and no normal image. No setting was chosen on MTD. "
         "Anchors on MTD (NMI / ARI / F1): AnomalyNCD + PatchCore .380 / .390 / .617; UniFormaly .421 / .322 / .609; "
@@ -839,7 +889,7 @@ def render() -> str:
         "recorded), no GPU. Hyper-parameters were chosen on synthetic data, NEU-DET and MTD's normal training "
         "images, never on the labels of the data being evaluated.",
         section_generator(), section_metrics(), section_mebin(), section_detector_selection(), section_detection(),
-        section_prn_learning_curve(), section_ensemble_selection(),
+        section_prn_learning_curve(), section_ensemble_selection(), section_ensemble_blur_selection(),
         section_discovery_selection(), section_image_turns(), section_discovery(),
         section_train_scaling(), section_index(), section_review(), section_active_loop(), section_serve(),
         section_proposals_page(), section_export(), section_demo()]
