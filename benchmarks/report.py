@@ -456,9 +456,12 @@ def section_discovery_selection() -> str:
         fresh = flow.get("fresh_within_one")
         fresh_text = ("" if not fresh else " (fresh draws, within ±1: " + ", ".join(
             f"{c} {w} of {len(flow['fresh_rows'])}" for c, w in fresh.items()) + ")")
-        verdict = (f"**{flow['adopted']}** replaces the consensus{fresh_text}" if flow["adopted"] else
+        verdict = (f"the rule picked **{flow['adopted']}**{fresh_text}" if flow["adopted"] else
                    f"the consensus stays (best single criterion {flow['best_single']}, "
                    f"{flow['within_one'][flow['best_single']]} against {flow['within_one']['consensus']}){fresh_text}")
+        if flow["adopted"] and flow["adopted"] != ClassSettings.k_method:
+            verdict += (f"; the product keeps **{ClassSettings.k_method}**: the pick was vetoed outside the rule, as "
+                        "on a small set it over-splits (the quick demo's 19 images: K = 9, the consensus 2; `class_count.py` says why)")
         lines += [f"**Number of classes as the product estimates it** ({len(flow['rows'])} estimates: the balanced "
                   "tasks and the long-tailed draws, whole and in the same class subsets; the view weights chosen at a "
                   "first estimate, not at the true K as in the two tables above, whose counts on the same estimates "
