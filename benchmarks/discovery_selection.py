@@ -53,23 +53,23 @@ Rules, written down before the runs:
 * ``class_count_long_tailed``: the same estimates on the five long-tailed draws of ``marginal`` (whole and in class
   subsets), reported beside the rule, not part of it (added after the default was chosen, to show how it does
   where class sizes are as uneven as in real defect sets).
-* ``class_count_flow``: the two parts above choose the view weights at the TRUE K, which the product cannot; this
-  part estimates K on the same class sets (balanced tasks and long-tailed draws, 70 estimates) as the product does
-  (``view_discovery.choose_k_and_weights``: a first estimate on the equally weighted views, the weights chosen at
-  it, K again), by the consensus and by each of its three criteria. Rule, written at 17:38 UTC on 6 December,
-  after a scratch run of the consensus's estimates and before any single criterion's scratch estimates were read:
-  a single criterion replaces the consensus if it has at least ``FLOW_MARGIN`` (3) more estimates within ±1 of the
-  true count here and, on the fresh draws of ``views_fresh``, at least as many as the consensus. Result: the rule
-  picked prediction strength, 54 of 70 against 49 here and 44 of 70 against 40 on the fresh draws. It was then
-  vetoed, outside the rule: on the quick demo's 19 images it estimated K = 9 (the consensus: 2; its halves hold
-  clusters of one or two points, whose share is trivially high), which the rule's sets (35 images or more) never
-  showed; a guard for small sets would change the criterion the rule judged, so the consensus stays until one is
-  chosen. The scratch
-  run, whose long-tailed class subsets were drawn differently, gave prediction strength 51 against 50 (not
-  enough): the margin moves with the draw. Scratch candidates, not kept: a Clest-style stability against sphere
-  references in place of prediction strength in the consensus (46 of 70 against 50 in that scratch run);
-  re-estimating K on the learned model's embedding trained at the first estimate, judged on whole tasks only as
-  each estimate costs a training (6 of the 10 selection tasks within ±1, as many as the product's estimate).
+* ``class_count_flow``: the two parts above choose the view weights at the TRUE K, which the product cannot; this part
+  estimates K on the same class sets (balanced tasks and long-tailed draws, 70 estimates) as the product does
+  (``view_discovery.choose_k_and_weights``: a first estimate on the equally weighted views, the weights chosen at it,
+  K again), by the consensus and by each of its three criteria (on the views as the parts above read them: the
+  own-images projection the product may apply without normal images is left out). Rule, written at 17:38 UTC on 6
+  December, after a scratch run of the consensus's estimates and before any single criterion's scratch estimates were
+  read: a single criterion replaces the consensus if it has at least ``FLOW_MARGIN`` (3) more estimates within ±1 of
+  the true count here and, on the fresh draws of ``views_fresh``, at least as many as the consensus. Result: the rule
+  picked prediction strength, 54 of 70 against 49 here and 44 of 70 against 40 on the fresh draws. It was then vetoed,
+  outside the rule: on the quick demo's 19 images it estimated K = 9 (the consensus: 2; its halves hold clusters of
+  one or two points, whose share is trivially high), which the rule's sets (35 images or more) never showed; a guard
+  for small sets would change the criterion the rule judged, so the consensus stays until one is chosen. The scratch
+  run, whose long-tailed class subsets were drawn differently, gave prediction strength 51 against 50 (not enough):
+  the margin moves with the draw. Scratch candidates, not kept: a Clest-style stability against sphere references in
+  place of prediction strength in the consensus (46 of 70 against 50 in that scratch run); re-estimating K on the
+  learned model's embedding trained at the first estimate, judged on whole tasks only as each estimate costs a
+  training (6 of the 10 selection tasks within ±1, as many as the product's estimate).
 * ``learned``: floor and learned model (defaults), K given and estimated; the learned model is kept only if it
   beats the floor's NMI on every task.
 * ``open_world``: leave one class out on every task (a fifth of the seen images held out as known test images;
@@ -114,8 +114,8 @@ Rules, written down before the runs:
 the product does (``IMAGE_TURNS``, the default ``image_turns``).
 
     .venv/bin/python benchmarks/discovery_selection.py [--parts views,views_fresh,view_stability,class_count,
-        class_count_long_tailed,class_count_flow,open_world,learned,marginal,adapter,schedule,prototype_init,own_projection,
-        own_projection_fresh,own_projection_k_auto,own_projection_k_auto_fresh,known_classes]
+        class_count_long_tailed,class_count_flow,open_world,learned,marginal,adapter,schedule,prototype_init,
+        own_projection,own_projection_fresh,own_projection_k_auto,own_projection_k_auto_fresh,known_classes]
 """
 
 from __future__ import annotations
