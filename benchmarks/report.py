@@ -461,7 +461,8 @@ def section_discovery_selection() -> str:
                    f"{flow['within_one'][flow['best_single']]} against {flow['within_one']['consensus']}){fresh_text}")
         if flow["adopted"] and flow["adopted"] != ClassSettings.k_method:
             verdict += (f"; the product keeps **{ClassSettings.k_method}**: the pick was vetoed outside the rule, as "
-                        "on a small set it over-splits (the quick demo's 19 images: K = 9, the consensus 2; `class_count.py` says why)")
+                        "on a small set it over-splits (the quick demo's 19 images: K = 9, the consensus 2; "
+                        "`class_count.py` says why)")
         lines += [f"**Number of classes as the product estimates it** ({len(flow['rows'])} estimates: the balanced "
                   "tasks and the long-tailed draws, whole and in the same class subsets; the view weights chosen at a "
                   "first estimate, not at the true K as in the two tables above, whose counts on the same estimates "
