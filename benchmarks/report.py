@@ -226,6 +226,11 @@ def section_ensemble_blur_selection() -> str:
     rows = [[key.removeprefix("sigma "), *[mean[s][key][m] for s in sets
                                            for m in ("image_auroc", "pixel_auroc", "aupro")]]
             for key in mean[sets[0]]]
+    floors = [f for f in (load("ensemble_selection"), load("ensemble_selection.seed1")) if f is not None]
+    if len(floors) == len(protocol["seeds"]):  # the same splits: PatchCore alone, the training-free floor
+        rows.append(["PatchCore alone", *[round(sum(f["candidates"]["patchcore"][s][m] for f in floors)
+                                                / len(floors), 4)
+                                          for s in sets for m in ("image_auroc", "pixel_auroc", "aupro")]])
     seeds = " and ".join(map(str, protocol["seeds"]))
     fits = ", ".join(f"seed {seed} {fmt(seconds, 0)} s" for seed, seconds in r["fit_seconds"].items())
     verdict = (f"σ = {decision['chosen_sigma']:g} becomes the ensemble's default" if decision["adopted"]
@@ -235,7 +240,9 @@ def section_ensemble_blur_selection() -> str:
         f"The ensemble of the section above, fitted on two splits of MTD's normal training images (seeds {seeds}; "
         "each split's held-out normals plus one anomalous copy of each, as above); its averaged map blurred by each "
         "σ (pixels of a 256-pixel shorter side, scaled to each image's own), scored on the same predictions. Mean "
-        f"over the two splits. Rule, fixed before the run: {r['rule']}", "",
+        f"over the two splits; the last row is PatchCore alone, the training-free floor, on the same splits "
+        "(`ensemble_selection.py`'s seed 0 and seed 1 runs). Rule, fixed before the run: "
+        f"{r['rule']}", "",
         table(header, rows), "",
         f"Decision on `{decision['set']}`: best σ = {decision['best_sigma']:g}, AUPRO "
         f"{decision['aupro_gain_over_none']:+.3f} and pixel AUROC {decision['pixel_auroc_change']:+.3f} against no "
