@@ -167,7 +167,7 @@ class OptimisationSettings:
 @dataclass(frozen=True)
 class ClassSettings:
     """How many novel classes and how regions get them. ``k``: a number, or ``"auto"``: estimated with
-    ``k_method`` (``class_count``; the default ``consensus`` was chosen on NEU-DET and generated data) in
+    ``k_method`` (``class_count``; the default ``prediction_strength`` was chosen on NEU-DET and generated data) in
     [2, ``k_max``], on the image level of the view models' floor embedding (the transformer: on its learned
     embeddings, then relabelled by k-means). ``outlier_k``: the neighbour of the k-NN outlier score, whose
     threshold accepts ``outlier_accept_rate`` of held-out base crops; 1 (was 5) was chosen leaving one class out on
@@ -182,7 +182,7 @@ class ClassSettings:
 
     k: int | str = "auto"
     k_max: int = 10
-    k_method: str = "consensus"
+    k_method: str = "prediction_strength"
     prototype_init: str = "regions"
     assign: str = "kmeans"
     outlier_k: int = 1

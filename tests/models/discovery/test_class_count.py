@@ -66,6 +66,18 @@ def test_few_points_keep_every_criterion_below_half_the_set():
     assert abs(estimate.k - 3) <= 1
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_prediction_strength_does_not_over_split_a_small_set_without_clusters(seed):
+    """19 points without any cluster: at K = 9 most test-half clusters hold one point, which has no pair to keep
+    together; counted as not reproduced, every K from 5 up scores 0 and none above 2 reaches the level (skipping
+    them gave K = 9 for seed 3)."""
+    rng = np.random.default_rng(seed)
+    points = rng.normal(size=(19, 32))
+    estimate = estimate_class_count(points, k_min=2, k_max=9, method="prediction_strength")
+    assert all(estimate.scores_by_k[k] == 0.0 for k in range(5, 10))
+    assert estimate.k == 2
+
+
 def test_silhouette_scores_peak_at_true_k_on_well_separated_clusters():
     points, _, _ = sphere_clusters(4, seed=1, sigma=0.1)
     estimate = estimate_class_count(points, k_min=2, k_max=8, method="silhouette")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from anomaly_discovery.models.discovery.class_count import PREDICTION_STRENGTH_LEVEL
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
 from anomaly_discovery.models.discovery.frozen import OWN_PROJECTION_MAX_SILHOUETTE, estimate_k
 from anomaly_discovery.models.discovery.neighbour_consistency import (even_batch_size, mine_neighbours,
@@ -149,10 +150,15 @@ def test_k_is_estimated_and_the_normal_images_shape_the_projection(world):
     artifacts = train_discovery(DiscoveryConfig.of(kind="frozen", k="auto", k_max=6, **SMALL), regions,
                                 images=images, normal_images=normals)
     assert artifacts.k == artifacts.k_estimated and abs(artifacts.k - 3) <= 1
-    votes = artifacts.metrics["k_votes"]  # the consensus's criteria, each with its own K (the user sees them)
-    assert set(votes) == {"gap_sphere", "eigengap", "prediction_strength"}
-    assert int(np.median(list(votes.values()))) == artifacts.k
+    strengths = artifacts.k_scores  # the default criterion, prediction strength: the largest K reaching its level
+    assert sorted(strengths) == [2, 3, 4, 5, 6]
+    assert artifacts.k == max((k for k, share in strengths.items() if share >= PREDICTION_STRENGTH_LEVEL), default=2)
     assert any(artifacts.predictor.model.projection_components())
+    consensus = train_discovery(DiscoveryConfig.of(kind="frozen", k="auto", k_max=6, k_method="consensus", **SMALL),
+                                regions, images=images, normal_images=normals)
+    votes = consensus.metrics["k_votes"]  # the consensus's criteria, each with its own K (the user sees them)
+    assert set(votes) == {"gap_sphere", "eigengap", "prediction_strength"}
+    assert int(np.median(list(votes.values()))) == consensus.k
 
 
 @pytest.mark.parametrize("k", [3, "auto"])

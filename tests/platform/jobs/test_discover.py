@@ -77,10 +77,12 @@ def test_cli_discover_with_no_base_writes_a_summary_that_evaluate_scores(generat
     assert DiscoveryPredictor.load(out / "model").base_classes == []
 
 
-def test_discover_with_a_synthetic_base_and_k_auto(generated, detections, tmp_path):
+@pytest.mark.parametrize("k_method", [None, "consensus"])
+def test_discover_with_a_synthetic_base_and_k_auto(generated, detections, tmp_path, k_method):
+    settings = TINY if k_method is None else TINY | {"k_method": k_method}  # None: the default criterion
     config = DiscoverJobConfig(data=generated / "metal_plate", out=tmp_path / "out", detections=detections,
                                base=f"synthetic:{generated}", base_per_class=3, k="auto",
-                               discovery=DiscoveryConfig.of(**TINY), progress=False)
+                               discovery=DiscoveryConfig.of(**settings), progress=False)
     summary = run_discover(config)
     assert 2 <= summary.artifacts.k_estimated <= 4
     assert summary.artifacts.predictor.base_classes == sorted(
@@ -89,9 +91,13 @@ def test_discover_with_a_synthetic_base_and_k_auto(generated, detections, tmp_pa
     assert written["k_estimated"] == summary.artifacts.k_estimated
     assert written["outlier_threshold"] is not None
     assert all(isinstance(r["is_outlier"], bool) for r in written["images"])
-    described = summary.describe()  # the estimate and each criterion's own K
-    assert "estimated" in described and summary.artifacts.metrics["k_votes"]
-    assert all(f"{name} {k}" in described for name, k in summary.artifacts.metrics["k_votes"].items())
+    described = summary.describe()  # the estimate, its criterion and (a consensus) each criterion's own K
+    assert f"estimated, {config.discovery.classes.k_method}" in described
+    if k_method == "consensus":
+        assert summary.artifacts.metrics["k_votes"]
+        assert all(f"{name} {k}" in described for name, k in summary.artifacts.metrics["k_votes"].items())
+    else:
+        assert "k_votes" not in summary.artifacts.metrics
     projected_by = summary.artifacts.metrics["nuisance_projection"]  # and what the views removed, in words
     assert "views: region " in described
     assert {"normal images": "the normal images' main variation removed",
