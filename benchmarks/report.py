@@ -478,7 +478,7 @@ def section_discovery_selection() -> str:
                   "none of the estimates below and one fresh one (a long-tailed generated metal plate, true K 3: "
                   "9 → 3); this run has it.", "",
                   table(["criterion", "within ±1 of true K", "exact", "within ±1, view weights at the true K"], rows),
-                  ""]
+                  "", f"The same estimates within ±1 by the true count: {_within_one_by_true_k(flow['rows'])}.", ""]
     if r.get("open_world"):
         world = r["open_world"]
         tasks = list(dict.fromkeys(row["task"] for row in world["rows"]))
@@ -617,6 +617,16 @@ def section_image_turns() -> str:
                   + " (issue 14's target for the frozen mode after detection, which `mtd_discover_time.py` times "
                   "through the CLI: 60 s)."]
     return "\n".join(parts + ["", machine(r)])
+
+
+def _within_one_by_true_k(rows: list[dict]) -> str:
+    """Per true count: how many estimates, and each criterion's estimates within ±1 of it."""
+    counts = []
+    for true_k in sorted({row["true_k"] for row in rows}):
+        group = [row for row in rows if row["true_k"] == true_k]
+        counts.append(f"K {true_k} ({len(group)}): " + ", ".join(
+            f"{c} {sum(abs(row['estimates'][c] - true_k) <= 1 for row in group)}" for c in group[0]["estimates"]))
+    return "; ".join(counts)
 
 
 def _k_method(run: dict) -> str:
