@@ -170,11 +170,12 @@ def run_detector(name: str, train_images, test_images, real_anomalies, threads: 
     else:
         detector = DetectorEnsemble()
         _, fit_s = timed(lambda: detector.fit(train_images, real_anomalies=real_anomalies))
-        patchcore, prn = detector.members
+        patchcore, *prns = detector.members
         settings = {"members": [member.name for member in detector.members],
+                    "weights": [round(float(w), 4) for w in detector.weights],
                     "calibration_fraction": detector.calibration_fraction, "n_calibration": detector.n_calibration_,
-                    "blur_sigma": detector.blur_sigma,
-                    "patchcore_image_size": patchcore.image_size, "prn": prn_settings(prn.config),
+                    "blur_sigma": detector.blur_sigma, "prn_seeds": [prn.config.seed for prn in prns],
+                    "patchcore_image_size": patchcore.image_size, "prn": prn_settings(prns[0].config),
                     "scales": [asdict(scale) for scale in detector.scales_]}
         note = (f"PatchCore and PRN (their defaults) fitted on {len(train_images) - detector.n_calibration_} of the "
                 f"normal training images (PRN also on the {len(real_anomalies)} real anomalies, EXCLUDED from its "

@@ -12,7 +12,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "[install] creating $VENV (torch, Ray, FAISS, timm, Streamlit, ...: a few minutes the first time)"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir)
 "${pip[@]}" --upgrade "pip>=24"
 # torch and torchvision install as a matched pair; 2.14.1 / 0.29.1 is the newest pair this machine serves.
 "${pip[@]}" "torch==2.14.1" "torchvision==0.29.1"

@@ -9,7 +9,8 @@ better than either. Their scores live on different scales (a feature distance; a
 2. each member predicts the held-out normals; in its score space (PRN's probabilities as log-odds, PatchCore's
    distances as they are) the mean and standard deviation of their pixels and of their image scores are kept;
 3. at prediction, each member's map and image score are standardised by those statistics (a z-score against
-   normal data, as anomalib normalises against a validation set) and the members' z-scores averaged;
+   normal data, as anomalib normalises against a validation set) and the members' z-scores averaged, every kind
+   of detector weighing the same (several seeds of one kind share its weight: ``prn_seeds``);
 4. optionally, the averaged map is Gaussian-blurred (``blur_sigma``, in pixels of a 256-pixel shorter side,
    scaled to each image's own): PatchCore's maps come blurred, PRN's do not. The default, 0 (no blur), stands by
    ``benchmarks/ensemble_blur_selection.py``: on normal images with drawn defects no σ raised AUPRO by .01.
@@ -67,15 +68,34 @@ def standardised(detection: Detection, scale: MemberScale, probabilities: bool) 
     return Detection(float(score), anomaly_map.astype(np.float32))
 
 
-def average_detections(per_member: Sequence[Sequence[Detection]]) -> list[Detection]:
-    """Pixel-wise and score-wise mean over members of already standardised detections."""
+def kind_weights(names: Sequence[str]) -> np.ndarray:
+    """Weights summing to 1 under which every kind of member (its ``name``) weighs the same and several members of
+    one kind (seeds of one detector) share that kind's weight equally."""
+    counts = {name: names.count(name) for name in names}
+    return np.array([1.0 / (len(counts) * counts[name]) for name in names])
+
+
+def member_weights(n_members: int, weights: Sequence[float] | None) -> np.ndarray:
+    """Weights summing to 1: equal when None, else the given positive weights normalised."""
+    if weights is None:
+        return np.full(n_members, 1.0 / n_members)
+    values = np.asarray(weights, dtype=np.float64)
+    if values.shape != (n_members,) or not np.all(values > 0):
+        raise ValueError(f"need one positive weight per member ({n_members}), got {list(weights)}")
+    return values / values.sum()
+
+
+def average_detections(per_member: Sequence[Sequence[Detection]], weights: Sequence[float] | None = None
+                       ) -> list[Detection]:
+    """Pixel-wise and score-wise (weighted) mean over members of already standardised detections."""
+    shares = member_weights(len(per_member), weights)
     combined = []
     for detections in zip(*per_member, strict=True):
         maps = [d.anomaly_map for d in detections]
         if len({m.shape for m in maps}) != 1:
             raise ValueError(f"members gave maps of different sizes for one image: {[m.shape for m in maps]}")
-        combined.append(Detection(float(np.mean([d.score for d in detections])),
-                                  np.mean(maps, axis=0).astype(np.float32)))
+        combined.append(Detection(float(np.dot(shares, [d.score for d in detections])),
+                                  np.tensordot(shares, np.stack(maps), axes=1).astype(np.float32)))
     return combined
 
 
@@ -106,20 +126,26 @@ class DetectorEnsemble:
 
     ``members`` are unfitted detectors; a member whose ``name`` is in ``probability_members`` gives
     probabilities (PRN) and is standardised in log-odds. After ``fit``: ``scales_`` (one :class:`MemberScale`
-    per member) and ``n_calibration_``. ``blur_sigma``: step 4's blur of the averaged map.
+    per member) and ``n_calibration_``. ``blur_sigma``: step 4's blur of the averaged map. Without ``members``,
+    ``prn_seeds`` (default: ``seed`` alone) gives one PRN per seed beside PatchCore; ``weights`` gives each
+    member's share of the average (:func:`kind_weights`).
     """
 
     name = "ensemble"
 
     def __init__(self, members: Sequence | None = None, calibration_fraction: float = 0.1, seed: int = 0,
-                 probability_members: Sequence[str] = ("prn",), blur_sigma: float = 0.0):
+                 probability_members: Sequence[str] = ("prn",), blur_sigma: float = 0.0,
+                 prn_seeds: Sequence[int] | None = None):
         if not 0.0 < calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
         if members is None:
             from .patchcore import PatchCoreDetector
             from .prn import PRNConfig, PRNDetector
 
-            members = (PatchCoreDetector(seed=seed), PRNDetector(PRNConfig(seed=seed)))
+            prn_seeds = (seed,) if prn_seeds is None else tuple(prn_seeds)
+            members = (PatchCoreDetector(seed=seed), *(PRNDetector(PRNConfig(seed=s)) for s in prn_seeds))
+        elif prn_seeds is not None:
+            raise ValueError("prn_seeds picks the default members' PRN seeds: pass it without members")
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
         if blur_sigma < 0:
@@ -128,6 +154,7 @@ class DetectorEnsemble:
         self.calibration_fraction, self.seed = calibration_fraction, seed
         self.probability_members = tuple(probability_members)
         self.blur_sigma = blur_sigma
+        self.weights = kind_weights([member.name for member in self.members])
 
     @property
     def image_size(self) -> int:
@@ -166,9 +193,9 @@ class DetectorEnsemble:
         sigma = self.blur_sigma if blur_sigma is None else blur_sigma
         averaged = average_detections([[standardised(d, scale, self._is_probability(member)) for d in detections]
                                        for member, scale, detections in zip(self.members, self.scales_, per_member,
-                                                                            strict=True)])
+                                                                            strict=True)], self.weights)
         return [Detection(d.score, blurred_map(d.anomaly_map, sigma)) for d in averaged]
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Detection]:
-        """One detection per image: the mean of the members' standardised maps and image scores."""
+        """One detection per image: the weighted mean of the members' standardised maps and image scores."""
         return self.combine(self.predict_members(images))

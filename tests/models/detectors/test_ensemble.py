@@ -4,8 +4,8 @@ from sklearn.metrics import roc_auc_score
 
 from anomaly_discovery.models.detectors.ensemble import (BLUR_REFERENCE_SIDE, MIN_CALIBRATION, DetectorEnsemble,
                                                          MemberScale, average_detections, blurred_map,
-                                                         calibration_split, member_scale, standardised,
-                                                         to_score_space)
+                                                         calibration_split, kind_weights, member_scale,
+                                                         standardised, to_score_space)
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from anomaly_discovery.models.detectors.protocol import Detection, Detector
 from anomaly_discovery.models.detectors.prn import PRNConfig, PRNDetector
@@ -81,6 +81,48 @@ def test_maps_of_different_sizes_for_one_image_are_refused():
     with pytest.raises(ValueError, match="different sizes"):
         average_detections([[Detection(0.0, np.zeros((4, 4), np.float32))],
                             [Detection(0.0, np.zeros((4, 5), np.float32))]])
+
+
+def test_every_kind_weighs_the_same_and_seeds_of_one_kind_share_its_weight():
+    np.testing.assert_allclose(kind_weights(["patchcore", "prn"]), [0.5, 0.5])
+    np.testing.assert_allclose(kind_weights(["patchcore", "prn", "prn"]), [0.5, 0.25, 0.25])
+    np.testing.assert_allclose(kind_weights(["prn", "a", "prn", "b"]), [1 / 6, 1 / 3, 1 / 6, 1 / 3])
+
+
+def test_weighted_average_of_detections_and_bad_weights_are_refused():
+    ones, threes = Detection(1.0, np.ones((2, 2), np.float32)), Detection(3.0, np.full((2, 2), 3.0, np.float32))
+    [combined] = average_detections([[ones], [threes]], weights=[3.0, 1.0])
+    assert combined.score == pytest.approx(1.5)
+    np.testing.assert_allclose(combined.anomaly_map, np.full((2, 2), 1.5))
+    assert average_detections([[ones], [threes]])[0].score == pytest.approx(2.0)
+    for bad in ([1.0], [1.0, 0.0], [1.0, -1.0]):
+        with pytest.raises(ValueError, match="one positive weight per member"):
+            average_detections([[ones], [threes]], weights=bad)
+
+
+def test_default_members_hold_one_prn_per_seed_sharing_prns_half():
+    single = DetectorEnsemble(seed=2)
+    assert [m.name for m in single.members] == ["patchcore", "prn"] and single.members[1].config.seed == 2
+    pair = DetectorEnsemble(prn_seeds=(0, 1))
+    assert [m.name for m in pair.members] == ["patchcore", "prn", "prn"]
+    assert [m.config.seed for m in pair.members[1:]] == [0, 1]
+    np.testing.assert_allclose(pair.weights, [0.5, 0.25, 0.25])
+    with pytest.raises(ValueError, match="prn_seeds"):
+        DetectorEnsemble(members=(AffineMember(1, 0), AffineMember(2, 0)), prn_seeds=(0, 1))
+
+
+def test_two_seeds_of_one_kind_weigh_as_much_as_the_other_kind():
+    """PatchCore-like evidence against two PRN-like members that disagree: the PatchCore kind keeps half."""
+    normals, tests = gray_images(40, 0), gray_images(2, 1)
+    members = (AffineMember(gain=50.0, offset=3.0), ProbabilityMember(gain=4.0, offset=-6.0),
+               ProbabilityMember(gain=-4.0, offset=6.0))
+    ensemble = DetectorEnsemble(members=members, calibration_fraction=0.25).fit(normals)
+    per_member = ensemble.predict_members(tests)
+    alone = [[standardised(d, scale, m.name == "prn") for d in detections]
+             for m, scale, detections in zip(ensemble.members, ensemble.scales_, per_member)]
+    for i, together in enumerate(ensemble.combine(per_member)):
+        expected = 0.5 * alone[0][i].anomaly_map + 0.25 * (alone[1][i].anomaly_map + alone[2][i].anomaly_map)
+        np.testing.assert_allclose(together.anomaly_map, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_calibration_share_is_disjoint_from_the_fit_share_and_never_below_its_minimum():
