@@ -249,6 +249,39 @@ def section_ensemble_blur_selection() -> str:
         f"blur: **{verdict}**. Fit: {fits} (with other jobs on the 2 cores).", "", machine(r)])
 
 
+def section_ensemble_prn_seeds() -> str:
+    title = ("## One PRN or two in the ensemble, decided without MTD's test labels "
+             "(`benchmarks/ensemble_prn_seeds_selection.py`)")
+    r = load("ensemble_prn_seeds_selection")
+    if r is None:
+        return f"{title}\n\nnot run"
+    protocol, decision, mean = r["protocol"], r["decision"], r["mean_over_splits"]
+    sets = list(next(iter(mean.values())))
+    header = ["detector", *[f"{s} {m}" for s in sets for m in ("img AUROC", "px AUROC", "AUPRO")]]
+    rows = [[name, *[scores[s][m] for s in sets for m in ("image_auroc", "pixel_auroc", "aupro")]]
+            for name, scores in mean.items()]
+    splits = " and ".join(r["splits"])
+    fits = "; ".join(f"split {split}: {fmt(s['fit_seconds'], 0)} s, of which PRN "
+                     f"{' and '.join(fmt(x, 0) for x in s['prn_fit_seconds'])} s" for split, s in r["splits"].items())
+    checks = ", ".join(f"{name.replace('_', ' ')}: {fmt(ok)}" for name, ok in decision["checks"].items())
+    verdict = ("the ensemble trains two PRNs (`prn_seeds=(0, 1)`)" if decision["adopted"] == "two PRNs"
+               else "the ensemble keeps one PRN")
+    return "\n".join([
+        title, "",
+        f"Splits {splits} of MTD's normal training images (as in the sections above); on each, one fit of PatchCore, "
+        "PRN seed 0 and PRN seed 1, standardised on the same held-back normals, combined as `one PRN` (PatchCore "
+        "and PRN seed 0, equal weights) and `two PRNs` (PatchCore 1/2, each PRN 1/4). Mean over the splits; "
+        "PatchCore alone is the training-free floor on the same images. Rule, fixed before the run: "
+        f"{r['rule']}", "",
+        table(header, rows), "",
+        f"Decision: drawn score one PRN {fmt(decision['drawn_score']['one PRN'])}, two PRNs "
+        f"{fmt(decision['drawn_score']['two PRNs'])}; AUPRO over the three sets "
+        f"{fmt(decision['mean_aupro_over_sets']['one PRN'])} → {fmt(decision['mean_aupro_over_sets']['two PRNs'])} "
+        f"({decision['aupro_gain']:+.3f}); a whole MTD fit with "
+        f"two PRNs estimated at {fmt(decision['estimated_mtd_fit_seconds_two_prns'], 0)} s ({checks}): **{verdict}**. "
+        f"Fit: {fits}.", "", machine(r)])
+
+
 def section_detector_selection() -> str:
     r = load("detector_selection")
     if r is None:
@@ -929,6 +962,7 @@ def render() -> str:
         "images, never on the labels of the data being evaluated.",
         section_generator(), section_metrics(), section_mebin(), section_detector_selection(), section_detection(),
         section_prn_learning_curve(), section_ensemble_selection(), section_ensemble_blur_selection(),
+        section_ensemble_prn_seeds(),
         section_discovery_selection(), section_image_turns(), section_discovery(),
         section_train_scaling(), section_index(), section_review(), section_active_loop(), section_serve(),
         section_proposals_page(), section_export(), section_demo()]

@@ -30,6 +30,7 @@ import numpy as np
 from .protocol import Detection
 
 MIN_CALIBRATION = 8
+CALIBRATION_FRACTION = 0.1
 PROBABILITY_EPS = 1e-6
 BLUR_REFERENCE_SIDE = 256
 
@@ -133,8 +134,8 @@ class DetectorEnsemble:
 
     name = "ensemble"
 
-    def __init__(self, members: Sequence | None = None, calibration_fraction: float = 0.1, seed: int = 0,
-                 probability_members: Sequence[str] = ("prn",), blur_sigma: float = 0.0,
+    def __init__(self, members: Sequence | None = None, calibration_fraction: float = CALIBRATION_FRACTION,
+                 seed: int = 0, probability_members: Sequence[str] = ("prn",), blur_sigma: float = 0.0,
                  prn_seeds: Sequence[int] | None = None):
         if not 0.0 < calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
