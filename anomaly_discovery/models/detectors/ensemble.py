@@ -128,8 +128,8 @@ class DetectorEnsemble:
     ``members`` are unfitted detectors; a member whose ``name`` is in ``probability_members`` gives
     probabilities (PRN) and is standardised in log-odds. After ``fit``: ``scales_`` (one :class:`MemberScale`
     per member) and ``n_calibration_``. ``blur_sigma``: step 4's blur of the averaged map. Without ``members``,
-    ``prn_seeds`` (default: ``seed`` alone) gives one PRN per seed beside PatchCore; ``weights`` gives each
-    member's share of the average (:func:`kind_weights`).
+    ``prn_seeds`` (default: ``seed`` alone) gives one PRN per seed beside PatchCore. The attribute ``weights``
+    holds each member's share of the average (:func:`kind_weights`).
     """
 
     name = "ensemble"

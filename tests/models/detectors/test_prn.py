@@ -9,7 +9,7 @@ from anomaly_discovery.data.images import save_image
 from anomaly_discovery.data.sample import Sample
 from anomaly_discovery.models.detectors.protocol import Detection, Detector
 from anomaly_discovery.models.detectors.prn import (CheckpointError, MultiScaleFusion, MultiSizeSelfAttention,
-                                                    PRNConfig, PRNDetector, PRNHead)
+                                                    PRNConfig, PRNDetector, PRNHead, per_channel_qkv)
 from anomaly_discovery.models.detectors.prn_training import (cell_targets, fit_prototypes, focal_loss,
                                                              nearest_prototypes, prn_loss, prototype_residuals,
                                                              select_real_anomalies)
@@ -70,6 +70,19 @@ def test_fusion_and_attention_keep_each_scale_shape():
     assert [f.shape for f in fused] == [m.shape for m in maps]
     assert MultiSizeSelfAttention(8)(maps[0]).shape == maps[0].shape
     assert MultiSizeSelfAttention.patch_sizes(16) == [16, 8, 4, 2]
+
+
+def test_attention_queries_keys_and_values_equal_the_grouped_convolution_they_replace():
+    attention = MultiSizeSelfAttention(6)
+    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    for qkv in attention.qkv:
+        torch.nn.init.normal_(qkv.bias)
+        by_conv = qkv(x).view(2, 6, 3, 8, 8)
+        by_channel = per_channel_qkv(x, qkv)
+        torch.testing.assert_close(by_channel, by_conv)
+        grads = [torch.autograd.grad(out.square().sum(), (x, qkv.weight)) for out in (by_channel, by_conv)]
+        for ours, conv in zip(*grads):
+            torch.testing.assert_close(ours, conv)
 
 
 def test_image_prototype_count_is_a_tenth_of_the_normal_images_and_at_least_one():
