@@ -41,8 +41,7 @@ import numpy as np
 import torch
 
 from anomaly_discovery.data import load_image, load_mask, read_dataset
-from anomaly_discovery.models.detectors.ensemble import (CALIBRATION_FRACTION, DetectorEnsemble, average_detections,
-                                                         calibration_split, standardised)
+from anomaly_discovery.models.detectors.ensemble import CALIBRATION_FRACTION, DetectorEnsemble, calibration_split
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from anomaly_discovery.models.detectors.prn import PRNConfig, PRNDetector
 from anomaly_discovery.models.detectors.prn_training import select_real_anomalies
@@ -83,14 +82,6 @@ class TimedFit:
         return self.member.predict(images)
 
 
-def weighted(ensemble: DetectorEnsemble, per_member: list, weights: tuple[float, ...]) -> list:
-    """The members' standardised detections averaged with ``weights`` (members of weight 0 left out)."""
-    kept = [i for i, weight in enumerate(weights) if weight > 0]
-    standard = [[standardised(d, ensemble.scales_[i], ensemble._is_probability(ensemble.members[i]))
-                 for d in per_member[i]] for i in kept]
-    return average_detections(standard, [weights[i] for i in kept])
-
-
 def run_split(split: int, normals: list, real: list, held_out_fraction: float, epochs: int | None,
               limit: int | None) -> dict:
     """Fit the three members on one split, score members and both candidates on the three held-out sets."""
@@ -113,7 +104,7 @@ def run_split(split: int, normals: list, real: list, held_out_fraction: float, e
         for name, detections in zip(MEMBERS, per_member):
             result["scores"][name][set_name] = metrics(detections, labels, masks)
         for name, weights in CANDIDATES.items():
-            result["scores"][name][set_name] = metrics(weighted(ensemble, per_member, weights), labels, masks)
+            result["scores"][name][set_name] = metrics(ensemble.combine(per_member, weights=weights), labels, masks)
         print(f"split {split} {set_name}", {name: s[set_name] for name, s in result["scores"].items()}, flush=True)
     return result
 

@@ -55,6 +55,16 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def detection_columns(sets: list[str]) -> list[str]:
+    """Column names of image AUROC, pixel AUROC and AUPRO, set by set."""
+    return [f"{s} {label}" for s in sets for label in ("img AUROC", "px AUROC", "AUPRO")]
+
+
+def detection_cells(by_set: dict, sets: list[str]) -> list:
+    """Image AUROC, pixel AUROC and AUPRO of ``by_set[set]``, set by set (the order of :func:`detection_columns`)."""
+    return [by_set[s][m] for s in sets for m in ("image_auroc", "pixel_auroc", "aupro")]
+
+
 def section_generator() -> str:
     r = load("generator_speed")
     if r is None:
@@ -155,9 +165,9 @@ def section_prn_learning_curve() -> str:
     sets = list(protocol["beta_ranges"])
     ranges = ", ".join(f"{s} β ∈ [{low}, {high}]" for s, (low, high) in protocol["beta_ranges"].items())
     header = ["candidate", "epoch", "steps", "train s", "loss",
-              *[f"{s} {m}" for s in sets for m in ("img AUROC", "px AUROC", "AUPRO")], "selection score"]
+              *detection_columns(sets), "selection score"]
     rows = [[name, p["epoch"], p["steps"], p["train_seconds"], p["loss"],
-             *[p[s][m] for s in sets for m in ("image_auroc", "pixel_auroc", "aupro")], p["selection_score"]]
+             *detection_cells(p, sets), p["selection_score"]]
             for name, c in r["candidates"].items() for p in c["curve"]]
     speed = "; ".join(f"{name}: {fmt(c['seconds_per_step'])} s per step of {c['settings']['batch_size']}, "
                       f"{fmt(c['setup_seconds'], 0)} s to encode, fit prototypes and build the anomaly pool"
@@ -191,9 +201,9 @@ def section_ensemble_selection() -> str:
         return f"{title}\n\nnot run"
     protocol, decision = r["protocol"], r["decision"]
     sets = list(r["sets"])
-    header = ["detector", *[f"{s} {m}" for s in sets for m in ("img AUROC", "px AUROC", "AUPRO")],
+    header = ["detector", *detection_columns(sets),
               f"{decision['set']} score"]
-    rows = [[name, *[c[s][m] for s in sets for m in ("image_auroc", "pixel_auroc", "aupro")],
+    rows = [[name, *detection_cells(c, sets),
              decision["scores"][name]] for name, c in r["candidates"].items()]
     ranges = ", ".join(f"{s} β ∈ [{low}, {high}]" for s, (low, high) in protocol["beta_ranges"].items())
     verdict = "adopted: offered as `adisc detect --detector ensemble`" if decision["adopted"] else "not adopted"
@@ -222,9 +232,8 @@ def section_ensemble_blur_selection() -> str:
         return f"{title}\n\nnot run"
     protocol, decision, mean = r["protocol"], r["decision"], r["mean"]
     sets = list(mean)
-    header = ["σ", *[f"{s} {m}" for s in sets for m in ("img AUROC", "px AUROC", "AUPRO")]]
-    rows = [[key.removeprefix("sigma "), *[mean[s][key][m] for s in sets
-                                           for m in ("image_auroc", "pixel_auroc", "aupro")]]
+    header = ["σ", *detection_columns(sets)]
+    rows = [[key.removeprefix("sigma "), *detection_cells({s: mean[s][key] for s in sets}, sets)]
             for key in mean[sets[0]]]
     floors = [f for f in (load("ensemble_selection"), load("ensemble_selection.seed1")) if f is not None]
     if len(floors) == len(protocol["seeds"]):  # the same splits: PatchCore alone, the training-free floor
@@ -255,11 +264,9 @@ def section_ensemble_prn_seeds() -> str:
     r = load("ensemble_prn_seeds_selection")
     if r is None:
         return f"{title}\n\nnot run"
-    protocol, decision, mean = r["protocol"], r["decision"], r["mean_over_splits"]
+    decision, mean = r["decision"], r["mean_over_splits"]
     sets = list(next(iter(mean.values())))
-    header = ["detector", *[f"{s} {m}" for s in sets for m in ("img AUROC", "px AUROC", "AUPRO")]]
-    rows = [[name, *[scores[s][m] for s in sets for m in ("image_auroc", "pixel_auroc", "aupro")]]
-            for name, scores in mean.items()]
+    rows = [[name, *detection_cells(scores, sets)] for name, scores in mean.items()]
     splits = " and ".join(r["splits"])
     fits = "; ".join(f"split {split}: {fmt(s['fit_seconds'], 0)} s, of which PRN "
                      f"{' and '.join(fmt(x, 0) for x in s['prn_fit_seconds'])} s" for split, s in r["splits"].items())
@@ -273,7 +280,7 @@ def section_ensemble_prn_seeds() -> str:
         "and PRN seed 0, equal weights) and `two PRNs` (PatchCore 1/2, each PRN 1/4). Mean over the splits; "
         "PatchCore alone is the training-free floor on the same images. Rule, fixed before the run: "
         f"{r['rule']}", "",
-        table(header, rows), "",
+        table(["detector", *detection_columns(sets)], rows), "",
         f"Decision: drawn score one PRN {fmt(decision['drawn_score']['one PRN'])}, two PRNs "
         f"{fmt(decision['drawn_score']['two PRNs'])}; AUPRO over the three sets "
         f"{fmt(decision['mean_aupro_over_sets']['one PRN'])} → {fmt(decision['mean_aupro_over_sets']['two PRNs'])} "
@@ -288,9 +295,9 @@ def section_detector_selection() -> str:
         return "## PatchCore settings without labels (`benchmarks/detector_selection.py`)\n\nnot run"
     protocol = r["protocol"]
     sets = list(protocol["beta_ranges"])
-    rows = [[name, *[c[s][metric] for s in sets for metric in ("image_auroc", "pixel_auroc", "aupro")],
-             c["selection_score"], c["fit_seconds"]] for name, c in r["candidates"].items()]
-    header = [f"{s} {metric}" for s in sets for metric in ("img AUROC", "px AUROC", "AUPRO")]
+    rows = [[name, *detection_cells(c, sets), c["selection_score"], c["fit_seconds"]]
+            for name, c in r["candidates"].items()]
+    header = detection_columns(sets)
     ranges = ", ".join(f"{s} β ∈ [{low}, {high}]" for s, (low, high) in protocol["beta_ranges"].items())
     return "\n".join([
         "## PatchCore settings without labels (`benchmarks/detector_selection.py`)", "",
@@ -313,9 +320,9 @@ def search_check_note(check: dict | None) -> list[str]:
         return []
     variants = [name for name in check if name == "exact" or name.startswith("probes=")]
     sets = list(check["exact"])
-    rows = [[name, *[check[name][s][m] for s in sets for m in ("image_auroc", "pixel_auroc", "aupro")],
-             sum(check[name][s]["predict_seconds"] for s in sets)] for name in variants]
-    header = [f"{s} {m}" for s in sets for m in ("img AUROC", "px AUROC", "AUPRO")]
+    rows = [[name, *detection_cells(check[name], sets), sum(check[name][s]["predict_seconds"] for s in sets)]
+            for name in variants]
+    header = detection_columns(sets)
     return [f"Map search on the chosen defaults with anomalib's image score (fitted once in "
             f"{fmt(check['fit_seconds'], 0)} s): rule, fixed before the run: {check['rule']}. Adopted: **{fmt(check['adopted'])}**.", "",
             table(["search", *header, "predict s (both sets)"], rows), ""]

@@ -77,12 +77,12 @@ def kind_weights(names: Sequence[str]) -> np.ndarray:
 
 
 def member_weights(n_members: int, weights: Sequence[float] | None) -> np.ndarray:
-    """Weights summing to 1: equal when None, else the given positive weights normalised."""
+    """Weights summing to 1: equal when None, else the given weights (≥ 0, one above 0) normalised."""
     if weights is None:
         return np.full(n_members, 1.0 / n_members)
     values = np.asarray(weights, dtype=np.float64)
-    if values.shape != (n_members,) or not np.all(values > 0):
-        raise ValueError(f"need one positive weight per member ({n_members}), got {list(weights)}")
+    if values.shape != (n_members,) or np.any(values < 0) or not values.sum() > 0:
+        raise ValueError(f"need one weight ≥ 0 per member ({n_members}), not all 0, got {list(weights)}")
     return values / values.sum()
 
 
@@ -187,14 +187,15 @@ class DetectorEnsemble:
             raise RuntimeError("DetectorEnsemble.predict called before fit")
         return [member.predict(images) for member in self.members]
 
-    def combine(self, per_member: Sequence[Sequence[Detection]], blur_sigma: float | None = None
-                ) -> list[Detection]:
+    def combine(self, per_member: Sequence[Sequence[Detection]], blur_sigma: float | None = None,
+                weights: Sequence[float] | None = None) -> list[Detection]:
         """Standardise each member's detections by its calibration scale, average them and blur the averaged
-        maps (``blur_sigma``: the ensemble's own when None)."""
+        maps (``blur_sigma`` and ``weights``: the ensemble's own when None; a weight of 0 leaves a member out)."""
         sigma = self.blur_sigma if blur_sigma is None else blur_sigma
         averaged = average_detections([[standardised(d, scale, self._is_probability(member)) for d in detections]
                                        for member, scale, detections in zip(self.members, self.scales_, per_member,
-                                                                            strict=True)], self.weights)
+                                                                            strict=True)],
+                                      self.weights if weights is None else weights)
         return [Detection(d.score, blurred_map(d.anomaly_map, sigma)) for d in averaged]
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Detection]:

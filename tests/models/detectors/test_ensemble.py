@@ -95,8 +95,9 @@ def test_weighted_average_of_detections_and_bad_weights_are_refused():
     assert combined.score == pytest.approx(1.5)
     np.testing.assert_allclose(combined.anomaly_map, np.full((2, 2), 1.5))
     assert average_detections([[ones], [threes]])[0].score == pytest.approx(2.0)
-    for bad in ([1.0], [1.0, 0.0], [1.0, -1.0]):
-        with pytest.raises(ValueError, match="one positive weight per member"):
+    assert average_detections([[ones], [threes]], weights=[1.0, 0.0])[0].score == pytest.approx(1.0)
+    for bad in ([1.0], [0.0, 0.0], [1.0, -1.0]):
+        with pytest.raises(ValueError, match="one weight ≥ 0 per member"):
             average_detections([[ones], [threes]], weights=bad)
 
 
@@ -120,9 +121,13 @@ def test_two_seeds_of_one_kind_weigh_as_much_as_the_other_kind():
     per_member = ensemble.predict_members(tests)
     alone = [[standardised(d, scale, m.name == "prn") for d in detections]
              for m, scale, detections in zip(ensemble.members, ensemble.scales_, per_member)]
+    without_third = ensemble.combine(per_member, weights=(0.5, 0.5, 0.0))
     for i, together in enumerate(ensemble.combine(per_member)):
         expected = 0.5 * alone[0][i].anomaly_map + 0.25 * (alone[1][i].anomaly_map + alone[2][i].anomaly_map)
         np.testing.assert_allclose(together.anomaly_map, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(without_third[i].anomaly_map, 0.5 * (alone[0][i].anomaly_map
+                                                                         + alone[1][i].anomaly_map),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_calibration_share_is_disjoint_from_the_fit_share_and_never_below_its_minimum():
