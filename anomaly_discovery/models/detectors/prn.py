@@ -95,13 +95,17 @@ class MultiScaleFusion(nn.Module):
         return fused
 
 
-def per_channel_qkv(x: torch.Tensor, qkv: nn.Conv2d) -> torch.Tensor:
-    """``qkv(x)`` viewed as (B, C, 3, H, W), computed as the per-channel affine map it is (a 1×1 convolution with
-    one group per channel): the same numbers several times faster on the CPU, whose grouped convolutions are slow;
-    the weights stay in the convolution, so saved detectors load as before."""
+def patch_tokens(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) → (B, N, C, p²): the N = (H/p)(W/p) patches of side p, each as its C channels' p×p values."""
     batch, channels, height, width = x.shape
-    weight = qkv.weight.view(1, channels, 3, 1, 1)
-    return x.unsqueeze(2) * weight + qkv.bias.view(1, channels, 3, 1, 1)
+    return (x.reshape(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+            .reshape(batch, (height // p) * (width // p), channels, p * p))
+
+
+def from_patch_tokens(tokens: torch.Tensor, channels: int, height: int, width: int, p: int) -> torch.Tensor:
+    """(B, N, C·p²) → (B, C, H, W), the inverse of :func:`patch_tokens` (flattened)."""
+    return (tokens.reshape(len(tokens), height // p, width // p, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+            .reshape(len(tokens), channels, height, width))
 
 
 class MultiSizeSelfAttention(nn.Module):
@@ -111,6 +115,12 @@ class MultiSizeSelfAttention(nn.Module):
     depthwise 1×1 convolutions (one weight and bias per feature channel, shared over the positions of a
     patch, so the block does not depend on the map size); attention = softmax(Q Kᵀ / D) V. The four
     outputs are unpatchified, concatenated (4C) and reduced back to C by a ResidualBlock.
+
+    The depthwise convolutions are computed as the per-channel affine maps they are, on the patches (the map is
+    cut into patches once per size, not once each for Q, K and V; the CPU's grouped convolutions are slow), and
+    where the patch is the whole map (one token) the attention is V itself: the same numbers as the convolutions
+    and the softmax (to float rounding), several times less copying. The weights stay in the convolutions, so
+    saved detectors load as before.
     """
 
     def __init__(self, channels: int):
@@ -123,17 +133,19 @@ class MultiSizeSelfAttention(nn.Module):
         return [max(1, height >> k) for k in range(N_PATCH_SIZES)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
+        _, channels, height, width = x.shape
         outputs = []
         for qkv, p in zip(self.qkv, self.patch_sizes(height)):
             if height % p or width % p:
                 raise ValueError(f"feature map {height}×{width} cannot be cut into {p}×{p} patches")
-            q, k, v = per_channel_qkv(x, qkv).unbind(2)
-            tokens = [t.reshape(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
-                      .reshape(batch, (height // p) * (width // p), channels * p * p) for t in (q, k, v)]
-            attended = F.scaled_dot_product_attention(*tokens, scale=1.0 / tokens[0].shape[-1])
-            outputs.append(attended.reshape(batch, height // p, width // p, channels, p, p)
-                           .permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width))
+            weight, bias = qkv.weight.view(channels, 3), qkv.bias.view(channels, 3)  # per channel: q, k, v
+            if p == height == width:  # one token: the softmax over a single key is 1, so attention returns V
+                outputs.append(x * weight[:, 2].view(1, -1, 1, 1) + bias[:, 2].view(1, -1, 1, 1))
+                continue
+            tokens = patch_tokens(x, p)
+            q, k, v = ((tokens * weight[:, i, None] + bias[:, i, None]).flatten(2) for i in range(3))
+            attended = F.scaled_dot_product_attention(q, k, v, scale=1.0 / q.shape[-1])
+            outputs.append(from_patch_tokens(attended, channels, height, width, p))
         return self.merge(torch.cat(outputs, dim=1))
 
 

@@ -9,7 +9,7 @@ from anomaly_discovery.data.images import save_image
 from anomaly_discovery.data.sample import Sample
 from anomaly_discovery.models.detectors.protocol import Detection, Detector
 from anomaly_discovery.models.detectors.prn import (CheckpointError, MultiScaleFusion, MultiSizeSelfAttention,
-                                                    PRNConfig, PRNDetector, PRNHead, per_channel_qkv)
+                                                    PRNConfig, PRNDetector, PRNHead)
 from anomaly_discovery.models.detectors.prn_training import (cell_targets, fit_prototypes, focal_loss,
                                                              nearest_prototypes, prn_loss, prototype_residuals,
                                                              select_real_anomalies)
@@ -72,17 +72,37 @@ def test_fusion_and_attention_keep_each_scale_shape():
     assert MultiSizeSelfAttention.patch_sizes(16) == [16, 8, 4, 2]
 
 
-def test_attention_queries_keys_and_values_equal_the_grouped_convolution_they_replace():
-    attention = MultiSizeSelfAttention(6)
-    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+def attention_by_convolution(attention: MultiSizeSelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """The MSA block as methods step 5 writes it: Q, K, V by each size's grouped 1×1 convolution, every patch
+    flattened to a token, softmax(Q Kᵀ / D) V, the patches put back, the four sizes merged."""
+    batch, channels, height, width = x.shape
+    outputs = []
+    for qkv, p in zip(attention.qkv, attention.patch_sizes(height)):
+        by_channel = qkv(x).view(batch, channels, 3, height, width).unbind(2)
+        q, k, v = (t.reshape(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+                   .reshape(batch, -1, channels * p * p) for t in by_channel)
+        weights = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1], dim=-1)
+        outputs.append((weights @ v).reshape(batch, height // p, width // p, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+                       .reshape(batch, channels, height, width))
+    return attention.merge(torch.cat(outputs, dim=1))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 8), (2, 6, 8, 16)])
+def test_attention_equals_its_grouped_convolutions_and_softmax_in_values_and_gradients(shape):
+    """The per-channel affine maps on the patches, and V alone where one patch is the whole map (square maps),
+    give the numbers and gradients of the written-out block, the query and key weights of that size included."""
+    torch.manual_seed(0)
+    attention = MultiSizeSelfAttention(shape[1]).eval()
     for qkv in attention.qkv:
+        torch.nn.init.normal_(qkv.weight)
         torch.nn.init.normal_(qkv.bias)
-        by_conv = qkv(x).view(2, 6, 3, 8, 8)
-        by_channel = per_channel_qkv(x, qkv)
-        torch.testing.assert_close(by_channel, by_conv)
-        grads = [torch.autograd.grad(out.square().sum(), (x, qkv.weight)) for out in (by_channel, by_conv)]
-        for ours, conv in zip(*grads):
-            torch.testing.assert_close(ours, conv)
+    x = torch.randn(shape, requires_grad=True)
+    ours, written = attention(x), attention_by_convolution(attention, x)
+    torch.testing.assert_close(ours, written)
+    parameters = [x, *attention.parameters()]
+    for mine, reference in zip(torch.autograd.grad(ours.square().sum(), parameters),
+                               torch.autograd.grad(written.square().sum(), parameters)):
+        torch.testing.assert_close(mine, reference)
 
 
 def test_image_prototype_count_is_a_tenth_of_the_normal_images_and_at_least_one():
