@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 from .augment import AugmentConfig
 from .class_count import METHODS as CLASS_COUNT_METHODS
 from .network import DEFAULT_VIT
+from .outliers import OUTLIER_SCORES
 from .views import IMAGE_TURNS
 
 RESULT_FIELDS = ("progress", "checkpoint_dir", "resume", "keep_checkpoints", "device")
@@ -169,8 +170,10 @@ class ClassSettings:
     """How many novel classes and how regions get them. ``k``: a number, or ``"auto"``: estimated with
     ``k_method`` (``class_count``; the default ``prediction_strength`` was chosen on NEU-DET and generated data) in
     [2, ``k_max``], on the image level of the view models' floor embedding (the transformer: on its learned
-    embeddings, then relabelled by k-means). ``outlier_k``: the neighbour of the k-NN outlier score, whose
-    threshold accepts ``outlier_accept_rate`` of held-out base crops; 1 (was 5) was chosen leaving one class out on
+    embeddings, then relabelled by k-means). ``outlier_score``: how far a crop lies from the known ones, ``knn`` (the
+    cosine distance to its ``outlier_k``-th nearest known crop) or ``lof`` (the local outlier factor over its
+    ``outlier_k`` nearest, ``outliers.local_outlier_factor_score``), whose threshold accepts ``outlier_accept_rate``
+    of held-out base crops. For ``knn``, ``outlier_k`` = 1 (was 5) was chosen leaving one class out on
     NEU-DET and generated data (``benchmarks/discovery_selection.py``, part ``open_world``: mean unseen-class AUROC
     .869 against .841 for 5 and .820 for 10, over 32 held-out classes). ``prototype_init``: what the view models'
     novel prototypes start from, k-means over the novel ``regions`` or over the ``images`` (each image's regions'
@@ -185,6 +188,7 @@ class ClassSettings:
     k_method: str = "prediction_strength"
     prototype_init: str = "regions"
     assign: str = "kmeans"
+    outlier_score: str = "knn"
     outlier_k: int = 1
     outlier_accept_rate: float = 0.95
 
@@ -196,6 +200,7 @@ class ClassSettings:
         _check_choice(self, "k_method", CLASS_COUNT_METHODS)
         _check_choice(self, "assign", ("head", "kmeans"))
         _check_choice(self, "prototype_init", PROTOTYPE_INITS)
+        _check_choice(self, "outlier_score", OUTLIER_SCORES)
         _check_positive(self, "outlier_k")
 
 

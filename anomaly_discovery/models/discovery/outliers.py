@@ -5,6 +5,8 @@ head's cosine logits (``PrototypeHead``) and the same temperature as training (0
 
 * ``knn_distance_score``: cosine distance 1 − cos to the k-th nearest reference embedding (exact FAISS
   inner-product search).
+* ``local_outlier_factor_score``: the local outlier factor over the k nearest references (cosine distance), which
+  reads a crop's distance against how spread its known neighbours are.
 * ``max_softmax_score``: 1 − max_c softmax(l/τ)_c (MSP).
 * ``energy_score``: E = −τ · logsumexp_c(l_c/τ) (free energy; low for confident known crops).
 * ``max_logit_score``: −max_c l_c.
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from ..metrics import fpr_at_tpr, image_auroc
 
 AGGREGATES = ("max", "mean")
+OUTLIER_SCORES = ("knn", "lof")  # ClassSettings.outlier_score: knn_distance_score, local_outlier_factor_score
 
 
 def _as_logits(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -32,6 +35,37 @@ def _as_logits(logits: torch.Tensor | np.ndarray) -> torch.Tensor:
     if tensor.ndim != 2 or tensor.shape[1] == 0:
         raise ValueError(f"logits must have shape (N, K) with K >= 1, got {tuple(tensor.shape)}")
     return tensor
+
+
+def _unit_pair(embeddings, reference_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+    queries = F.normalize(torch.as_tensor(embeddings).detach().to(torch.float32), dim=-1)
+    references = F.normalize(torch.as_tensor(reference_embeddings).detach().to(torch.float32), dim=-1)
+    if queries.ndim != 2 or references.ndim != 2 or queries.shape[1] != references.shape[1]:
+        raise ValueError(f"embeddings {tuple(queries.shape)} and reference_embeddings {tuple(references.shape)} "
+                         "must be (N, D) and (M, D)")
+    return queries, references
+
+
+def _nearest(queries: torch.Tensor, references: torch.Tensor, k: int,
+             excluded: Optional[Sequence[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, k) cosine distances and rows of each unit query's k nearest unit references (exact FAISS inner-product
+    search), leaving out the rows ``excluded[i]`` for query i."""
+    if excluded is not None and len(excluded) != len(queries):
+        raise ValueError(f"excluded has {len(excluded)} entries for {len(queries)} embeddings")
+    widest = max((len(rows) for rows in excluded), default=0) if excluded is not None else 0
+    if not 1 <= k <= references.shape[0] - widest:
+        raise ValueError(f"k must be in [1, {references.shape[0] - widest}] (the references a query may see), "
+                         f"got {k}")
+    if queries.shape[0] == 0:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    index = faiss.IndexFlatIP(references.shape[1])
+    index.add(np.ascontiguousarray(references.numpy()))
+    similarity, rows = index.search(np.ascontiguousarray(queries.numpy()), k + widest)
+    if excluded is not None:
+        kept = [~np.isin(row_ids, skip) for row_ids, skip in zip(rows, excluded)]
+        similarity = np.stack([row[keep][:k] for row, keep in zip(similarity, kept)])
+        rows = np.stack([row[keep][:k] for row, keep in zip(rows, kept)])
+    return np.clip(1.0 - similarity[:, :k], 0.0, 2.0).astype(np.float32), rows[:, :k]  # rounding: a hair below 0
 
 
 def knn_distance_score(
@@ -44,26 +78,48 @@ def knn_distance_score(
     prototypes), by an exact FAISS inner-product search over the unit vectors. A query that is itself in the
     reference set finds itself at distance 0, unless ``excluded[i]`` (reference rows query i must not see, e.g.
     the crops of its own image) leaves it out."""
-    queries = F.normalize(torch.as_tensor(embeddings).detach().to(torch.float32), dim=-1)
-    references = F.normalize(torch.as_tensor(reference_embeddings).detach().to(torch.float32), dim=-1)
-    if queries.ndim != 2 or references.ndim != 2 or queries.shape[1] != references.shape[1]:
-        raise ValueError(f"embeddings {tuple(queries.shape)} and reference_embeddings {tuple(references.shape)} "
-                         "must be (N, D) and (M, D)")
-    if excluded is not None and len(excluded) != len(queries):
-        raise ValueError(f"excluded has {len(excluded)} entries for {len(queries)} embeddings")
+    distances, _ = _nearest(*_unit_pair(embeddings, reference_embeddings), k, excluded)
+    return distances[:, -1]
+
+
+def local_outlier_factor_score(
+    embeddings: torch.Tensor | np.ndarray,
+    reference_embeddings: torch.Tensor | np.ndarray,
+    k: int = 10,
+    excluded: Optional[Sequence[np.ndarray]] = None,
+) -> np.ndarray:
+    """(N,) local outlier factor (Breunig et al. 2000) of each embedding against the references, cosine distance:
+    the references' mean local reachability density over the query's k nearest, divided by the query's own
+    (reachability distance to a reference: at least that reference's own k-th neighbour distance). About 1 inside
+    a known class however dense or spread it is, above 1 where a crop lies farther from its neighbours than they
+    lie from theirs. Each reference's neighbours leave the reference itself out; ``excluded`` as in
+    :func:`knn_distance_score`. The same numbers as scikit-learn's ``LocalOutlierFactor(novelty=True)``, which
+    has no way to keep a query's own image's crops out of its neighbours."""
+    queries, references = _unit_pair(embeddings, reference_embeddings)
+    if not 1 <= k < references.shape[0]:
+        raise ValueError(f"k must be in [1, {references.shape[0] - 1}] (a reference's other references), got {k}")
+    own_distances, own_rows = _nearest(references, references, k, [np.array([row]) for row in range(len(references))])
+    k_distance = own_distances[:, -1]
+    reference_density = 1.0 / (np.maximum(k_distance[own_rows], own_distances).mean(axis=1) + 1e-10)
+    distances, rows = _nearest(queries, references, k, excluded)
+    density = 1.0 / (np.maximum(k_distance[rows], distances).mean(axis=1) + 1e-10)
+    return (reference_density[rows].mean(axis=1) / density).astype(np.float32)
+
+
+def distance_outlier_score(kind: str, embeddings: torch.Tensor | np.ndarray,
+                           reference_embeddings: torch.Tensor | np.ndarray, k: int,
+                           excluded: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
+    """The score ``kind`` names (``OUTLIER_SCORES``) over the k nearest references, k capped at the references a
+    query may see. The local outlier factor needs two references a query may see (a reference's own neighbour):
+    with fewer, the k-NN distance stands in."""
+    if kind not in OUTLIER_SCORES:
+        raise ValueError(f"outlier score must be one of {OUTLIER_SCORES}, got {kind!r}")
     widest = max((len(rows) for rows in excluded), default=0) if excluded is not None else 0
-    if not 1 <= k <= references.shape[0] - widest:
-        raise ValueError(f"k must be in [1, {references.shape[0] - widest}] (the references a query may see), "
-                         f"got {k}")
-    if queries.shape[0] == 0:
-        return np.zeros(0, dtype=np.float32)
-    index = faiss.IndexFlatIP(references.shape[1])
-    index.add(np.ascontiguousarray(references.numpy()))
-    similarity, rows = index.search(np.ascontiguousarray(queries.numpy()), k + widest)
-    kth = (similarity[:, k - 1] if excluded is None else
-           np.array([row_similarity[~np.isin(row_ids, skip)][k - 1]
-                     for row_similarity, row_ids, skip in zip(similarity, rows, excluded)]))
-    return np.clip(1.0 - kth, 0.0, 2.0).astype(np.float32)  # rounding may put a duplicate a hair below 0
+    seen = len(reference_embeddings) - widest
+    if kind == "knn" or seen < 2:
+        return knn_distance_score(embeddings, reference_embeddings, k=min(k, seen), excluded=excluded)
+    return local_outlier_factor_score(embeddings, reference_embeddings, k=min(k, seen, len(reference_embeddings) - 1),
+                                      excluded=excluded)
 
 
 def max_softmax_score(logits: torch.Tensor | np.ndarray, temperature: float = 0.1) -> np.ndarray:

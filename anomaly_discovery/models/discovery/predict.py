@@ -22,7 +22,7 @@ from .data import RegionTensors, ViewCache
 from .amga_pooling import ViewDiscoveryModel
 from .model import DiscoveryModel, build_model, normalise_images
 from .class_count import ClassCountEstimate
-from .outliers import OutlierThreshold, energy_score, image_outlier_score, knn_distance_score
+from .outliers import OutlierThreshold, distance_outlier_score, energy_score, image_outlier_score
 from .region_merging import ImagePrediction, default_tau, merge_by_image, novel_region_probabilities
 from ..localisation.regions import Region
 from .views import VIEW_NAMES, ViewExtractor
@@ -145,10 +145,9 @@ def score_embeddings(predictor: DiscoveryPredictor, embeddings: torch.Tensor,
     temperature = predictor.config.model.temperature
     logits = embeddings @ predictor.prototypes.T
     probs = novel_region_probabilities(logits, predictor.n_base, temperature)[:, predictor.n_base:]
-    references = predictor.reference_embeddings
-    widest = max((len(rows) for rows in excluded), default=0) if excluded is not None else 0
-    k = min(predictor.config.classes.outlier_k, len(references) - widest)
-    distance = knn_distance_score(embeddings, references, k=k, excluded=excluded)
+    classes = predictor.config.classes
+    distance = distance_outlier_score(classes.outlier_score, embeddings, predictor.reference_embeddings,
+                                      classes.outlier_k, excluded)
     flags = None if predictor.outlier_threshold is None else distance > predictor.outlier_threshold
     return RegionPredictions(embeddings.numpy(), probs, probs.argmax(1), probs.max(1), distance,
                              energy_score(logits, temperature), flags)
@@ -211,16 +210,14 @@ def assemble_artifacts(config: DiscoveryConfig, model, classes: list[str], novel
     they know) those scores join the held-out base crops in setting the threshold, so a threshold exists without a
     base set and flags the crops farthest from all the others."""
     novel_embeddings, references, val_embeddings = embeddings[:len(novel)], embeddings[:n_train], embeddings[n_train:]
-    k = config.classes.outlier_k
-    val_scores = (knn_distance_score(val_embeddings, references, k=min(k, n_train))
-                  if len(val_embeddings) else np.zeros(0))
+    kind, k = config.classes.outlier_score, config.classes.outlier_k
+    val_scores = (distance_outlier_score(kind, val_embeddings, references, k) if len(val_embeddings) else np.zeros(0))
     known_scores = val_scores
     own_image = same_image_rows(novel)
     if n_train - max((len(rows) for rows in own_image), default=0) < 1:  # one image: leave only the crop out
         own_image = [np.array([row]) for row in range(len(novel))] if n_train > 1 else None
     if novel_known and own_image is not None:
-        seen = n_train - max(len(rows) for rows in own_image)
-        own = knn_distance_score(novel_embeddings, references, k=min(k, seen), excluded=own_image)
+        own = distance_outlier_score(kind, novel_embeddings, references, k, own_image)
         known_scores = np.concatenate([val_scores, own])
     threshold = (OutlierThreshold(config.classes.outlier_accept_rate).fit(known_scores).threshold_
                  if len(known_scores) else None)

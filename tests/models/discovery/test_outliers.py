@@ -2,9 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly_discovery.models.discovery.outliers import (OutlierThreshold, energy_score, evaluate_outlier_scores,
-                                                         image_outlier_score, knn_distance_score, max_logit_score,
-                                                         max_softmax_score)
+from sklearn.neighbors import LocalOutlierFactor
+
+from anomaly_discovery.models.discovery.config import DiscoveryConfig
+from anomaly_discovery.models.discovery.outliers import (OutlierThreshold, distance_outlier_score, energy_score,
+                                                         evaluate_outlier_scores, image_outlier_score,
+                                                         knn_distance_score, local_outlier_factor_score,
+                                                         max_logit_score, max_softmax_score)
 
 
 @pytest.fixture
@@ -42,6 +46,61 @@ def test_knn_distance_leaves_out_the_rows_a_query_must_not_see():
     assert np.allclose(plain, [0.0]) and np.allclose(own_image_left_out, [0.4, 0.4], atol=1e-6)
     with pytest.raises(ValueError, match="references a query may see"):
         knn_distance_score(references[:2], references, k=2, excluded=[np.array([0, 1])] * 2)
+
+
+def unit(points: np.ndarray) -> np.ndarray:
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def test_local_outlier_factor_equals_scikit_learns():
+    rng = np.random.default_rng(0)
+    references, queries = rng.normal(size=(120, 12)), rng.normal(size=(25, 12))
+    theirs = -LocalOutlierFactor(n_neighbors=10, novelty=True, metric="cosine").fit(unit(references)).score_samples(
+        unit(queries))
+    np.testing.assert_allclose(local_outlier_factor_score(queries, references, k=10), theirs, rtol=1e-5)
+
+
+def test_local_outlier_factor_reads_distance_against_the_spread_of_the_known_neighbours():
+    """A tight class and a loose one: a crop just outside the tight class is nearer to its neighbours than the
+    loose class's own members are to theirs, so the k-NN distance ranks it below them; the local outlier factor
+    ranks it above every known member."""
+    rng = np.random.default_rng(1)
+    tight = unit(np.array([1.0, 0.0, 0.0]) + 0.01 * rng.normal(size=(60, 3)))
+    loose = unit(np.array([0.0, 1.0, 0.0]) + 0.2 * rng.normal(size=(60, 3)))
+    references = np.concatenate([tight, loose])
+    members = np.concatenate([unit(np.array([1.0, 0.0, 0.0]) + 0.01 * rng.normal(size=(20, 3))),
+                              unit(np.array([0.0, 1.0, 0.0]) + 0.2 * rng.normal(size=(20, 3)))])
+    outsider = unit(np.array([[1.0, 0.15, 0.0]]))
+    distance = knn_distance_score(np.concatenate([members, outsider]), references, k=1)
+    factor = local_outlier_factor_score(np.concatenate([members, outsider]), references, k=10)
+    assert distance[-1] < distance[:-1].max()
+    assert factor[-1] > factor[:-1].max()
+    assert np.median(factor[:-1]) == pytest.approx(1.0, abs=0.2)
+
+
+def test_local_outlier_factor_leaves_out_the_rows_a_query_must_not_see_and_refuses_a_lone_reference():
+    rng = np.random.default_rng(2)
+    references = unit(rng.normal(size=(40, 6)))
+    query = references[:1] + 1e-4
+    assert local_outlier_factor_score(query, references, k=5)[0] < local_outlier_factor_score(
+        query, references, k=5, excluded=[np.array([0])])[0]
+    with pytest.raises(ValueError, match="a reference's other references"):
+        local_outlier_factor_score(query, references[:1], k=1)
+
+
+def test_distance_outlier_score_is_the_configured_score_with_k_capped():
+    rng = np.random.default_rng(3)
+    queries, references = rng.normal(size=(5, 4)), rng.normal(size=(8, 4))
+    np.testing.assert_array_equal(distance_outlier_score("knn", queries, references, 50),
+                                  knn_distance_score(queries, references, k=8))
+    np.testing.assert_array_equal(distance_outlier_score("lof", queries, references, 50),
+                                  local_outlier_factor_score(queries, references, k=7))
+    np.testing.assert_array_equal(distance_outlier_score("lof", queries, references[:1], 3),
+                                  knn_distance_score(queries, references[:1], k=1))  # one reference: no LOF
+    with pytest.raises(ValueError, match="outlier score must be one of"):
+        distance_outlier_score("mahalanobis", queries, references, 1)
+    with pytest.raises(ValueError, match="outlier_score"):
+        DiscoveryConfig.of(outlier_score="mahalanobis")
 
 
 @pytest.mark.parametrize("score", [max_softmax_score, energy_score, max_logit_score])
