@@ -140,7 +140,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import json
 import os
 import tempfile
@@ -156,7 +155,7 @@ from anomaly_discovery.models.discovery.config import PROTOTYPE_INITS, Discovery
 from anomaly_discovery.models.discovery.frozen import (WEIGHT_GRID, fit_projection, image_cluster_strength,
                                                        image_getter, image_level, kmeans, region_images,
                                                        select_view_weights)
-from anomaly_discovery.models.discovery.outliers import distance_outlier_score, evaluate_outlier_scores
+from anomaly_discovery.models.discovery.outliers import DistanceOutlierScorer, evaluate_outlier_scores
 from anomaly_discovery.models.discovery.predict import merge_images
 from anomaly_discovery.models.discovery.training import train_discovery
 from anomaly_discovery.models.discovery.view_discovery import (choose_k_and_weights, own_projection_for,
@@ -550,9 +549,14 @@ def chosen_flow_criterion(rows: list[dict]) -> tuple[str, str | None]:
     return best, (best if within[best] >= within["consensus"] + FLOW_MARGIN else None)
 
 
+def scorer(kind: str, k: int):
+    """``score(queries, references)`` of ``DistanceOutlierScorer``."""
+    return lambda queries, references: DistanceOutlierScorer(kind, references, k).score(queries)
+
+
 def knn_scorers() -> dict:
     """Part ``open_world``'s scores: the k-NN distance at each k of ``OUTLIER_KS``, keyed ``k<k>``."""
-    return {f"k{k}": functools.partial(distance_outlier_score, "knn", k=k) for k in OUTLIER_KS}
+    return {f"k{k}": scorer("knn", k) for k in OUTLIER_KS}
 
 
 def open_world_rows(task: dict, vectors: dict, seed: int = 0, scorers: dict | None = None) -> list[dict]:
@@ -582,8 +586,7 @@ def open_world_rows(task: dict, vectors: dict, seed: int = 0, scorers: dict | No
 def outlier_score_scorers() -> dict:
     """Part ``open_world_score``'s scores: the default k-NN distance (k = 1) and the local outlier factor at each
     k of ``LOF_KS``."""
-    return {"knn k1": functools.partial(distance_outlier_score, "knn", k=1),
-            **{f"lof k{k}": functools.partial(distance_outlier_score, "lof", k=k) for k in LOF_KS}}
+    return {"knn k1": scorer("knn", 1), **{f"lof k{k}": scorer("lof", k) for k in LOF_KS}}
 
 
 def mean_aurocs(rows: list[dict]) -> dict[str, float]:

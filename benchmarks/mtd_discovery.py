@@ -43,7 +43,7 @@ from anomaly_discovery.models.detectors.mutual_scoring import MutualScoringDetec
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from anomaly_discovery.models.detectors.protocol import Detection
 from anomaly_discovery.models.discovery.config import OWN_PROJECTIONS, DiscoveryConfig
-from anomaly_discovery.models.discovery.outliers import evaluate_outlier_scores, knn_distance_score
+from anomaly_discovery.models.discovery.outliers import DistanceOutlierScorer, evaluate_outlier_scores
 from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
 from anomaly_discovery.models.discovery.views import IMAGE_TURNS, ViewExtractor, image_features, unit_rows
 from anomaly_discovery.models.discovery.frozen import kmeans
@@ -136,9 +136,9 @@ def whole_image_baseline(paths: dict, truth: dict, k: int) -> dict:
 
 def leave_one_class_out(regions, paths: dict, truth: dict, normals: list[str], seed: int = 0, **settings) -> dict:
     """Each class held out in turn: the learned model (defaults, but for ``settings``) and its floor
-    (``kind="frozen"``) are fitted on the other classes minus a fifth of their images; their k-NN outlier scores of
-    those known test images' crops against the held-out class's. The learned model's numbers at the top level, the
-    floor's under ``floor``."""
+    (``kind="frozen"``) are fitted on the other classes minus a fifth of their images; their outlier scores (the
+    product's ``outlier_score`` and ``outlier_k``) of those known test images' crops against the held-out class's.
+    The learned model's numbers at the top level, the floor's under ``floor``."""
     rng = np.random.default_rng(seed)
     per_class = {model: {} for model in MODELS}
     for held_out in sorted(set(truth.values())):
@@ -148,13 +148,14 @@ def leave_one_class_out(regions, paths: dict, truth: dict, normals: list[str], s
         for model in MODELS:
             artifacts = train_discovery(DiscoveryConfig.of(kind=model, progress=False, **settings), train,
                                         images=paths, normal_images=normals)
-            reference = torch.as_tensor(artifacts.regions.embeddings)
-            k = artifacts.predictor.config.classes.outlier_k
+            classes = artifacts.predictor.config.classes
+            scorer = DistanceOutlierScorer(classes.outlier_score, torch.as_tensor(artifacts.regions.embeddings),
+                                           classes.outlier_k)
             scores = {}
             for name, subset in (("known", [r for r in regions if r.image_id in known_test]),
                                  ("unseen", [r for r in regions if truth[r.image_id] == held_out])):
                 embedded = torch.as_tensor(predict_regions(artifacts, subset, paths).embeddings)
-                scores[name] = knn_distance_score(embedded, reference, k=k)
+                scores[name] = scorer.score(embedded)
             per_class[model][held_out] = evaluate_outlier_scores(scores["known"], scores["unseen"])
             print("loco", model, held_out, per_class[model][held_out], flush=True)
 
@@ -199,7 +200,9 @@ def main() -> None:
                           "discovery": "DiscoveryConfig defaults; kind and k as each row says"
                           + (f"; own_projection {args.own_projection}" if args.own_projection else "")
                           + (f"; image_turns {args.image_turns}" if args.image_turns else ""), "base": "none",
-                          "object_prior": "fallback", "k_method": DiscoveryConfig().classes.k_method}
+                          "object_prior": "fallback", "k_method": DiscoveryConfig().classes.k_method,
+                          "outlier_score": DiscoveryConfig().classes.outlier_score,
+                          "outlier_k": DiscoveryConfig().classes.outlier_k}
     maps = [m for m in ("semi", "zero-shot") if m in args.maps.split(",")]
     rerun = {"neu-det" if part == "neu" else "mtd" for part in parts & {"mtd", "neu"}}
 

@@ -529,6 +529,8 @@ def section_discovery_selection() -> str:
         lines += [f"**Open world** (leave one class out, the rule's view weights on the seen classes): mean unseen-class "
                   f"AUROC of the k-NN outlier score by its k; the rule takes k = {world['chosen_k']}.", "",
                   table(["task", *(f"k = {k[1:]}" for k in ks)], rows), ""]
+    if r.get("open_world_score"):
+        lines += _open_world_score_lines(r["open_world_score"])
     if r.get("learned"):
         lines += ["**Learned model against its floor** (defaults; frozen → learned):", "",
                   table(["task", "K", "NMI", "ARI", "F1", "K frozen / learned (true)"], _pair_rows(r["learned"])), ""]
@@ -667,6 +669,38 @@ def _within_one_by_true_k(rows: list[dict]) -> str:
         counts.append(f"K {true_k} ({len(group)}): " + ", ".join(
             f"{c} {sum(abs(row['estimates'][c] - true_k) <= 1 for row in group)}" for c in group[0]["estimates"]))
     return "; ".join(counts)
+
+
+def _open_world_score_lines(score: dict) -> list[str]:
+    """Part ``open_world_score``: unseen-class AUROC (mean FPR95) per task and score, the selection tasks' and the
+    fresh draws' means, and the rule's verdict."""
+    names = list(score["mean_auroc"])
+
+    def cell(rows: list[dict], name: str) -> str:
+        return (f"{fmt(sum(row[name]['auroc'] for row in rows) / len(rows))} "
+                f"({fmt(sum(row[name]['fpr95'] for row in rows) / len(rows), 2)})")
+
+    def task_rows(rows: list[dict]) -> list[list]:
+        tasks = list(dict.fromkeys(row["task"] for row in rows))
+        return [[task, *(cell([row for row in rows if row["task"] == task], name) for name in names)]
+                for task in tasks]
+
+    best, adopted = score["best_lof"], score["adopted"]
+    verdict = (f"the local outlier factor at {best[4:]} becomes the default" if adopted else
+               f"the k-NN distance stays (the local outlier factor's best, {best[4:]}: "
+               f"{fmt(score['mean_auroc'][best])} against {fmt(score['mean_auroc']['knn k1'])} on the selection tasks, "
+               f"{fmt(score['fresh_mean_auroc'][best])} against {fmt(score['fresh_mean_auroc']['knn k1'])} on the "
+               "fresh draws)")
+    product = ClassSettings()
+    return [f"**Outlier score** (leave one class out as above, on the five tasks and the five long-tailed draws, then "
+            "on the ten fresh draws): unseen-class AUROC (FPR at 95% TPR) of the k-NN distance and of the local "
+            "outlier factor by its k. Rule: the local outlier factor's best k on the selection tasks replaces the "
+            "k-NN distance if it wins there by more than .01 and does not lose on the fresh draws: "
+            f"{verdict}. The product scores with **{product.outlier_score}**, k = {product.outlier_k}.", "",
+            table(["task", *names], [*task_rows(score["rows"]),
+                                     ["all selection tasks", *(cell(score["rows"], n) for n in names)],
+                                     *task_rows(score["fresh_rows"]),
+                                     ["all fresh draws", *(cell(score["fresh_rows"], n) for n in names)]]), ""]
 
 
 def _k_method(run: dict) -> str:

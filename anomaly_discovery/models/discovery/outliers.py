@@ -82,6 +82,21 @@ def knn_distance_score(
     return distances[:, -1]
 
 
+def _reference_reachability(references: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit reference's distance to its k-th nearest other reference and its local reachability density."""
+    own_distances, own_rows = _nearest(references, references, k, [np.array([row]) for row in range(len(references))])
+    k_distance = own_distances[:, -1]
+    return k_distance, 1.0 / (np.maximum(k_distance[own_rows], own_distances).mean(axis=1) + 1e-10)
+
+
+def _local_outlier_factor(queries: torch.Tensor, references: torch.Tensor, k: int,
+                          excluded: Optional[Sequence[np.ndarray]], k_distance: np.ndarray,
+                          density: np.ndarray) -> np.ndarray:
+    distances, rows = _nearest(queries, references, k, excluded)
+    own_density = 1.0 / (np.maximum(k_distance[rows], distances).mean(axis=1) + 1e-10)
+    return (density[rows].mean(axis=1) / own_density).astype(np.float32)
+
+
 def local_outlier_factor_score(
     embeddings: torch.Tensor | np.ndarray,
     reference_embeddings: torch.Tensor | np.ndarray,
@@ -98,28 +113,34 @@ def local_outlier_factor_score(
     queries, references = _unit_pair(embeddings, reference_embeddings)
     if not 1 <= k < references.shape[0]:
         raise ValueError(f"k must be in [1, {references.shape[0] - 1}] (a reference's other references), got {k}")
-    own_distances, own_rows = _nearest(references, references, k, [np.array([row]) for row in range(len(references))])
-    k_distance = own_distances[:, -1]
-    reference_density = 1.0 / (np.maximum(k_distance[own_rows], own_distances).mean(axis=1) + 1e-10)
-    distances, rows = _nearest(queries, references, k, excluded)
-    density = 1.0 / (np.maximum(k_distance[rows], distances).mean(axis=1) + 1e-10)
-    return (reference_density[rows].mean(axis=1) / density).astype(np.float32)
+    return _local_outlier_factor(queries, references, k, excluded, *_reference_reachability(references, k))
 
 
-def distance_outlier_score(kind: str, embeddings: torch.Tensor | np.ndarray,
-                           reference_embeddings: torch.Tensor | np.ndarray, k: int,
-                           excluded: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
-    """The score ``kind`` names (``OUTLIER_SCORES``) over the k nearest references, k capped at the references a
-    query may see. The local outlier factor needs two references a query may see (a reference's own neighbour):
-    with fewer, the k-NN distance stands in."""
-    if kind not in OUTLIER_SCORES:
-        raise ValueError(f"outlier score must be one of {OUTLIER_SCORES}, got {kind!r}")
-    widest = max((len(rows) for rows in excluded), default=0) if excluded is not None else 0
-    seen = len(reference_embeddings) - widest
-    if kind == "knn" or seen < 2:
-        return knn_distance_score(embeddings, reference_embeddings, k=min(k, seen), excluded=excluded)
-    return local_outlier_factor_score(embeddings, reference_embeddings, k=min(k, seen, len(reference_embeddings) - 1),
-                                      excluded=excluded)
+class DistanceOutlierScorer:
+    """The outlier score ``kind`` names (``OUTLIER_SCORES``) of queries against fixed references over their k
+    nearest, k capped at the references a query may see; the local outlier factor's side of the references (each
+    one's k-th neighbour distance and density) is searched once and kept, so scoring new crops searches only
+    their own neighbours. The local outlier factor needs two references a query may see (a reference's own
+    neighbour): with fewer, the k-NN distance stands in."""
+
+    def __init__(self, kind: str, reference_embeddings: torch.Tensor | np.ndarray, k: int):
+        if kind not in OUTLIER_SCORES:
+            raise ValueError(f"outlier score must be one of {OUTLIER_SCORES}, got {kind!r}")
+        self.kind, self.k, self.references = kind, k, reference_embeddings
+        self._reachability: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def score(self, embeddings: torch.Tensor | np.ndarray,
+              excluded: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
+        """(N,) scores, higher = farther from the known crops; ``excluded`` as in :func:`knn_distance_score`."""
+        widest = max((len(rows) for rows in excluded), default=0) if excluded is not None else 0
+        seen = len(self.references) - widest
+        if self.kind == "knn" or seen < 2:
+            return knn_distance_score(embeddings, self.references, k=min(self.k, seen), excluded=excluded)
+        queries, references = _unit_pair(embeddings, self.references)
+        k = min(self.k, seen, len(references) - 1)
+        if k not in self._reachability:
+            self._reachability[k] = _reference_reachability(references, k)
+        return _local_outlier_factor(queries, references, k, excluded, *self._reachability[k])
 
 
 def max_softmax_score(logits: torch.Tensor | np.ndarray, temperature: float = 0.1) -> np.ndarray:

@@ -22,7 +22,7 @@ from .data import RegionTensors, ViewCache
 from .amga_pooling import ViewDiscoveryModel
 from .model import DiscoveryModel, build_model, normalise_images
 from .class_count import ClassCountEstimate
-from .outliers import OutlierThreshold, distance_outlier_score, energy_score, image_outlier_score
+from .outliers import DistanceOutlierScorer, OutlierThreshold, energy_score, image_outlier_score
 from .region_merging import ImagePrediction, default_tau, merge_by_image, novel_region_probabilities
 from ..localisation.regions import Region
 from .views import VIEW_NAMES, ViewExtractor
@@ -49,8 +49,8 @@ def embed(model: DiscoveryModel, data: RegionTensors, index: torch.Tensor, cache
 @dataclass
 class DiscoveryPredictor:
     """Everything needed to label new regions: the model, the final prototypes (base classes first, then the K
-    novel classes; unit rows), the known-class reference embeddings of the kNN outlier score and its threshold
-    (``None`` without a base validation set)."""
+    novel classes; unit rows), the known-class reference embeddings of the outlier score (``outlier_score``: the
+    k-NN distance or the local outlier factor) and its threshold (``None`` without a base validation set)."""
 
     config: DiscoveryConfig
     model: Union[DiscoveryModel, ViewDiscoveryModel]
@@ -62,6 +62,15 @@ class DiscoveryPredictor:
     @property
     def n_base(self) -> int:
         return len(self.base_classes)
+
+    def outlier_scorer(self) -> DistanceOutlierScorer:
+        """The configured outlier score against the reference embeddings (built once: the local outlier factor
+        keeps the references' own neighbourhoods)."""
+        if not hasattr(self, "_outlier_scorer"):
+            classes = self.config.classes
+            self._outlier_scorer = DistanceOutlierScorer(classes.outlier_score, self.reference_embeddings,
+                                                         classes.outlier_k)
+        return self._outlier_scorer
 
     def view_extractor(self) -> ViewExtractor:
         """The frozen backbone of a view model (built once, from the installed ImageNet weights)."""
@@ -117,8 +126,8 @@ class DiscoveryPredictor:
 
 @dataclass
 class RegionPredictions:
-    """Per region: embedding (unit), novel-class probabilities (K), cluster index, confidence, kNN outlier score
-    (cosine distance to the k-th nearest known-class training crop), energy and the outlier flag."""
+    """Per region: embedding (unit), novel-class probabilities (K), cluster index, confidence, outlier score
+    (the configured ``outlier_score`` against the known-class training crops), energy and the outlier flag."""
 
     embeddings: np.ndarray
     probs: np.ndarray
@@ -145,9 +154,7 @@ def score_embeddings(predictor: DiscoveryPredictor, embeddings: torch.Tensor,
     temperature = predictor.config.model.temperature
     logits = embeddings @ predictor.prototypes.T
     probs = novel_region_probabilities(logits, predictor.n_base, temperature)[:, predictor.n_base:]
-    classes = predictor.config.classes
-    distance = distance_outlier_score(classes.outlier_score, embeddings, predictor.reference_embeddings,
-                                      classes.outlier_k, excluded)
+    distance = predictor.outlier_scorer().score(embeddings, excluded)
     flags = None if predictor.outlier_threshold is None else distance > predictor.outlier_threshold
     return RegionPredictions(embeddings.numpy(), probs, probs.argmax(1), probs.max(1), distance,
                              energy_score(logits, temperature), flags)
@@ -202,7 +209,7 @@ def assemble_artifacts(config: DiscoveryConfig, model, classes: list[str], novel
                        embeddings: torch.Tensor, n_train: int, prototypes: torch.Tensor,
                        estimate: Optional[ClassCountEstimate], history: list[dict],
                        novel_known: bool = False) -> DiscoveryArtifacts:
-    """What every kind of model ends with (methods.md §1 step 7, §2 step 7): the k-NN outlier threshold that
+    """What every kind of model ends with (methods.md §1 step 7, §2 step 7): the outlier threshold that
     accepts ``outlier_accept_rate`` of the held-out base crops (rows after ``n_train``), the predictor, the novel
     regions' assignments and outlier scores, and image labels by area-weighted merging. ``embeddings`` holds every
     region's unit embedding: novel, base train, base validation. A novel crop's own score leaves out every crop of
@@ -210,18 +217,18 @@ def assemble_artifacts(config: DiscoveryConfig, model, classes: list[str], novel
     they know) those scores join the held-out base crops in setting the threshold, so a threshold exists without a
     base set and flags the crops farthest from all the others."""
     novel_embeddings, references, val_embeddings = embeddings[:len(novel)], embeddings[:n_train], embeddings[n_train:]
-    kind, k = config.classes.outlier_score, config.classes.outlier_k
-    val_scores = (distance_outlier_score(kind, val_embeddings, references, k) if len(val_embeddings) else np.zeros(0))
+    predictor = DiscoveryPredictor(config, model, classes, prototypes, references, None)
+    scorer = predictor.outlier_scorer()
+    val_scores = scorer.score(val_embeddings) if len(val_embeddings) else np.zeros(0)
     known_scores = val_scores
     own_image = same_image_rows(novel)
     if n_train - max((len(rows) for rows in own_image), default=0) < 1:  # one image: leave only the crop out
         own_image = [np.array([row]) for row in range(len(novel))] if n_train > 1 else None
     if novel_known and own_image is not None:
-        own = distance_outlier_score(kind, novel_embeddings, references, k, own_image)
-        known_scores = np.concatenate([val_scores, own])
+        known_scores = np.concatenate([val_scores, scorer.score(novel_embeddings, own_image)])
     threshold = (OutlierThreshold(config.classes.outlier_accept_rate).fit(known_scores).threshold_
                  if len(known_scores) else None)
-    predictor = DiscoveryPredictor(config, model, classes, prototypes, references, threshold)
+    predictor.outlier_threshold = threshold
     predictions = score_embeddings(predictor, novel_embeddings, excluded=own_image)
     images = merge_images(novel, predictions.probs)
     ids = [r.image_id for r in novel]

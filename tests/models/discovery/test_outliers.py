@@ -5,7 +5,7 @@ import torch
 from sklearn.neighbors import LocalOutlierFactor
 
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
-from anomaly_discovery.models.discovery.outliers import (OutlierThreshold, distance_outlier_score, energy_score,
+from anomaly_discovery.models.discovery.outliers import (DistanceOutlierScorer, OutlierThreshold, energy_score,
                                                          evaluate_outlier_scores, image_outlier_score,
                                                          knn_distance_score, local_outlier_factor_score,
                                                          max_logit_score, max_softmax_score)
@@ -88,17 +88,21 @@ def test_local_outlier_factor_leaves_out_the_rows_a_query_must_not_see_and_refus
         local_outlier_factor_score(query, references[:1], k=1)
 
 
-def test_distance_outlier_score_is_the_configured_score_with_k_capped():
+def test_distance_outlier_scorer_is_the_configured_score_with_k_capped():
     rng = np.random.default_rng(3)
     queries, references = rng.normal(size=(5, 4)), rng.normal(size=(8, 4))
-    np.testing.assert_array_equal(distance_outlier_score("knn", queries, references, 50),
+    np.testing.assert_array_equal(DistanceOutlierScorer("knn", references, 50).score(queries),
                                   knn_distance_score(queries, references, k=8))
-    np.testing.assert_array_equal(distance_outlier_score("lof", queries, references, 50),
-                                  local_outlier_factor_score(queries, references, k=7))
-    np.testing.assert_array_equal(distance_outlier_score("lof", queries, references[:1], 3),
+    lof = DistanceOutlierScorer("lof", references, 50)
+    np.testing.assert_array_equal(lof.score(queries), local_outlier_factor_score(queries, references, k=7))
+    np.testing.assert_array_equal(lof.score(queries[:2]), local_outlier_factor_score(queries[:2], references, k=7))
+    own = [np.array([0, 1])] * 5
+    np.testing.assert_array_equal(lof.score(queries, own),
+                                  local_outlier_factor_score(queries, references, k=6, excluded=own))
+    np.testing.assert_array_equal(DistanceOutlierScorer("lof", references[:1], 3).score(queries),
                                   knn_distance_score(queries, references[:1], k=1))  # one reference: no LOF
     with pytest.raises(ValueError, match="outlier score must be one of"):
-        distance_outlier_score("mahalanobis", queries, references, 1)
+        DistanceOutlierScorer("mahalanobis", references, 1)
     with pytest.raises(ValueError, match="outlier_score"):
         DiscoveryConfig.of(outlier_score="mahalanobis")
 
