@@ -31,7 +31,8 @@ class RegionOut(BaseModel):
     outlier_score: float = Field(description="k-NN cosine distance to known/confirmed regions (higher = less known)")
     similarity: float = Field(description="cosine to the chosen prototype / proposal centre")
     model_cluster: Optional[int] = Field(None, description="the discovery model's novel cluster of the region")
-    model_outlier_score: Optional[float] = None
+    model_outlier_score: Optional[float] = Field(None, description="the discovery model's outlier score of the region "
+                                                 "(its outlier_score setting: the local outlier factor by default)")
     model_confidence: Optional[float] = None
 
 
