@@ -180,10 +180,11 @@ class ClassSettings:
     saved before there was a choice load with ``knn``, the score their threshold was set on. ``prototype_init``:
     what the view models' novel prototypes start from, k-means over the novel ``regions`` or over the ``images``
     (each image's regions' embeddings averaged with their areas, as K is estimated: a class is a property of an
-    image, and an image with several regions or a spurious one then pulls the centres no more than any other). ``regions`` stays the default
-    by ``discovery_selection.py``'s part ``prototype_init``: the learned model ends where it ends from either start
-    (mean NMI .797 both ways on the ten tasks; .765 against .755 on the small sets); the untrained floor gains from
-    ``images`` (.746 → .760; small sets .742 → .761), which ``kind="frozen"`` runs may set."""
+    image, and an image with several regions or a spurious one then pulls the centres no more than any other).
+    ``regions`` stays the default by ``discovery_selection.py``'s part ``prototype_init``: the learned model ends
+    where it ends from either start (mean NMI .797 both ways on the ten tasks; .765 against .755 on the small sets);
+    the untrained floor gains from ``images`` (.746 → .760; small sets .742 → .761), which ``kind="frozen"`` runs
+    may set."""
 
     k: int | str = "auto"
     k_max: int = 10
