@@ -13,8 +13,8 @@ on the same images. No setting here was chosen on MTD: the defaults come from NE
 
 Leave one class out (MTD, semi, defects-5): for each class, the learned model is trained (K estimated) on 80% of
 the other classes' images; the held-out class's crops and the other classes' unseen 20% are scored by the
-model's k-NN outlier score (cosine distance to the k-th nearest training crop); AUROC and FPR at 95% TPR with the
-unseen class as positives.
+model's outlier score (``outlier_score``, ``outlier_k``: the product's, or ``--outlier-score`` / ``--outlier-k`` with
+``--tag``) against its training crops; AUROC and FPR at 95% TPR with the unseen class as positives.
 
 Without normal images (the zero-shot rows, NEU-DET) discovery may remove the run's own images' main variation
 (``own_projection``, chosen on NEU-DET and generated data). ``--own-projection never --tag NAME`` writes the rows
@@ -24,6 +24,7 @@ does the same for the image view averaged over the whole image's quarter turns (
 
     .venv/bin/python benchmarks/mtd_discovery.py [--parts mtd,neu,loco] [--maps semi,zero-shot] [--threads 1]
         [--own-projection auto|always|never --tag NAME] [--image-turns 1|4 --tag NAME]
+        [--outlier-score knn|lof --outlier-k K --tag NAME]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from anomaly_discovery.models.detectors.mutual_scoring import MutualScoringDetec
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from anomaly_discovery.models.detectors.protocol import Detection
 from anomaly_discovery.models.discovery.config import OWN_PROJECTIONS, DiscoveryConfig
-from anomaly_discovery.models.discovery.outliers import DistanceOutlierScorer, evaluate_outlier_scores
+from anomaly_discovery.models.discovery.outliers import OUTLIER_SCORES, DistanceOutlierScorer, evaluate_outlier_scores
 from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
 from anomaly_discovery.models.discovery.views import IMAGE_TURNS, ViewExtractor, image_features, unit_rows
 from anomaly_discovery.models.discovery.frozen import kmeans
@@ -184,6 +185,10 @@ def main() -> None:
                         help="discovery's own_projection for every row (default: the product's); with --tag")
     parser.add_argument("--image-turns", type=int, choices=IMAGE_TURNS, default=None,
                         help="discovery's image_turns for every row (default: the product's); with --tag")
+    parser.add_argument("--outlier-score", choices=OUTLIER_SCORES, default=None,
+                        help="discovery's outlier_score (part loco; default: the product's); with --tag")
+    parser.add_argument("--outlier-k", type=int, default=None,
+                        help="discovery's outlier_k (part loco; default: the product's); with --tag")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-discovery-maps"),
                         help="where each data set's anomaly maps are kept between runs")
@@ -201,8 +206,8 @@ def main() -> None:
                           + (f"; own_projection {args.own_projection}" if args.own_projection else "")
                           + (f"; image_turns {args.image_turns}" if args.image_turns else ""), "base": "none",
                           "object_prior": "fallback", "k_method": DiscoveryConfig().classes.k_method,
-                          "outlier_score": DiscoveryConfig().classes.outlier_score,
-                          "outlier_k": DiscoveryConfig().classes.outlier_k}
+                          "outlier_score": args.outlier_score or DiscoveryConfig().classes.outlier_score,
+                          "outlier_k": args.outlier_k or DiscoveryConfig().classes.outlier_k}
     maps = [m for m in ("semi", "zero-shot") if m in args.maps.split(",")]
     rerun = {"neu-det" if part == "neu" else "mtd" for part in parts & {"mtd", "neu"}}
 
@@ -214,7 +219,9 @@ def main() -> None:
     normal_train = [s for s in samples if s.split == "train" and s.is_normal]
     all_test = protocol_samples(samples, "with-good-6")
     settings = {name: value for name, value in (("own_projection", args.own_projection),
-                                                 ("image_turns", args.image_turns)) if value is not None}
+                                                 ("image_turns", args.image_turns),
+                                                 ("outlier_score", args.outlier_score),
+                                                 ("outlier_k", args.outlier_k)) if value is not None}
     for setting in maps if parts & {"mtd", "loco"} else ():
         found, detect_seconds = cached_maps(all_test, setting, normal_train, args.cache, "mtd")
         by_path = dict(zip([s.image_path for s in all_test], found))

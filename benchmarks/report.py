@@ -686,12 +686,16 @@ def _open_world_score_lines(score: dict) -> list[str]:
                 for task in tasks]
 
     best, adopted = score["best_lof"], score["adopted"]
-    verdict = (f"the local outlier factor at {best[4:]} becomes the default" if adopted else
-               f"the k-NN distance stays (the local outlier factor's best, {best[4:]}: "
+    k = best.removeprefix("lof k")
+    verdict = (f"the local outlier factor at k = {k} becomes the default" if adopted else
+               f"the k-NN distance stays (the local outlier factor's best, k = {k}: "
                f"{fmt(score['mean_auroc'][best])} against {fmt(score['mean_auroc']['knn k1'])} on the selection tasks, "
                f"{fmt(score['fresh_mean_auroc'][best])} against {fmt(score['fresh_mean_auroc']['knn k1'])} on the "
                "fresh draws)")
     product = ClassSettings()
+    if adopted and product.outlier_score != "lof":
+        verdict += (", and it was vetoed, outside the rule and on MTD's labels: MTD's leave-one-class-out fell with it "
+                    "(the MTD discovery section below; `ClassSettings` says more)")
     return [f"**Outlier score** (leave one class out as above, on the five tasks and the five long-tailed draws, then "
             "on the ten fresh draws): unseen-class AUROC (FPR at 95% TPR) of the k-NN distance and of the local "
             "outlier factor by its k. Rule: the local outlier factor's best k on the selection tasks replaces the "
@@ -794,14 +798,26 @@ def section_discovery() -> str:
     if loco:
         per_class = ", ".join(f"{name} {fmt(v['auroc'])} ({fmt(v['fpr95'])})"
                               for name, v in loco.get("per_class", {}).items())
-        lines += [f"Leave one class out (MTD, semi, defects-5, learned, K estimated): unseen-class AUROC "
-                  f"{fmt(loco['auroc'])}, FPR at 95% TPR {fmt(loco['fpr95'])} (mean over held-out classes; per class "
-                  f"AUROC (FPR95): {per_class})."]
+        settings = r.get("settings") or {}
+        score = {"knn": "k-NN distance", "lof": "local outlier factor"}[settings.get("outlier_score", "knn")]
+        score += f", k = {settings.get('outlier_k', 1)}"
+        lines += [f"Leave one class out (MTD, semi, defects-5, learned, K estimated; outlier score: {score}): "
+                  f"unseen-class AUROC {fmt(loco['auroc'])}, FPR at 95% TPR {fmt(loco['fpr95'])} (mean over held-out "
+                  f"classes; per class AUROC (FPR95): {per_class})."]
         floor = loco.get("floor")
         if floor:
             floor_per_class = ", ".join(f"{name} {fmt(v['auroc'])}" for name, v in floor["per_class"].items())
-            lines.append(f"Its floor (frozen views, same held-out images and k-NN score): unseen-class AUROC "
+            lines.append(f"Its floor (frozen views, same held-out images and outlier score): unseen-class AUROC "
                          f"{fmt(floor['auroc'])}, FPR at 95% TPR {fmt(floor['fpr95'])} ({floor_per_class}).")
+        lof = load("mtd_discovery.outlier-lof")
+        lof_loco = (lof or {}).get("leave_one_class_out")
+        if lof_loco:
+            lines.append(f"With the local outlier factor (k = {lof['settings']['outlier_k']}; `--outlier-score lof "
+                         f"--tag outlier-lof`, {lof['machine']['cpu']}; the score `discovery_selection.py`'s part "
+                         "`open_world_score` picked, vetoed on these numbers): unseen-class AUROC "
+                         f"{fmt(lof_loco['auroc'])}, FPR at 95% TPR {fmt(lof_loco['fpr95'])} (per class: "
+                         + ", ".join(f"{name} {fmt(v['auroc'])}" for name, v in lof_loco["per_class"].items())
+                         + f"); its floor {fmt(lof_loco['floor']['auroc'])}.")
         lines.append("")
     curve = r.get("learning_curve")
     if curve:

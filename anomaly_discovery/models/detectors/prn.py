@@ -199,11 +199,11 @@ class PRNConfig:
 
     The paper trains 700 epochs with Adam at lr 1e-4 (weight decay 1e-2, kept here) and batch 48. Here lr 1e-3
     (in the earlier on-the-fly implementation it reached a clearly lower loss than 1e-4 in the same number of steps
-    on held-out normal images with simulated anomalies), decayed to 1e-5 by a cosine over the run so that a short CPU run ends settled; the
-    prototype kind and the number of epochs were chosen by the rule of benchmarks/prn_learning_curve.py (MTD's
-    held-out normal images with simulated anomalies, never its test labels): "image" prototypes (the paper's; .953
-    against .954 for "patch" at 16 epochs, within the rule's .005) and 14 epochs (the first evaluation within .005
-    of the best)."""
+    on held-out normal images with simulated anomalies), decayed to 1e-5 by a cosine over the run so that a short
+    CPU run ends settled; the prototype kind and the number of epochs were chosen by the rule of
+    benchmarks/prn_learning_curve.py (MTD's held-out normal images with simulated anomalies, never its test
+    labels): "image" prototypes (the paper's; .953 against .954 for "patch" at 16 epochs, within the rule's .005)
+    and 14 epochs (the first evaluation within .005 of the best)."""
 
     encoder: str = "mobilenet_v2"
     weights: str | None = None

@@ -107,8 +107,6 @@ class DiscoveryPredictor:
             config = DiscoveryConfig.from_dict(meta["config"]).replace(device=device, progress=False)
             if "image_turns" not in meta["config"].get("model", meta["config"]):
                 config = config.replace(image_turns=1)  # saved before the image view was turned
-            if "outlier_score" not in meta["config"].get("classes", meta["config"]):
-                config = config.replace(outlier_score="knn")  # saved before the local outlier factor: its threshold
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{folder / 'model.json'} holds settings this version cannot read ({exc})") from exc
         if config.model.uses_views:

@@ -32,7 +32,7 @@ class RegionOut(BaseModel):
     similarity: float = Field(description="cosine to the chosen prototype / proposal centre")
     model_cluster: Optional[int] = Field(None, description="the discovery model's novel cluster of the region")
     model_outlier_score: Optional[float] = Field(None, description="the discovery model's outlier score of the region "
-                                                 "(its outlier_score setting: the local outlier factor by default)")
+                                                 "(its outlier_score setting: the k-NN distance by default)")
     model_confidence: Optional[float] = None
 
 

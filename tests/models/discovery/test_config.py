@@ -88,7 +88,7 @@ def test_a_settings_file_with_an_unknown_key_is_a_config_error_naming_it(tmp_pat
 def test_a_model_saved_before_the_grouping_loads_and_embeds_as_it_did(tmp_path):
     predictor = DiscoveryPredictor.load(FIXTURES / "model_before_grouping")
     assert predictor.config.model.kind == "transformer"
-    assert (predictor.config.classes.outlier_score, predictor.config.classes.outlier_k) == ("knn", 5)  # its threshold
+    assert (predictor.config.classes.outlier_score, predictor.config.classes.outlier_k) == ("knn", 5)  # as saved
     assert (predictor.config.model.cnn, predictor.config.model.embed_dim, predictor.config.classes.k) == ("tiny", 24, 3)
     predicted = predict_regions(predictor, fixture_regions())
     assert np.allclose(predicted.embeddings, predictor.reference_embeddings.numpy(), atol=1e-5)
