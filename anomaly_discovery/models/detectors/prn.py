@@ -116,11 +116,9 @@ class MultiSizeSelfAttention(nn.Module):
     patch, so the block does not depend on the map size); attention = softmax(Q Kᵀ / D) V. The four
     outputs are unpatchified, concatenated (4C) and reduced back to C by a ResidualBlock.
 
-    The depthwise convolutions are computed as the per-channel affine maps they are, on the patches (the map is
-    cut into patches once per size, not once each for Q, K and V; the CPU's grouped convolutions are slow), and
-    where the patch is the whole map (one token) the attention is V itself: the same numbers as the convolutions
-    and the softmax (to float rounding), several times less copying. The weights stay in the convolutions, so
-    saved detectors load as before.
+    The depthwise convolutions run as the per-channel affine maps they are, on the patches (cut once per size, not
+    once each for Q, K, V), and a patch that is the whole map (one token) attends to itself alone: V. The same
+    numbers as the convolutions and softmax (to rounding), less copying; saved detectors load as before.
     """
 
     def __init__(self, channels: int):
