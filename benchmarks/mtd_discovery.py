@@ -9,7 +9,10 @@ images, which discovery also reads as its normal set) and ``zero-shot`` (mutual 
 NEU-DET (all 1,800 images, zero-shot maps) is the second data set: ``neu-det`` rows, with the whole-image k-means
 baseline of the issue (``model: "whole-image"``: the final MobileNetV2 layer averaged over the 224 px image, K given)
 on the same images. No setting here was chosen on MTD: the defaults come from NEU-DET and generated data
-(``models/discovery/frozen.py``, ``class_count.py``, ``neighbour_consistency.py`` say how).
+(``models/discovery/frozen.py``, ``class_count.py``, ``neighbour_consistency.py`` say how), but for one veto: the
+local outlier factor that ``discovery_selection.py``'s part ``open_world_score`` picked was refused on this
+file's leave-one-class-out (``--outlier-score lof --tag outlier-lof``), and the k-NN distance, chosen on NEU-DET
+and generated data, stays.
 
 Leave one class out (MTD, semi, defects-5): for each class, the learned model is trained (K estimated) on 80% of
 the other classes' images; the held-out class's crops and the other classes' unseen 20% are scored by the
