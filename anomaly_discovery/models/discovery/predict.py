@@ -218,18 +218,18 @@ def assemble_artifacts(config: DiscoveryConfig, model, classes: list[str], novel
     base set and flags the crops farthest from all the others."""
     novel_embeddings, references, val_embeddings = embeddings[:len(novel)], embeddings[:n_train], embeddings[n_train:]
     predictor = DiscoveryPredictor(config, model, classes, prototypes, references, None)
-    scorer = predictor.outlier_scorer()
-    val_scores = scorer.score(val_embeddings) if len(val_embeddings) else np.zeros(0)
-    known_scores = val_scores
+    val_scores = predictor.outlier_scorer().score(val_embeddings) if len(val_embeddings) else np.zeros(0)
     own_image = same_image_rows(novel)
     if n_train - max((len(rows) for rows in own_image), default=0) < 1:  # one image: leave only the crop out
         own_image = [np.array([row]) for row in range(len(novel))] if n_train > 1 else None
-    if novel_known and own_image is not None:
-        known_scores = np.concatenate([val_scores, scorer.score(novel_embeddings, own_image)])
+    predictions = score_embeddings(predictor, novel_embeddings, excluded=own_image)  # flags once the threshold is set
+    known_scores = (np.concatenate([val_scores, predictions.outlier_score]) if novel_known and own_image is not None
+                    else val_scores)
     threshold = (OutlierThreshold(config.classes.outlier_accept_rate).fit(known_scores).threshold_
                  if len(known_scores) else None)
     predictor.outlier_threshold = threshold
-    predictions = score_embeddings(predictor, novel_embeddings, excluded=own_image)
+    if threshold is not None:
+        predictions.is_outlier = predictions.outlier_score > threshold
     images = merge_images(novel, predictions.probs)
     ids = [r.image_id for r in novel]
     metrics = {"notes": run_notes(config, estimate, threshold), "val_scores": val_scores,
