@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-
 from sklearn.neighbors import LocalOutlierFactor
 
 from anomaly_discovery.models.discovery.config import DiscoveryConfig
