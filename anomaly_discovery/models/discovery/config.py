@@ -180,7 +180,10 @@ class ClassSettings:
     it was vetoed, outside the rule and on MTD's labels, when MTD's leave-one-class-out run fell from .893 to .692
     with it (every held-out class lower; the cause is not known: MTD's images hold as many crops as NEU-DET's, 1.31
     against 1.22 to 1.33, and the rule's tasks had shown swings of a class either way, NEU-DET inclusion .959 →
-    .780), so ``knn`` stays the default. ``prototype_init``: what the view models' novel prototypes start from,
+    .780; one difference found, label-free: NEU-DET's view rule picks the whole image, so an image's crops share one
+    embedding, and 42% of a NEU-DET draw's crops have a neighbour at distance 0, from their own image, which the
+    density estimates of the rule's tasks saw; no MTD crop, region view, lies within .01 of another), so ``knn``
+    stays the default. ``prototype_init``: what the view models' novel prototypes start from,
     k-means over the novel ``regions`` or over the ``images`` (each image's regions' embeddings averaged with their
     areas, as K is estimated: a class is a property of an image, and an image with several regions or a spurious
     one then pulls the centres no more than any other).
