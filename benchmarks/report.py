@@ -289,10 +289,11 @@ def section_ensemble_prn_seeds() -> str:
         f"Fit: {fits}.", "",
         "Run to run: the first run of this protocol (commit 37ebe69, the same AMD EPYC kind, 2 threads) measured "
         "PRN fits of 622 to 767 s, a whole MTD fit with two PRNs at 2007 s and an AUPRO gain of +.006, so it failed "
-        "on time alone; the rerun above (nothing else on the cores but a low-priority package install) fits in about 60% of that time and its gain "
-        "is +.004, under the margin. Between the runs PRN's attention block was rewritten, exact to rounding "
-        "(751099b): seed 0's AUPRO moved by up to .022 (faint set), seed 1's by up to .004, and one PRN's gained "
-        ".005 to .015, so a gain of .004 to .006 from the second seed is within the spread of PRN's training.", "", machine(r)])
+        "on time alone; the rerun above (nothing else on the cores but a low-priority package install) fits in "
+        "about 60% of that time and its gain is +.004, under the margin. Between the runs PRN's attention block was "
+        "rewritten, exact to rounding (751099b): seed 0's AUPRO moved by up to .022 (faint set), seed 1's by up to "
+        ".004, and one PRN's gained .005 to .015, so a gain of .004 to .006 from the second seed is within the "
+        "spread of PRN's training.", "", machine(r)])
 
 
 def section_detector_selection() -> str:
