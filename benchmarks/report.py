@@ -132,6 +132,16 @@ def section_detection() -> str:
                   f"{fmt(comparison.get('images_per_s_ratio_ours_over_anomalib'), 2)}× the images/s.", ""]
     else:
         lines.append(f"anomalib PatchCore: not compared — {anomalib.get('reason', 'not run')}.")
+    for path, other in tagged_runs("mtd_detection"):
+        ours, theirs = other["detectors"].get("patchcore"), other.get("anomalib") or {}
+        if ours and theirs.get("ran"):
+            lines += [f"Side by side on another machine (`{path.name}`, {other['machine']['cpu']}, "
+                      f"{other['machine'].get('torch_threads')} threads): our PatchCore {fmt(ours['images_per_s'], 2)} "
+                      f"images/s, anomalib's {fmt(theirs['images_per_s'], 2)} "
+                      f"({fmt(theirs['comparison']['images_per_s_ratio_ours_over_anomalib'], 2)}×); image AUROC / "
+                      f"pixel AUROC / AUPRO ours {fmt(ours['image_auroc'])} / {fmt(ours['pixel_auroc'])} / "
+                      f"{fmt(ours['aupro'])}, anomalib's {fmt(theirs['image_auroc'])} / {fmt(theirs['pixel_auroc'])} "
+                      f"/ {fmt(theirs['aupro'])}.", ""]
     same_images = [(name, d["on_prn_eval_set"]) for name, d in r["detectors"].items() if "on_prn_eval_set" in d]
     if same_images:
         lines += [f"On the {same_images[0][1]['n_images']} images PRN and the ensemble are scored on (the test images "
