@@ -169,7 +169,8 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--detector", default="patchcore", choices=["patchcore", "zero-shot", "prn", "ensemble", "maps"],
                    help="patchcore (default, fast); zero-shot (no normal images); prn (trains on normal images and "
-                        "up to 10 labelled defects); ensemble (PatchCore and PRN averaged: the best maps on MTD, at "
+                        "up to 10 labelled defects); ensemble (PatchCore and PRN averaged, PatchCore on "
+                        "MobileNetV2 and EfficientNet-Lite0 with the default backbone: the best maps on MTD, at "
                         "PRN's training time); maps (another tool's maps, with --maps)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--backbone", default="mobilenet_v2",

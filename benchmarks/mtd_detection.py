@@ -14,7 +14,9 @@ runs with the defaults its module chose on synthetic data (nothing is tuned on M
   (``on_prn_eval_set``) so all can be compared on the same images.
 - ``ensemble``: ``DetectorEnsemble`` (PatchCore + PRN, their defaults, standardised on 10% of the normal
   training images held back from both and averaged; offered after benchmarks/ensemble_selection.py's rule
-  passed on normal images only); PRN inside it trains on the same 10 real anomalies, left out as for PRN.
+  passed on normal images only; PatchCore on MobileNetV2 and EfficientNet-Lite0 since the rule of
+  benchmarks/ensemble_backbones_selection.py); PRN inside it trains on the same 10 real anomalies, left out as
+  for PRN.
 images/s times predict alone (images already decoded); fit seconds are reported apart. With
 ``--anomalib-python`` anomalib's PatchCore runs on the same images in its own virtualenv
 (``anomalib_patchcore.py``) and its maps are scored with the same metric functions. Its memory bank holds its
@@ -170,14 +172,17 @@ def run_detector(name: str, train_images, test_images, real_anomalies, threads: 
     else:
         detector = DetectorEnsemble()
         _, fit_s = timed(lambda: detector.fit(train_images, real_anomalies=real_anomalies))
-        patchcore, *prns = detector.members
+        patchcores = [member for member in detector.members if member.name == "patchcore"]
+        prns = [member for member in detector.members if member.name == "prn"]
         settings = {"members": [member.name for member in detector.members],
+                    "patchcore_backbones": [patchcore.backbone for patchcore in patchcores],
                     "weights": [round(float(w), 4) for w in detector.weights],
                     "calibration_fraction": detector.calibration_fraction, "n_calibration": detector.n_calibration_,
                     "blur_sigma": detector.blur_sigma, "prn_seeds": [prn.config.seed for prn in prns],
-                    "patchcore_image_size": patchcore.image_size, "prn": prn_settings(prns[0].config),
+                    "patchcore_image_size": patchcores[0].image_size, "prn": prn_settings(prns[0].config),
                     "scales": [asdict(scale) for scale in detector.scales_]}
-        note = (f"PatchCore and PRN (their defaults) fitted on {len(train_images) - detector.n_calibration_} of the "
+        note = (f"PatchCore (on {' and '.join(p.backbone for p in patchcores)}, sharing PatchCore's half) and PRN "
+                f"(their defaults) fitted on {len(train_images) - detector.n_calibration_} of the "
                 f"normal training images (PRN also on the {len(real_anomalies)} real anomalies, EXCLUDED from its "
                 f"evaluation as for PRN), standardised on the other {detector.n_calibration_} and averaged")
     load_before = load_average()

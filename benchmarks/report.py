@@ -135,7 +135,7 @@ def section_detection() -> str:
     for path, other in tagged_runs("mtd_detection"):
         ours, theirs = other["detectors"].get("patchcore"), other.get("anomalib") or {}
         if ours and theirs.get("ran"):
-            lines += [f"Side by side on another machine (`{path.name}`, {other['machine']['cpu']}, "
+            lines += [f"Side by side in another run (`{path.name}`, {other['machine']['cpu']}, "
                       f"{other['machine'].get('torch_threads')} threads): our PatchCore {fmt(ours['images_per_s'], 2)} "
                       f"images/s, anomalib's {fmt(theirs['images_per_s'], 2)} "
                       f"({fmt(theirs['comparison']['images_per_s_ratio_ours_over_anomalib'], 2)}×); image AUROC / "
@@ -148,6 +148,14 @@ def section_detection() -> str:
                   "without PRN's training anomalies), image AUROC / pixel AUROC / AUPRO: "
                   + "; ".join(f"{name} {fmt(m['image_auroc'])} / {fmt(m['pixel_auroc'])} / {fmt(m['aupro'])}"
                               for name, m in same_images) + " (the rows of PRN and the ensemble are on them).", ""]
+    ensemble = r["detectors"].get("ensemble", {}).get("settings", {})
+    if ensemble.get("patchcore_backbones"):
+        shares = ", ".join(f"{name} {fmt(weight, 2)}"
+                           for name, weight in zip(ensemble["members"], ensemble["weights"]))
+        lines += [f"The ensemble: PatchCore on {' and '.join(ensemble['patchcore_backbones'])} and PRN (shares: "
+                  f"{shares}; `ensemble_backbones_selection.py` adopted the second backbone). The run before it "
+                  "(commit bab729a, Intel Xeon, PatchCore on MobileNetV2 alone): image AUROC / pixel AUROC / AUPRO "
+                  ".974 / .793 / .843.", ""]
     prn = r["detectors"].get("prn", {})
     if prn.get("settings", {}).get("loss_per_epoch"):
         lines += [f"PRN: {prn['settings']['epochs']} epochs, {prn['settings']['prototypes']} prototypes, loss per "
@@ -304,6 +312,39 @@ def section_ensemble_prn_seeds() -> str:
         "rewritten, exact to rounding (751099b): seed 0's AUPRO moved by up to .022 (faint set), seed 1's by up to "
         ".004, and one PRN's gained .005 to .015, so a gain of .004 to .006 from the second seed is within the "
         "spread of PRN's training.", "", machine(r)])
+
+
+def section_ensemble_backbones() -> str:
+    title = ("## PatchCore on one backbone or two in the ensemble, decided without MTD's test labels "
+             "(`benchmarks/ensemble_backbones_selection.py`)")
+    r = load("ensemble_backbones_selection")
+    if r is None:
+        return f"{title}\n\nnot run"
+    decision, mean = r["decision"], r["mean_over_splits"]
+    sets = list(next(iter(mean.values())))
+    rows = [[name, *detection_cells(scores, sets)] for name, scores in mean.items()]
+    fits = "; ".join(f"split {split}: {fmt(s['fit_seconds'], 0)} s ("
+                     + ", ".join(f"{name} {fmt(x, 0)} s" for name, x in s["member_fit_seconds"].items()) + ")"
+                     for split, s in r["splits"].items())
+    checks = ", ".join(f"{name.replace('_', ' ')}: {fmt(ok)}" for name, ok in decision["checks"].items())
+    verdict = ("the ensemble's PatchCore runs on both backbones" if decision["adopted"] == "two backbones"
+               else "the ensemble keeps PatchCore on MobileNetV2 alone")
+    taps = ", ".join(f"{name} {'/'.join(map(str, t)) if isinstance(t, list) else t}"
+                     for name, t in r["protocol"]["backbones"].items())
+    return "\n".join([
+        title, "",
+        f"Splits {' and '.join(r['splits'])} of MTD's normal training images (as in the sections above); on each, one "
+        f"fit of PatchCore on MobileNetV2, PatchCore on EfficientNet-Lite0 (taps: {taps}) and PRN, standardised on "
+        "the same held-back normals, combined as `one backbone` (PatchCore on MobileNetV2 and PRN, equal weights) "
+        "and `two backbones` (each PatchCore 1/4, PRN 1/2). Mean over the splits; the PatchCores alone are "
+        f"training-free floors on the same images. Rule, fixed before the run: {r['rule']}", "",
+        table(["detector", *detection_columns(sets)], rows), "",
+        f"Decision: drawn score one backbone {fmt(decision['drawn_score']['one backbone'])}, two backbones "
+        f"{fmt(decision['drawn_score']['two backbones'])}; AUPRO over the three sets "
+        f"{fmt(decision['mean_aupro_over_sets']['one backbone'])} → "
+        f"{fmt(decision['mean_aupro_over_sets']['two backbones'])} ({decision['aupro_gain']:+.3f}); a whole MTD fit "
+        f"with both backbones estimated at {fmt(decision['estimated_mtd_fit_seconds_two_backbones'], 0)} s "
+        f"({checks}): **{verdict}**. Fit: {fits}.", "", machine(r)])
 
 
 def section_detector_selection() -> str:
@@ -1039,6 +1080,7 @@ def render() -> str:
         section_generator(), section_metrics(), section_mebin(), section_detector_selection(), section_detection(),
         section_prn_learning_curve(), section_ensemble_selection(), section_ensemble_blur_selection(),
         section_ensemble_prn_seeds(),
+        section_ensemble_backbones(),
         section_discovery_selection(), section_image_turns(), section_discovery(),
         section_train_scaling(), section_index(), section_review(), section_active_loop(), section_serve(),
         section_proposals_page(), section_export(), section_demo()]

@@ -10,10 +10,15 @@ better than either. Their scores live on different scales (a feature distance; a
    distances as they are) the mean and standard deviation of their pixels and of their image scores are kept;
 3. at prediction, each member's map and image score are standardised by those statistics (a z-score against
    normal data, as anomalib normalises against a validation set) and the members' z-scores averaged, every kind
-   of detector weighing the same (several seeds of one kind share its weight: ``prn_seeds``);
+   of detector weighing the same (several members of one kind share its weight: PatchCore on each of
+   ``patchcore_backbones``, PRN for each of ``prn_seeds``);
 4. optionally, the averaged map is Gaussian-blurred (``blur_sigma``, in pixels of a 256-pixel shorter side,
    scaled to each image's own): PatchCore's maps come blurred, PRN's do not. The default, 0 (no blur), stands by
    ``benchmarks/ensemble_blur_selection.py``: on normal images with drawn defects no σ raised AUPRO by .01.
+
+By default PatchCore runs on two ImageNet backbones, MobileNetV2 and EfficientNet-Lite0 at the same strides
+(``PATCHCORE_BACKBONES``), sharing PatchCore's half: ``benchmarks/ensemble_backbones_selection.py``'s rule, fixed
+before its run on normal images with simulated and drawn defects, adopted the second backbone.
 
 Members are scored on the images' own sizes (each detector resizes its map back), so maps of different input
 sizes average pixel by pixel.
@@ -33,6 +38,10 @@ MIN_CALIBRATION = 8
 CALIBRATION_FRACTION = 0.1
 PROBABILITY_EPS = 1e-6
 BLUR_REFERENCE_SIDE = 256
+PATCHCORE_BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
+# Taps at MobileNetV2's strides (8 and 16) for the other backbone: the last block of each resolution
+# (EfficientNet-Lite0's own default taps start at stride 4).
+PATCHCORE_TAPS = {"efficientnet_lite0": (5, 11)}
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,13 @@ def blurred_map(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
                             borderType=cv2.BORDER_REFLECT)
 
 
+def patchcore_member(backbone: str, **settings):
+    """A PatchCore on ``backbone`` tapped at MobileNetV2's strides (``PATCHCORE_TAPS``), other settings as given."""
+    from .patchcore import PatchCoreDetector
+
+    return PatchCoreDetector(backbone=backbone, layers=PATCHCORE_TAPS.get(backbone), **settings)
+
+
 def calibration_split(n_images: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(fit indices, calibration indices): a seeded ``fraction`` of the images, at least MIN_CALIBRATION."""
     n_calibration = max(MIN_CALIBRATION, int(round(n_images * fraction)))
@@ -128,25 +144,27 @@ class DetectorEnsemble:
     ``members`` are unfitted detectors; a member whose ``name`` is in ``probability_members`` gives
     probabilities (PRN) and is standardised in log-odds. After ``fit``: ``scales_`` (one :class:`MemberScale`
     per member) and ``n_calibration_``. ``blur_sigma``: step 4's blur of the averaged map. Without ``members``,
-    ``prn_seeds`` (default: ``seed`` alone) gives one PRN per seed beside PatchCore. The attribute ``weights``
-    holds each member's share of the average (:func:`kind_weights`).
+    ``patchcore_backbones`` (default: ``PATCHCORE_BACKBONES``) gives one PatchCore per backbone and ``prn_seeds``
+    (default: ``seed`` alone) one PRN per seed. The attribute ``weights`` holds each member's share of the average
+    (:func:`kind_weights`).
     """
 
     name = "ensemble"
 
     def __init__(self, members: Sequence | None = None, calibration_fraction: float = CALIBRATION_FRACTION,
                  seed: int = 0, probability_members: Sequence[str] = ("prn",), blur_sigma: float = 0.0,
-                 prn_seeds: Sequence[int] | None = None):
+                 prn_seeds: Sequence[int] | None = None, patchcore_backbones: Sequence[str] | None = None):
         if not 0.0 < calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
         if members is None:
-            from .patchcore import PatchCoreDetector
             from .prn import PRNConfig, PRNDetector
 
             prn_seeds = (seed,) if prn_seeds is None else tuple(prn_seeds)
-            members = (PatchCoreDetector(seed=seed), *(PRNDetector(PRNConfig(seed=s)) for s in prn_seeds))
-        elif prn_seeds is not None:
-            raise ValueError("prn_seeds picks the default members' PRN seeds: pass it without members")
+            backbones = PATCHCORE_BACKBONES if patchcore_backbones is None else tuple(patchcore_backbones)
+            members = (*(patchcore_member(backbone, seed=seed) for backbone in backbones),
+                       *(PRNDetector(PRNConfig(seed=s)) for s in prn_seeds))
+        elif prn_seeds is not None or patchcore_backbones is not None:
+            raise ValueError("prn_seeds and patchcore_backbones pick the default members: pass them without members")
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
         if blur_sigma < 0:

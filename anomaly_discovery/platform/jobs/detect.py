@@ -149,6 +149,15 @@ def split_for_detector(samples: list[Sample], detector: str) -> tuple[list[Sampl
     return [], test or samples
 
 
+def ensemble_backbones(config: DetectConfig) -> tuple[str, ...]:
+    """The ensemble's PatchCore backbones: its default pair on the default backbone with its own weights, else the
+    configured backbone alone (weights given by path belong to one network)."""
+    from anomaly_discovery.models.detectors.ensemble import PATCHCORE_BACKBONES
+
+    default = config.backbone == DetectConfig.backbone and config.weights is None
+    return PATCHCORE_BACKBONES if default else (config.backbone,)
+
+
 def build_detector(config: DetectConfig):
     """The configured detector; ``image_size`` None keeps the detector's own default input size."""
     sizing = {} if config.image_size is None else {"image_size": config.image_size}
@@ -171,12 +180,12 @@ def build_detector(config: DetectConfig):
                                     progress=config.progress, **sizing))
         if config.detector == "prn":
             return prn
-        from anomaly_discovery.models.detectors.ensemble import DetectorEnsemble
-        from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
+        from anomaly_discovery.models.detectors.ensemble import DetectorEnsemble, patchcore_member
 
-        patchcore = PatchCoreDetector(backbone=config.backbone, weights=config.weights, batch_size=config.batch_size,
-                                      device=config.device, seed=config.seed, progress=config.progress, **sizing)
-        return DetectorEnsemble(members=(patchcore, prn), seed=config.seed)
+        patchcores = [patchcore_member(backbone, weights=config.weights, batch_size=config.batch_size,
+                                       device=config.device, seed=config.seed, progress=config.progress, **sizing)
+                      for backbone in ensemble_backbones(config)]
+        return DetectorEnsemble(members=(*patchcores, prn), seed=config.seed)
     from anomaly_discovery.models.detectors.external_maps import ExternalMapDetector
 
     layout = "anomalib" if any(p.is_dir() for p in Path(config.maps).iterdir()) else "flat"

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from anomaly_discovery.models.detectors.ensemble import (BLUR_REFERENCE_SIDE, MIN_CALIBRATION, DetectorEnsemble,
-                                                         MemberScale, average_detections, blurred_map,
-                                                         calibration_split, kind_weights, member_scale,
+from anomaly_discovery.models.detectors.ensemble import (BLUR_REFERENCE_SIDE, MIN_CALIBRATION, PATCHCORE_BACKBONES,
+                                                         DetectorEnsemble, MemberScale, average_detections,
+                                                         blurred_map, calibration_split, kind_weights, member_scale,
                                                          standardised, to_score_space)
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from anomaly_discovery.models.detectors.protocol import Detection, Detector
@@ -102,14 +102,26 @@ def test_weighted_average_of_detections_and_bad_weights_are_refused():
 
 
 def test_default_members_hold_one_prn_per_seed_sharing_prns_half():
-    single = DetectorEnsemble(seed=2)
+    single = DetectorEnsemble(seed=2, patchcore_backbones=("mobilenet_v2",))
     assert [m.name for m in single.members] == ["patchcore", "prn"] and single.members[1].config.seed == 2
-    pair = DetectorEnsemble(prn_seeds=(0, 1))
+    pair = DetectorEnsemble(prn_seeds=(0, 1), patchcore_backbones=("mobilenet_v2",))
     assert [m.name for m in pair.members] == ["patchcore", "prn", "prn"]
     assert [m.config.seed for m in pair.members[1:]] == [0, 1]
     np.testing.assert_allclose(pair.weights, [0.5, 0.25, 0.25])
     with pytest.raises(ValueError, match="prn_seeds"):
         DetectorEnsemble(members=(AffineMember(1, 0), AffineMember(2, 0)), prn_seeds=(0, 1))
+
+
+def test_default_patchcores_run_on_both_backbones_at_mobilenets_strides_sharing_patchcores_half():
+    ensemble = DetectorEnsemble(seed=1)
+    patchcores = ensemble.members[:2]
+    assert [m.name for m in ensemble.members] == ["patchcore", "patchcore", "prn"]
+    assert tuple(m.backbone for m in patchcores) == PATCHCORE_BACKBONES == ("mobilenet_v2", "efficientnet_lite0")
+    assert [m.extractor.strides for m in patchcores] == [(8, 16), (8, 16)]
+    assert all(m.seed == 1 for m in patchcores)
+    np.testing.assert_allclose(ensemble.weights, [0.25, 0.25, 0.5])
+    with pytest.raises(ValueError, match="patchcore_backbones"):
+        DetectorEnsemble(members=(AffineMember(1, 0), AffineMember(2, 0)), patchcore_backbones=("mobilenet_v2",))
 
 
 def test_two_seeds_of_one_kind_weigh_as_much_as_the_other_kind():

@@ -62,6 +62,16 @@ def test_ensemble_fits_patchcore_and_prn_and_leaves_prns_real_anomalies_out_of_i
     assert metrics["image_auroc"] > 0.75 and metrics["pixel_auroc"] > 0.8
 
 
+def test_ensemble_runs_patchcore_on_its_backbone_pair_only_for_the_default_backbone(bottle_data, tmp_path):
+    from anomaly_discovery.platform.jobs.detect import ensemble_backbones
+
+    default = DetectConfig(data=bottle_data, out=tmp_path, detector="ensemble")
+    assert ensemble_backbones(default) == ("mobilenet_v2", "efficientnet_lite0")
+    assert ensemble_backbones(_config(bottle_data, tmp_path, detector="ensemble")) == ("tiny",)
+    with_weights = DetectConfig(data=bottle_data, out=tmp_path, detector="ensemble", weights=tmp_path / "net.pt")
+    assert ensemble_backbones(with_weights) == ("mobilenet_v2",)
+
+
 def test_ensemble_with_too_few_normal_images_is_a_clear_error(bottle_data, tmp_path):
     with pytest.raises(ValueError, match="the ensemble needs at least 16 normal images"):
         run_detect(_config(bottle_data, tmp_path / "out", detector="ensemble"))
