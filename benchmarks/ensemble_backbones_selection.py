@@ -31,30 +31,18 @@ RESULT_KEYS. ``--decide-only`` fits nothing: it reads that file's per-split meas
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
-from pathlib import Path
 
-import faiss
 import numpy as np
-import torch
 
-from anomaly_discovery.data import load_image, load_mask, read_dataset
 from anomaly_discovery.models.detectors.ensemble import (CALIBRATION_FRACTION, PATCHCORE_TAPS, DetectorEnsemble,
                                                          calibration_split, patchcore_member)
 from anomaly_discovery.models.detectors.prn import PRNConfig, PRNDetector
-from anomaly_discovery.models.detectors.prn_training import select_real_anomalies
 from detector_selection import HELD_OUT_SETS, held_out_set, normal_split
-from ensemble_prn_seeds_selection import TimedFit, load_average, mean_over_splits
+from ensemble_prn_seeds_selection import TimedFit, run_selection
 from ensemble_selection import RULED_SET, drawn_set, metrics, set_score
-from machine_info import cpu_model
-from results_file import add_output_arguments, results_path, write_results
 
-REPO = Path(__file__).resolve().parents[1]
-DATASETS = REPO.parent / "shared" / "datasets"
 RESULT_KEYS = ("benchmark", "machine", "protocol", "rule", "splits", "mean_over_splits", "decision",
                "load_average_at_start", "load_average_at_end")
 BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
@@ -111,62 +99,12 @@ def decide(mean: dict, splits: dict) -> dict:
             "adopted": "two backbones" if all(checks.values()) else "one backbone"}
 
 
-def save(results: dict, out: Path) -> None:
-    write_results("ensemble_backbones_selection", results, RESULT_KEYS, out=out, indent=1)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DATASETS / "mtd")
-    parser.add_argument("--held-out-fraction", type=float, default=0.2)
-    parser.add_argument("--splits", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=None, help="PRN epochs (default: PRNConfig's; quick runs)")
-    parser.add_argument("--limit", type=int, default=None, help="at most N fit and N held-out images (quick runs)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--decide-only", action="store_true",
-                        help="fit nothing: apply the rule again to the results file's per-split measurements")
-    add_output_arguments(parser)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
-    out = args.out or results_path("ensemble_backbones_selection", args.tag)
-    if args.decide_only:
-        results = json.loads(out.read_text())
-        results["mean_over_splits"] = mean_over_splits(results["splits"])
-        results["decision"] = decide(results["mean_over_splits"], results["splits"])
-        save(results, out)
-        print(f"decision: {results['decision']}; wrote {out}")
-        return
-
-    samples = read_dataset(args.data, "mtd", check=False).samples
-    normals = [s for s in samples if s.is_normal and s.split == "train"]
-    chosen_real, _ = select_real_anomalies([s for s in samples if s.split == "test"], 10, seed=0)
-    real = [(load_image(s.image_path), load_mask(s.mask_path)) for s in chosen_real]
-    results = {"benchmark": "ensemble_backbones_selection",
-               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": args.threads,
-                           "torch": torch.__version__, "gpu": "none (CPU only)"},
-               "protocol": {"splits": args.splits, "held_out_fraction": args.held_out_fraction,
-                            "backbones": {name: list(PATCHCORE_TAPS.get(name) or ()) or "default"
-                                          for name in BACKBONES},
-                            "prn_epochs": args.epochs or PRNConfig().epochs,
-                            "candidates": {name: dict(zip(MEMBERS, weights)) for name, weights in CANDIDATES.items()},
-                            "beta_ranges": {name: list(betas) for name, betas in HELD_OUT_SETS.items()},
-                            "real_anomalies": [f"{s.label}/{s.image_path.name}" for s in chosen_real],
-                            "limit": args.limit,
-                            "labels_read": "MTD normal training images; the masks of PRN's 10 real training "
-                                           "anomalies (for training only); no test label is used for scoring"},
-               "rule": __doc__.split("Rule, written before the first run (7 December, 07:31 UTC): ")[1]
-               .split("\n\n")[0].replace("\n", " "),
-               "splits": {}, "mean_over_splits": None, "decision": None,
-               "load_average_at_start": load_average(), "load_average_at_end": None}
-    for split in args.splits:
-        results["splits"][str(split)] = run_split(split, normals, real, args.held_out_fraction, args.epochs,
-                                                  args.limit)
-    results["mean_over_splits"] = mean_over_splits(results["splits"])
-    results["decision"] = decide(results["mean_over_splits"], results["splits"])
-    results["load_average_at_end"] = load_average()
-    save(results, out)
-    print(f"decision: {results['decision']}; wrote {out}")
+    protocol = {"backbones": {name: list(PATCHCORE_TAPS.get(name) or ()) or "default" for name in BACKBONES},
+                "candidates": {name: dict(zip(MEMBERS, weights)) for name, weights in CANDIDATES.items()}}
+    run_selection("ensemble_backbones_selection", __doc__,
+                  "Rule, written before the first run (7 December, 07:31 UTC): ", RESULT_KEYS, protocol, run_split,
+                  decide)
 
 
 if __name__ == "__main__":

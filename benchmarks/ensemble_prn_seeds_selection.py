@@ -140,12 +140,12 @@ def decide(mean: dict, splits: dict) -> dict:
             "adopted": "two PRNs" if all(checks.values()) else "one PRN"}
 
 
-def save(results: dict, out: Path) -> None:
-    write_results("ensemble_prn_seeds_selection", results, RESULT_KEYS, out=out, indent=1)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_selection(name: str, doc: str, rule_marker: str, result_keys: tuple, protocol: dict, run_split,
+                  decide) -> None:
+    """The command line both ensemble rules share: fit and score each split (``run_split``), average, apply
+    ``decide``, write ``benchmarks/results/<name>.json`` with ``result_keys``; ``--decide-only`` applies the rule
+    again to the file's per-split measurements. ``protocol``: the rule's own entries (members, candidates)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATASETS / "mtd")
     parser.add_argument("--held-out-fraction", type=float, default=0.2)
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 1])
@@ -158,41 +158,42 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
-    out = args.out or results_path("ensemble_prn_seeds_selection", args.tag)
+    out = args.out or results_path(name, args.tag)
     if args.decide_only:
         results = json.loads(out.read_text())
-        results["mean_over_splits"] = mean_over_splits(results["splits"])
-        results["decision"] = decide(results["mean_over_splits"], results["splits"])
-        save(results, out)
-        print(f"decision: {results['decision']}; wrote {out}")
-        return
-
-    samples = read_dataset(args.data, "mtd", check=False).samples
-    normals = [s for s in samples if s.is_normal and s.split == "train"]
-    chosen_real, _ = select_real_anomalies([s for s in samples if s.split == "test"], 10, seed=0)
-    real = [(load_image(s.image_path), load_mask(s.mask_path)) for s in chosen_real]
-    results = {"benchmark": "ensemble_prn_seeds_selection",
-               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": args.threads,
-                           "torch": torch.__version__, "gpu": "none (CPU only)"},
-               "protocol": {"splits": args.splits, "held_out_fraction": args.held_out_fraction,
-                            "prn_seeds": list(PRN_SEEDS), "prn_epochs": args.epochs or PRNConfig().epochs,
-                            "candidates": {name: dict(zip(MEMBERS, weights)) for name, weights in CANDIDATES.items()},
-                            "beta_ranges": {name: list(betas) for name, betas in HELD_OUT_SETS.items()},
-                            "real_anomalies": [f"{s.label}/{s.image_path.name}" for s in chosen_real],
-                            "limit": args.limit,
-                            "labels_read": "MTD normal training images; the masks of PRN's 10 real training "
-                                           "anomalies (for training only); no test label is used for scoring"},
-               "rule": __doc__.split("Rule, written before the first run: ")[1].split("\n\n")[0].replace("\n", " "),
-               "splits": {}, "mean_over_splits": None, "decision": None,
-               "load_average_at_start": load_average(), "load_average_at_end": None}
-    for split in args.splits:
-        results["splits"][str(split)] = run_split(split, normals, real, args.held_out_fraction, args.epochs,
-                                                  args.limit)
+    else:
+        samples = read_dataset(args.data, "mtd", check=False).samples
+        normals = [s for s in samples if s.is_normal and s.split == "train"]
+        chosen_real, _ = select_real_anomalies([s for s in samples if s.split == "test"], 10, seed=0)
+        real = [(load_image(s.image_path), load_mask(s.mask_path)) for s in chosen_real]
+        results = {"benchmark": name,
+                   "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": args.threads,
+                               "torch": torch.__version__, "gpu": "none (CPU only)"},
+                   "protocol": {"splits": args.splits, "held_out_fraction": args.held_out_fraction, **protocol,
+                                "prn_epochs": args.epochs or PRNConfig().epochs,
+                                "beta_ranges": {set_name: list(betas) for set_name, betas in HELD_OUT_SETS.items()},
+                                "real_anomalies": [f"{s.label}/{s.image_path.name}" for s in chosen_real],
+                                "limit": args.limit,
+                                "labels_read": "MTD normal training images; the masks of PRN's 10 real training "
+                                               "anomalies (for training only); no test label is used for scoring"},
+                   "rule": doc.split(rule_marker)[1].split("\n\n")[0].replace("\n", " "),
+                   "splits": {}, "mean_over_splits": None, "decision": None,
+                   "load_average_at_start": load_average(), "load_average_at_end": None}
+        for split in args.splits:
+            results["splits"][str(split)] = run_split(split, normals, real, args.held_out_fraction, args.epochs,
+                                                      args.limit)
+        results["load_average_at_end"] = load_average()
     results["mean_over_splits"] = mean_over_splits(results["splits"])
     results["decision"] = decide(results["mean_over_splits"], results["splits"])
-    results["load_average_at_end"] = load_average()
-    save(results, out)
+    write_results(name, results, result_keys, out=out, indent=1)
     print(f"decision: {results['decision']}; wrote {out}")
+
+
+def main() -> None:
+    run_selection("ensemble_prn_seeds_selection", __doc__, "Rule, written before the first run: ", RESULT_KEYS,
+                  {"prn_seeds": list(PRN_SEEDS),
+                   "candidates": {name: dict(zip(MEMBERS, weights)) for name, weights in CANDIDATES.items()}},
+                  run_split, decide)
 
 
 if __name__ == "__main__":
