@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +43,7 @@ from anomaly_discovery.models.detectors.prn import PRNConfig, PRNDetector
 from detector_selection import HELD_OUT_SETS, held_out_set, normal_split
 from ensemble_prn_seeds_selection import TimedFit, run_selection
 from ensemble_selection import RULED_SET, drawn_set, metrics, set_score
+from results_file import write_results
 
 RESULT_KEYS = ("benchmark", "machine", "protocol", "rule", "splits", "mean_over_splits", "decision",
                "load_average_at_start", "load_average_at_end")
@@ -99,12 +101,15 @@ def decide(mean: dict, splits: dict) -> dict:
             "adopted": "two backbones" if all(checks.values()) else "one backbone"}
 
 
+def save(results: dict, out: Path) -> None:
+    write_results("ensemble_backbones_selection", results, RESULT_KEYS, out=out, indent=1)
+
+
 def main() -> None:
     protocol = {"backbones": {name: list(PATCHCORE_TAPS.get(name) or ()) or "default" for name in BACKBONES},
                 "candidates": {name: dict(zip(MEMBERS, weights)) for name, weights in CANDIDATES.items()}}
     run_selection("ensemble_backbones_selection", __doc__,
-                  "Rule, written before the first run (7 December, 07:31 UTC): ", RESULT_KEYS, protocol, run_split,
-                  decide)
+                  "Rule, written before the first run (7 December, 07:31 UTC): ", protocol, run_split, decide, save)
 
 
 if __name__ == "__main__":

@@ -140,11 +140,11 @@ def decide(mean: dict, splits: dict) -> dict:
             "adopted": "two PRNs" if all(checks.values()) else "one PRN"}
 
 
-def run_selection(name: str, doc: str, rule_marker: str, result_keys: tuple, protocol: dict, run_split,
-                  decide) -> None:
+def run_selection(name: str, doc: str, rule_marker: str, protocol: dict, run_split, decide, save) -> None:
     """The command line both ensemble rules share: fit and score each split (``run_split``), average, apply
-    ``decide``, write ``benchmarks/results/<name>.json`` with ``result_keys``; ``--decide-only`` applies the rule
-    again to the file's per-split measurements. ``protocol``: the rule's own entries (members, candidates)."""
+    ``decide``, write ``benchmarks/results/<name>.json`` by the script's own ``save(results, out)``;
+    ``--decide-only`` applies the rule again to the file's per-split measurements. ``protocol``: the rule's own
+    entries (members, candidates)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATASETS / "mtd")
     parser.add_argument("--held-out-fraction", type=float, default=0.2)
@@ -185,15 +185,19 @@ def run_selection(name: str, doc: str, rule_marker: str, result_keys: tuple, pro
         results["load_average_at_end"] = load_average()
     results["mean_over_splits"] = mean_over_splits(results["splits"])
     results["decision"] = decide(results["mean_over_splits"], results["splits"])
-    write_results(name, results, result_keys, out=out, indent=1)
+    save(results, out)
     print(f"decision: {results['decision']}; wrote {out}")
 
 
+def save(results: dict, out: Path) -> None:
+    write_results("ensemble_prn_seeds_selection", results, RESULT_KEYS, out=out, indent=1)
+
+
 def main() -> None:
-    run_selection("ensemble_prn_seeds_selection", __doc__, "Rule, written before the first run: ", RESULT_KEYS,
+    run_selection("ensemble_prn_seeds_selection", __doc__, "Rule, written before the first run: ",
                   {"prn_seeds": list(PRN_SEEDS),
                    "candidates": {name: dict(zip(MEMBERS, weights)) for name, weights in CANDIDATES.items()}},
-                  run_split, decide)
+                  run_split, decide, save)
 
 
 if __name__ == "__main__":
