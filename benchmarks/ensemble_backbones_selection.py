@@ -40,9 +40,8 @@ import numpy as np
 from anomaly_discovery.models.detectors.ensemble import (CALIBRATION_FRACTION, PATCHCORE_TAPS, DetectorEnsemble,
                                                          calibration_split, patchcore_member)
 from anomaly_discovery.models.detectors.prn import PRNConfig, PRNDetector
-from detector_selection import HELD_OUT_SETS, held_out_set, normal_split
-from ensemble_prn_seeds_selection import TimedFit, run_selection
-from ensemble_selection import RULED_SET, drawn_set, metrics, set_score
+from ensemble_prn_seeds_selection import TimedFit, run_selection, score_sets, split_sets
+from ensemble_selection import RULED_SET, set_score
 from results_file import write_results
 
 RESULT_KEYS = ("benchmark", "machine", "protocol", "rule", "splits", "mean_over_splits", "decision",
@@ -58,10 +57,7 @@ FIT_BUDGET_S = 30 * 60
 def run_split(split: int, normals: list, real: list, held_out_fraction: float, epochs: int | None,
               limit: int | None) -> dict:
     """Fit the three members on one split, score members and both candidates on the three held-out sets."""
-    fit_images, held_images = normal_split(normals, held_out_fraction, split)
-    fit_images, held_images = fit_images[:limit], held_images[:limit]
-    sets = {name: held_out_set(held_images, *betas, split) for name, betas in HELD_OUT_SETS.items()}
-    sets[RULED_SET] = drawn_set(held_images, split)
+    fit_images, held_images, sets = split_sets(normals, held_out_fraction, split, limit)
     length = {} if epochs is None else {"epochs": epochs}
     patchcores = [TimedFit(patchcore_member(name, progress=False, seed=split)) for name in BACKBONES]
     prn = TimedFit(PRNDetector(PRNConfig(progress=False, seed=0, **length)))
@@ -73,13 +69,7 @@ def run_split(split: int, normals: list, real: list, held_out_fraction: float, e
               "fit_seconds": round(fit_s, 1), "member_fit_seconds": dict(zip(MEMBERS, (round(m.seconds, 1) for m in
                                                                                       (*patchcores, prn)))),
               "scores": {name: {} for name in (*MEMBERS, *CANDIDATES)}}
-    for set_name, (test, labels, masks) in sets.items():
-        per_member = ensemble.predict_members(test)
-        for name, detections in zip(MEMBERS, per_member):
-            result["scores"][name][set_name] = metrics(detections, labels, masks)
-        for name, weights in CANDIDATES.items():
-            result["scores"][name][set_name] = metrics(ensemble.combine(per_member, weights=weights), labels, masks)
-        print(f"split {split} {set_name}", {name: s[set_name] for name, s in result["scores"].items()}, flush=True)
+    score_sets(ensemble, sets, MEMBERS, CANDIDATES, result, split)
     return result
 
 

@@ -82,13 +82,31 @@ class TimedFit:
         return self.member.predict(images)
 
 
-def run_split(split: int, normals: list, real: list, held_out_fraction: float, epochs: int | None,
-              limit: int | None) -> dict:
-    """Fit the three members on one split, score members and both candidates on the three held-out sets."""
+def split_sets(normals: list, held_out_fraction: float, split: int, limit: int | None) -> tuple[list, list, dict]:
+    """One split of the normal training images: (fit images, held-out images, the three held-out sets)."""
     fit_images, held_images = normal_split(normals, held_out_fraction, split)
     fit_images, held_images = fit_images[:limit], held_images[:limit]
     sets = {name: held_out_set(held_images, *betas, split) for name, betas in HELD_OUT_SETS.items()}
     sets[RULED_SET] = drawn_set(held_images, split)
+    return fit_images, held_images, sets
+
+
+def score_sets(ensemble: DetectorEnsemble, sets: dict, members: tuple, candidates: dict, result: dict,
+               split: int) -> None:
+    """Each member's and each candidate weighting's metrics on every set, into ``result["scores"]``."""
+    for set_name, (test, labels, masks) in sets.items():
+        per_member = ensemble.predict_members(test)
+        for name, detections in zip(members, per_member):
+            result["scores"][name][set_name] = metrics(detections, labels, masks)
+        for name, weights in candidates.items():
+            result["scores"][name][set_name] = metrics(ensemble.combine(per_member, weights=weights), labels, masks)
+        print(f"split {split} {set_name}", {name: s[set_name] for name, s in result["scores"].items()}, flush=True)
+
+
+def run_split(split: int, normals: list, real: list, held_out_fraction: float, epochs: int | None,
+              limit: int | None) -> dict:
+    """Fit the three members on one split, score members and both candidates on the three held-out sets."""
+    fit_images, held_images, sets = split_sets(normals, held_out_fraction, split, limit)
     length = {} if epochs is None else {"epochs": epochs}
     prns = [TimedFit(PRNDetector(PRNConfig(progress=False, seed=seed, **length))) for seed in PRN_SEEDS]
     ensemble = DetectorEnsemble(members=(PatchCoreDetector(progress=False, seed=split), *prns), seed=split)
@@ -99,13 +117,7 @@ def run_split(split: int, normals: list, real: list, held_out_fraction: float, e
     prn_s = [round(prn.seconds, 1) for prn in prns]
     result = {"fit_images": n_fitted, "held_out_normal": len(held_images), "fit_seconds": round(fit_s, 1),
               "prn_fit_seconds": prn_s, "scores": {name: {} for name in (*MEMBERS, *CANDIDATES)}}
-    for set_name, (test, labels, masks) in sets.items():
-        per_member = ensemble.predict_members(test)
-        for name, detections in zip(MEMBERS, per_member):
-            result["scores"][name][set_name] = metrics(detections, labels, masks)
-        for name, weights in CANDIDATES.items():
-            result["scores"][name][set_name] = metrics(ensemble.combine(per_member, weights=weights), labels, masks)
-        print(f"split {split} {set_name}", {name: s[set_name] for name, s in result["scores"].items()}, flush=True)
+    score_sets(ensemble, sets, MEMBERS, CANDIDATES, result, split)
     return result
 
 

@@ -145,7 +145,7 @@ def run_detector(name: str, train_images, test_images, real_anomalies, threads: 
         settings = {"backbone": detector.backbone, "layers": list(layers), "image_size": detector.image_size,
                     "coreset_ratio": detector.coreset_ratio, "k": detector.k, "feature_dim": detector.feature_dim,
                     "coreset_projection_dim": detector.coreset_projection_dim, "border_pad": detector.border_pad,
-                    "image_score": detector.image_score, "batch_size": detector.batch_size}
+                    "image_score": detector.image_score, "batch_size": detector.batch_size, "probes": detector.probes}
         _, fit_s = timed(lambda: detector.fit(train_images))
         settings["memory_bank"] = list(detector.memory_bank_.shape)
         note = ("fit on the normal training images; map from the map features (feature_dim, border_pad), image "

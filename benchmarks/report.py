@@ -114,7 +114,7 @@ def section_detection() -> str:
     if anomalib.get("ran"):
         rows.append(["anomalib PatchCore", anomalib.get("image_auroc"), anomalib.get("pixel_auroc"),
                      anomalib.get("aupro"), anomalib.get("images_per_s"), anomalib.get("fit_seconds"),
-                     "this run" if anomalib.get("run_started") == run else "kept"])
+                     "this run" if anomalib.get("run_started") == run else f"kept ({anomalib.get('run_started')})"])
     lines = [
         "## MTD detection (`benchmarks/mtd_detection.py`)", "",
         "Fit on the 761 normal training images; test on the 392 defect + 191 normal test images (PRN and the "
@@ -132,11 +132,16 @@ def section_detection() -> str:
                   f"{fmt(comparison.get('images_per_s_ratio_ours_over_anomalib'), 2)}× the images/s.", ""]
     else:
         lines.append(f"anomalib PatchCore: not compared — {anomalib.get('reason', 'not run')}.")
+    lines += ["PatchCore's map search probes 8 lists of its inverted file since the run started 2026-12-07T10:29:37 "
+              "(`detector_selection.py`'s fewer-probes rule); the runs before it probed 32.", ""]
     for path, other in tagged_runs("mtd_detection"):
         ours, theirs = other["detectors"].get("patchcore"), other.get("anomalib") or {}
         if ours and theirs.get("ran"):
+            probes = ours.get("settings", {}).get("probes")
             lines += [f"Side by side in another run (`{path.name}`, {other['machine']['cpu']}, "
-                      f"{other['machine'].get('torch_threads')} threads): our PatchCore {fmt(ours['images_per_s'], 2)} "
+                      f"{other['machine'].get('torch_threads')} threads, started {ours.get('run_started')}"
+                      f"{'' if probes is None else f', map search probes {probes}'}): our PatchCore "
+                      f"{fmt(ours['images_per_s'], 2)} "
                       f"images/s, anomalib's {fmt(theirs['images_per_s'], 2)} "
                       f"({fmt(theirs['comparison']['images_per_s_ratio_ours_over_anomalib'], 2)}×); image AUROC / "
                       f"pixel AUROC / AUPRO ours {fmt(ours['image_auroc'])} / {fmt(ours['pixel_auroc'])} / "
@@ -369,11 +374,12 @@ def section_detector_selection() -> str:
         table(["candidate", *header, "selection score", "fit s"], rows), "",
         f"Chosen: **{r.get('chosen', 'run incomplete')}**; `PatchCoreDetector`'s defaults follow it (the zero-shot "
         "and PRN detectors were not evaluated here and keep their own).", "", *anomalib_setting_note(),
-        *search_check_note(r.get("search")), machine(r)])
+        *search_check_note(r.get("search")), *search_check_note(r.get("fewer_probes"), "chosen_probes"), machine(r)])
 
 
-def search_check_note(check: dict | None) -> list[str]:
-    """The exact map search against the inverted file on the chosen defaults (issue 13)."""
+def search_check_note(check: dict | None, verdict: str = "adopted") -> list[str]:
+    """The exact map search against the inverted file on the chosen defaults (issue 13): with 32 probes
+    (``verdict`` "adopted"), and with 32, 16 and 8 (``verdict`` "chosen_probes")."""
     if not check:
         return []
     variants = [name for name in check if name == "exact" or name.startswith("probes=")]
@@ -381,8 +387,11 @@ def search_check_note(check: dict | None) -> list[str]:
     rows = [[name, *detection_cells(check[name], sets), sum(check[name][s]["predict_seconds"] for s in sets)]
             for name in variants]
     header = detection_columns(sets)
+    outcome = (f"Adopted: **{fmt(check['adopted'])}**." if verdict == "adopted"
+               else f"Chosen: **probes={check['chosen_probes']}** (PatchCore's default since).")
+    threads = f", timed at {check['torch_threads']} torch threads" if "torch_threads" in check else ""
     return [f"Map search on the chosen defaults with anomalib's image score (fitted once in "
-            f"{fmt(check['fit_seconds'], 0)} s): rule, fixed before the run: {check['rule']}. Adopted: **{fmt(check['adopted'])}**.", "",
+            f"{fmt(check['fit_seconds'], 0)} s{threads}): rule, fixed before the run: {check['rule']}. {outcome}", "",
             table(["search", *header, "predict s (both sets)"], rows), ""]
 
 
