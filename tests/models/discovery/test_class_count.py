@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from anomaly_discovery.models.discovery import class_count
 from anomaly_discovery.models.discovery.class_count import (ClassCountEstimate, estimate_class_count,
                                                             prototype_win_fractions)
 
@@ -23,7 +24,8 @@ def over_clustered_prototypes(centres: np.ndarray, rng: np.random.Generator, k_m
 
 
 @pytest.mark.parametrize("n_classes", [3, 5, 7])
-@pytest.mark.parametrize("method", ["consensus", "gap_sphere", "eigengap", "prediction_strength", "silhouette", "gap"])
+@pytest.mark.parametrize("method", ["consensus", "gap_sphere", "eigengap", "prediction_strength",
+                                    "prediction_strength_or_consensus", "silhouette", "gap"])
 def test_embedding_criteria_recover_k_within_one(method, n_classes):
     points, _, _ = sphere_clusters(n_classes, seed=n_classes)
     estimate = estimate_class_count(points, k_min=2, k_max=10, method=method, seed=0)
@@ -53,6 +55,28 @@ def test_consensus_is_the_median_of_its_three_criteria():
     assert set(estimate.votes) == {"gap_sphere", "eigengap", "prediction_strength"}
     assert estimate.k == int(np.median(list(estimate.votes.values())))
     assert sum(estimate.scores_by_k.values()) == 3
+
+
+def test_prediction_strength_or_consensus_keeps_prediction_strength_above_the_floor():
+    points, _, _ = sphere_clusters(5, seed=4, sigma=0.3)
+    strength = estimate_class_count(points, k_min=2, k_max=9, method="prediction_strength")
+    estimate = estimate_class_count(points, k_min=2, k_max=9, method="prediction_strength_or_consensus")
+    assert strength.k > 2
+    assert estimate.k == strength.k and estimate.scores_by_k == strength.scores_by_k and estimate.votes is None
+
+
+def test_prediction_strength_or_consensus_takes_the_consensus_where_prediction_strength_stops_at_the_floor(
+        monkeypatch):
+    """Five clusters whose worst one prediction strength never reproduces above k = 2 (its strengths stubbed so):
+    the consensus decides, prediction strength's k = 2 one of its votes, and the other two find the five."""
+    points, _, _ = sphere_clusters(5, seed=4, sigma=0.2)
+    monkeypatch.setattr(class_count, "_prediction_strengths",
+                        lambda points, ks, seed: {k: 0.9 if k == 2 else 0.4 for k in ks})
+    estimate = estimate_class_count(points, k_min=2, k_max=9, method="prediction_strength_or_consensus")
+    consensus = estimate_class_count(points, k_min=2, k_max=9, method="consensus")
+    assert estimate.votes == consensus.votes and estimate.votes["prediction_strength"] == 2
+    assert estimate.k == consensus.k and abs(estimate.k - 5) <= 1
+    assert estimate.method == "prediction_strength_or_consensus"
 
 
 def test_few_points_keep_every_criterion_below_half_the_set():
