@@ -1,4 +1,4 @@
-"""Prediction strength, or the consensus where it stops at the floor: K judged on new draws of NEU-DET and generated data.
+"""K by prediction strength, or the consensus where it stops at k = 2, judged on new NEU-DET and generated draws.
 
 Usage: python benchmarks/class_count_floor_selection.py [--neu ../shared/datasets/neu-det] [--threads 1] [--tag NAME]
 

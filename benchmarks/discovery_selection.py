@@ -77,7 +77,8 @@ Rules, written down before the runs:
   scratch run before this rule: guarded prediction strength estimates 2, as the consensus; the demo-export tests run
   the product's default on it). Result: the guard changed none of the 70 estimates (prediction strength 54,
   the consensus 49; nor any of ``class_count``'s and ``class_count_long_tailed``'s) and one fresh one (45 against
-  40); the rule picks prediction strength, and it is the product's default (``ClassSettings.k_method``).
+  40); the rule picks prediction strength, and it was the product's default (``ClassSettings.k_method``) until
+  ``class_count_floor_selection.py`` put the consensus behind it where it stops at k = 2, judged on new draws.
 * ``learned``: floor and learned model (defaults), K given and estimated; the learned model is kept only if it
   beats the floor's NMI on every task.
 * ``open_world``: leave one class out on every task (a fifth of the seen images held out as known test images;

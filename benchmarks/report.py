@@ -574,7 +574,8 @@ def section_discovery_selection() -> str:
                    f"the consensus stays (best single criterion {flow['best_single']}, "
                    f"{flow['within_one'][flow['best_single']]} against {flow['within_one']['consensus']}){fresh_text}")
         if flow["adopted"] and flow["adopted"] != ClassSettings.k_method:
-            verdict += f"; the product keeps **{ClassSettings.k_method}** (`class_count.py` says why)"
+            verdict += (f"; the product has since moved to **{ClassSettings.k_method}** (the next section's rule, "
+                        "on new draws)")
         lines += [f"**Number of classes as the product estimates it** ({len(flow['rows'])} estimates: the balanced "
                   "tasks and the long-tailed draws, whole and in the same class subsets; the view weights chosen at a "
                   "first estimate, not at the true K as in the two tables above, whose counts on the same estimates "
@@ -736,6 +737,33 @@ def _within_one_by_true_k(rows: list[dict]) -> str:
         counts.append(f"K {true_k} ({len(group)}): " + ", ".join(
             f"{c} {sum(abs(row['estimates'][c] - true_k) <= 1 for row in group)}" for c in group[0]["estimates"]))
     return "; ".join(counts)
+
+
+def section_class_count_floor() -> str:
+    title = "## K where prediction strength stops at k = 2 (`benchmarks/class_count_floor_selection.py`)"
+    r = load("class_count_floor_selection")
+    if r is None:
+        return f"{title}\n\nnot run"
+    criteria = r["criteria"]
+    rows = [[name, len(r[f"{draw}_rows"]), *(r[f"{draw}_within_one"][c] for c in criteria)]
+            for name, draw in (("selection sets", "selection"), ("new draws", "new"))]
+    candidate, incumbent = "prediction_strength_or_consensus", "prediction_strength"
+    verdict = (f"**{candidate.replace('_', ' ')} becomes the default**" if r["adopted"] else
+               f"**{incumbent.replace('_', ' ')} stays the default**")
+    return "\n".join([
+        title, "",
+        "K estimated as the product does (a first estimate on the equally weighted views, the view weights chosen at "
+        "it, K again), every task whole and in class subsets of 3, 4 and 5 classes (`class_count_flow`'s code). "
+        f"Selection sets: {r['protocol']['selection']}. New draws, first read by this run: {r['protocol']['new']}. "
+        "No MTD image. `prediction_strength_or_consensus` keeps prediction strength's K above 2 and takes the "
+        "consensus where prediction strength stops at 2 (its value is the worst cluster's, so one overlapping pair "
+        "of kinds holds every larger k under the level); the idea came from reading `class_count_flow`'s rows, "
+        f"hence the new draws. Rule, written at {r['rule']}", "",
+        "Estimates within ±1 of the true count:", "",
+        table(["sets", "estimates", *(c.replace("_", " ") for c in criteria)], rows), "",
+        f"By true count, new draws: {_within_one_by_true_k(r['new_rows'])}.", "",
+        f"Verdict: {verdict}; the product estimates K with **{ClassSettings().k_method.replace('_', ' ')}**. "
+        f"Run time {fmt(r['seconds'] / 60, 1)} min.", "", machine(r)])
 
 
 def _open_world_score_lines(score: dict) -> list[str]:
@@ -1090,7 +1118,7 @@ def render() -> str:
         section_prn_learning_curve(), section_ensemble_selection(), section_ensemble_blur_selection(),
         section_ensemble_prn_seeds(),
         section_ensemble_backbones(),
-        section_discovery_selection(), section_image_turns(), section_discovery(),
+        section_discovery_selection(), section_class_count_floor(), section_image_turns(), section_discovery(),
         section_train_scaling(), section_index(), section_review(), section_active_loop(), section_serve(),
         section_proposals_page(), section_export(), section_demo()]
     return "\n\n".join(parts) + "\n"

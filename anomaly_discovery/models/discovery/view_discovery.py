@@ -6,8 +6,9 @@
    with the normal images' main variation removed when normal images are given (``NuisanceProjection``), else that
    of the run's own images unless they fall into K tight groups (``frozen.own_image_projection``; K given, or a
    first estimate on the equally weighted views);
-2. K: given, or estimated (``ClassSettings.k_method``, by default the prediction strength of ``class_count``) on
-   the image level of the equally weighted views, then again on the chosen weighting;
+2. K: given, or estimated (``ClassSettings.k_method``, by default ``class_count``'s prediction strength, and its
+   consensus where prediction strength stops at k = 2) on the image level of the equally weighted views, then again
+   on the chosen weighting;
 3. the view weights (``frozen.select_view_weights``: highest silhouette at K);
 4. the floor: k-means on the novel regions' embeddings (or on their images', ``ClassSettings.prototype_init``); its
    centres (and the base classes' means) are the prototypes of a :class:`ViewDiscoveryModel`, whose untrained

@@ -93,11 +93,14 @@ def test_discover_with_a_synthetic_base_and_k_auto(generated, detections, tmp_pa
     assert all(isinstance(r["is_outlier"], bool) for r in written["images"])
     described = summary.describe()  # the estimate, its criterion and (a consensus) each criterion's own K
     assert f"estimated, {config.discovery.classes.k_method}" in described
+    votes = summary.artifacts.metrics.get("k_votes")  # each criterion's K, where the consensus decided
     if k_method == "consensus":
-        assert summary.artifacts.metrics["k_votes"]
-        assert all(f"{name} {k}" in described for name, k in summary.artifacts.metrics["k_votes"].items())
-    else:
-        assert "k_votes" not in summary.artifacts.metrics
+        assert votes
+    else:  # the default: prediction strength, and the consensus only where prediction strength stopped at k = 2
+        assert votes is None or votes["prediction_strength"] == 2
+        assert votes is not None or summary.artifacts.k_estimated > 2
+    if votes:
+        assert all(f"{name} {k}" in described for name, k in votes.items())
     projected_by = summary.artifacts.metrics["nuisance_projection"]  # and what the views removed, in words
     assert "views: region " in described
     assert {"normal images": "the normal images' main variation removed",
