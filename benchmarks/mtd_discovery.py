@@ -17,7 +17,9 @@ and generated data, stays.
 Leave one class out (MTD, semi, defects-5): for each class, the learned model is trained (K estimated) on 80% of
 the other classes' images; the held-out class's crops and the other classes' unseen 20% are scored by the
 model's outlier score (``outlier_score``, ``outlier_k``: the product's, or ``--outlier-score`` / ``--outlier-k`` with
-``--tag``) against its training crops; AUROC and FPR at 95% TPR with the unseen class as positives.
+``--tag``) against its training crops; AUROC and FPR at 95% TPR with the unseen class as positives. K is estimated
+there too, so the class-count criterion moves these numbers: ``--k-method NAME --tag NAME`` writes a run with
+another criterion (the default before, say) to its own file, on the same cached maps.
 
 Without normal images (the zero-shot rows, NEU-DET) discovery may remove the run's own images' main variation
 (``own_projection``, chosen on NEU-DET and generated data). ``--own-projection never --tag NAME`` writes the rows
@@ -27,7 +29,7 @@ does the same for the image view averaged over the whole image's quarter turns (
 
     .venv/bin/python benchmarks/mtd_discovery.py [--parts mtd,neu,loco] [--maps semi,zero-shot] [--threads 1]
         [--own-projection auto|always|never --tag NAME] [--image-turns 1|4 --tag NAME]
-        [--outlier-score knn|lof --outlier-k K --tag NAME]
+        [--outlier-score knn|lof --outlier-k K --tag NAME] [--k-method METHOD --tag NAME]
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from anomaly_discovery.data import load_image, read_dataset
 from anomaly_discovery.models.detectors.mutual_scoring import MutualScoringDetector
 from anomaly_discovery.models.detectors.patchcore import PatchCoreDetector
 from anomaly_discovery.models.detectors.protocol import Detection
-from anomaly_discovery.models.discovery.config import OWN_PROJECTIONS, DiscoveryConfig
+from anomaly_discovery.models.discovery.config import CLASS_COUNT_METHODS, OWN_PROJECTIONS, DiscoveryConfig
 from anomaly_discovery.models.discovery.outliers import OUTLIER_SCORES, DistanceOutlierScorer, evaluate_outlier_scores
 from anomaly_discovery.models.discovery.training import predict_regions, train_discovery
 from anomaly_discovery.models.discovery.views import IMAGE_TURNS, ViewExtractor, image_features, unit_rows
@@ -192,6 +194,8 @@ def main() -> None:
                         help="discovery's outlier_score (part loco; default: the product's); with --tag")
     parser.add_argument("--outlier-k", type=int, default=None,
                         help="discovery's outlier_k (part loco; default: the product's); with --tag")
+    parser.add_argument("--k-method", choices=CLASS_COUNT_METHODS, default=None,
+                        help="discovery's k_method for every row (default: the product's); with --tag")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/adisc-discovery-maps"),
                         help="where each data set's anomaly maps are kept between runs")
@@ -208,7 +212,7 @@ def main() -> None:
                           "discovery": "DiscoveryConfig defaults; kind and k as each row says"
                           + (f"; own_projection {args.own_projection}" if args.own_projection else "")
                           + (f"; image_turns {args.image_turns}" if args.image_turns else ""), "base": "none",
-                          "object_prior": "fallback", "k_method": DiscoveryConfig().classes.k_method,
+                          "object_prior": "fallback", "k_method": args.k_method or DiscoveryConfig().classes.k_method,
                           "outlier_score": args.outlier_score or DiscoveryConfig().classes.outlier_score,
                           "outlier_k": args.outlier_k or DiscoveryConfig().classes.outlier_k}
     maps = [m for m in ("semi", "zero-shot") if m in args.maps.split(",")]
@@ -224,7 +228,8 @@ def main() -> None:
     settings = {name: value for name, value in (("own_projection", args.own_projection),
                                                  ("image_turns", args.image_turns),
                                                  ("outlier_score", args.outlier_score),
-                                                 ("outlier_k", args.outlier_k)) if value is not None}
+                                                 ("outlier_k", args.outlier_k),
+                                                 ("k_method", args.k_method)) if value is not None}
     for setting in maps if parts & {"mtd", "loco"} else ():
         found, detect_seconds = cached_maps(all_test, setting, normal_train, args.cache, "mtd")
         by_path = dict(zip([s.image_path for s in all_test], found))

@@ -907,14 +907,18 @@ def section_discovery() -> str:
             lines.append(f"Its floor (frozen views, same held-out images and outlier score): unseen-class AUROC "
                          f"{fmt(floor['auroc'])}, FPR at 95% TPR {fmt(floor['fpr95'])} ({floor_per_class}).")
         lof = load("mtd_discovery.outlier-lof")
-        lof_loco = (lof or {}).get("leave_one_class_out")
-        if lof_loco:
-            lines.append(f"With the local outlier factor (k = {lof['settings']['outlier_k']}; `--outlier-score lof "
-                         f"--tag outlier-lof`, {lof['machine']['cpu']}; the score `discovery_selection.py`'s part "
-                         "`open_world_score` picked, vetoed on these numbers): unseen-class AUROC "
-                         f"{fmt(lof_loco['auroc'])}, FPR at 95% TPR {fmt(lof_loco['fpr95'])} (per class: "
-                         + ", ".join(f"{name} {fmt(v['auroc'])}" for name, v in lof_loco["per_class"].items())
-                         + f"); its floor {fmt(lof_loco['floor']['auroc'])}.")
+        if (lof or {}).get("leave_one_class_out"):
+            lines.append(_loco_variant_line(lof, f"With the local outlier factor (k = {lof['settings']['outlier_k']}; "
+                                                 f"`--outlier-score lof --tag outlier-lof`, {lof['machine']['cpu']}, "
+                                                 f"K by the {_k_method(lof).replace('_', ' ')}; the score "
+                                                 "`discovery_selection.py`'s part `open_world_score` picked, vetoed "
+                                                 "on these numbers)"))
+        strength = load("mtd_discovery.k-prediction-strength")
+        if (strength or {}).get("leave_one_class_out"):
+            lines.append(_loco_variant_line(strength, f"With K by the {_k_method(strength).replace('_', ' ')} alone "
+                                                      "(the default before; `--k-method prediction_strength --tag "
+                                                      "k-prediction-strength`, the same maps, "
+                                                      f"{strength['machine']['cpu']})"))
         lines.append("")
     curve = r.get("learning_curve")
     if curve:
@@ -926,6 +930,14 @@ def section_discovery() -> str:
     lines += end_to_end_line()
     lines += [machine(r)]
     return "\n".join(lines)
+
+
+def _loco_variant_line(run: dict, what: str) -> str:
+    """A tagged run's leave-one-class-out: AUROC, FPR95, per-class AUROC and its floor's AUROC, after ``what``."""
+    loco = run["leave_one_class_out"]
+    return (f"{what}: unseen-class AUROC {fmt(loco['auroc'])}, FPR at 95% TPR {fmt(loco['fpr95'])} (per class: "
+            + ", ".join(f"{name} {fmt(v['auroc'])}" for name, v in loco["per_class"].items())
+            + f"); its floor {fmt(loco['floor']['auroc'])}.")
 
 
 def end_to_end_line() -> list[str]:
