@@ -150,8 +150,9 @@ def test_k_is_estimated_and_the_normal_images_shape_the_projection(world):
     artifacts = train_discovery(DiscoveryConfig.of(kind="frozen", k="auto", k_max=6, **SMALL), regions,
                                 images=images, normal_images=normals)
     assert artifacts.k == artifacts.k_estimated and abs(artifacts.k - 3) <= 1
-    strengths = artifacts.k_scores  # prediction strength, the default's answer above k = 2: the largest K reaching
-    assert artifacts.k > 2 and artifacts.metrics.get("k_votes") is None  # its level
+    # above k = 2 the default answers by prediction strength alone: the largest K whose strength reaches its level
+    assert artifacts.k > 2 and artifacts.metrics.get("k_votes") is None
+    strengths = artifacts.k_scores
     assert sorted(strengths) == [2, 3, 4, 5, 6]
     assert artifacts.k == max((k for k, share in strengths.items() if share >= PREDICTION_STRENGTH_LEVEL), default=2)
     assert any(artifacts.predictor.model.projection_components())
