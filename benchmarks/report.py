@@ -206,6 +206,30 @@ def section_prn_learning_curve() -> str:
         f"{fmt(r.get('default_epochs'))}.", "", machine(r)])
 
 
+def section_prn_input() -> str:
+    title = "## PRN's input size and encoder, decided without MTD's test labels (`benchmarks/prn_input_selection.py`)"
+    r = load("prn_input_selection")
+    if r is None:
+        return f"{title}\n\nnot run"
+    decision, mean = r["decision"], r["mean_over_splits"]
+    sets = list(next(iter(mean.values())))
+    rows = [[name, *detection_cells(scores, sets), decision["drawn_score"][name],
+             " / ".join(fmt(x) for x in decision["drawn_score_per_split"][name]),
+             fmt(decision["estimated_mtd_fit_seconds"][name], 0)] for name, scores in mean.items()]
+    fits = "; ".join(f"split {split}: " + ", ".join(f"{name} {fmt(x, 0)} s" for name, x in s["fit_seconds"].items())
+                     for split, s in r["splits"].items())
+    checks = "; ".join(f"{name}: " + ", ".join(f"{check.replace('_', ' ')} {fmt(ok)}" for check, ok in c.items())
+                       for name, c in decision["checks"].items())
+    return "\n".join([
+        title, "",
+        f"Splits {' and '.join(r['splits'])} of MTD's normal training images (as in the sections above); on each, "
+        "every candidate PRN is fitted on the same images and PRN's 10 real anomalies (training seed = split) and "
+        "scored alone on the held-out sets. Mean over the splits; drawn score = mean of image AUROC and AUPRO on "
+        f"the drawn set. Rule, fixed before the run: {r['rule']}", "",
+        table(["PRN", *detection_columns(sets), "drawn score", "per split", "MTD fit s (est.)"], rows), "",
+        f"Checks: {checks}. Adopted: **{decision['adopted']}**. Fit: {fits}.", "", machine(r)])
+
+
 def other_split_line(path: Path, other: dict) -> str:
     """One tagged ensemble_selection run (another split of the normal images) in a sentence."""
     ruled = other["decision"]["set"]
@@ -1127,7 +1151,8 @@ def render() -> str:
         "recorded), no GPU. Hyper-parameters were chosen on synthetic data, NEU-DET and MTD's normal training "
         "images, never on the labels of the data being evaluated.",
         section_generator(), section_metrics(), section_mebin(), section_detector_selection(), section_detection(),
-        section_prn_learning_curve(), section_ensemble_selection(), section_ensemble_blur_selection(),
+        section_prn_learning_curve(), section_prn_input(), section_ensemble_selection(),
+        section_ensemble_blur_selection(),
         section_ensemble_prn_seeds(),
         section_ensemble_backbones(),
         section_discovery_selection(), section_class_count_floor(), section_image_turns(), section_discovery(),
