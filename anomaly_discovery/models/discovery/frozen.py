@@ -49,7 +49,7 @@ from sklearn.metrics import silhouette_score
 from anomaly_discovery.data.images import load_image
 
 from ..localisation.regions import Region
-from .class_count import ClassCountEstimate, estimate_class_count, in_own_span
+from .class_count import ClassCountEstimate, estimate_class_count
 from .views import VIEW_NAMES, NuisanceProjection, ViewExtractor, combine_views, image_features, unit_rows
 
 ImageSource = Union[np.ndarray, str, Path]
@@ -79,13 +79,27 @@ def kmeans(points: np.ndarray, k: int, seed: int, n_init: int = 10) -> KMeans:
     return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(points)
 
 
+def joined_span(grams: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """The rows of ``combine_views(vectors, weights)`` in an orthonormal basis of their span (N×N), from each
+    view's Gram matrix ``V Vᵀ``: the join's Gram matrix is Σ w_v G_v with each row scaled to unit length, and
+    its eigenvectors scaled by √eigenvalue keep every distance and cosine of the join (as ``in_own_span`` does
+    by an SVD of the N×D join, here one N×N eigendecomposition per weighting instead)."""
+    gram = sum(w * grams[name] for name, w in weights.items() if w > 0)
+    scale = 1 / np.sqrt(np.clip(np.diag(gram), 1e-24, None))
+    values, basis = np.linalg.eigh(gram * scale[:, None] * scale[None, :])
+    return (basis * np.sqrt(np.clip(values, 0, None))).astype(np.float32)
+
+
 def select_view_weights(vectors: dict[str, np.ndarray], k: int, seed: int = 0, n_init: int = VIEW_KMEANS_INITS
                         ) -> tuple[dict[str, float], dict[str, float]]:
     """The weighting of the grid whose k-means partition (k clusters, best of ``n_init`` starts) has the highest
     cosine silhouette, and the silhouette of every weighting (keyed ``region:crop:image``)."""
     scores = {}
+    n_regions, n_dims = len(next(iter(vectors.values()))), sum(v.shape[1] for v in vectors.values())
+    grams = ({name: v.astype(np.float64) @ v.T.astype(np.float64) for name, v in vectors.items()}
+             if n_regions < n_dims else None)  # fewer regions than dimensions: cluster in their span
     for weights in WEIGHT_GRID:
-        embedding = in_own_span(combine_views(vectors, weights))  # the same cosines, fewer coordinates
+        embedding = combine_views(vectors, weights) if grams is None else joined_span(grams, weights)
         labels = kmeans(embedding, k, seed, n_init=n_init).labels_
         scores[":".join(f"{weights[v]:.2f}" for v in VIEW_NAMES)] = (
             float(silhouette_score(embedding, labels, metric="cosine")) if len(set(labels)) > 1 else -1.0)
