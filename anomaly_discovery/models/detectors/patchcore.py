@@ -274,23 +274,25 @@ class PatchCoreDetector:
             return sum(channels)
         return max(1, self.feature_dim // len(channels)) * len(channels)
 
-    def _features(self, images: Sequence[np.ndarray], description: str,
-                  score: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per batch: the map's patch features and, with ``score``, anomalib's embedding of the same images
-        (plain concatenation, zero-padded pooling, no border padding)."""
+    def _batches(self, images: Sequence[np.ndarray], description: str) -> Iterator[torch.Tensor]:
         starts = range(0, len(images), self.batch_size)
         for start in tqdm(starts, desc=description, unit="batch", disable=not self.progress, leave=False):
-            batch = images_to_tensor(images[start:start + self.batch_size], self.image_size).to(self.device)
-            (features,) = embed_batch(self.extractor, batch, (3,), self.feature_dim, self.border_pad)
-            anomalib = embed_batch(self.extractor, batch, (3,), None, 0, include_padding=True)[0] if score else None
-            yield features, anomalib
+            yield images_to_tensor(images[start:start + self.batch_size], self.image_size).to(self.device)
+
+    def _map_features(self, batch: torch.Tensor) -> torch.Tensor:
+        """The map's patch features of one batch (B×h×w×D)."""
+        return embed_batch(self.extractor, batch, (3,), self.feature_dim, self.border_pad)[0]
+
+    def _score_features(self, batch: torch.Tensor) -> torch.Tensor:
+        """anomalib's embedding of one batch (plain concatenation, zero-padded pooling, no border padding)."""
+        return embed_batch(self.extractor, batch, (3,), None, 0, include_padding=True)[0]
 
     def fit(self, normal_images: Sequence[np.ndarray]) -> "PatchCoreDetector":
         """Extract the patch features of ``normal_images`` and keep a greedy coreset of them."""
         images = check_images(normal_images)
         if not images:
             raise ValueError("fit needs at least one normal image, got none")
-        bank = torch.cat([f.reshape(-1, f.shape[-1]) for f, _ in self._features(images, "patchcore fit")])
+        bank = torch.cat([self._map_features(batch).flatten(0, 2) for batch in self._batches(images, "patchcore fit")])
         size = coreset_size(bank.shape[0], self.coreset_ratio)
         if size < bank.shape[0]:
             picks = greedy_coreset_indices(bank, size, self.coreset_projection_dim, self.seed, self.progress)
@@ -299,8 +301,8 @@ class PatchCoreDetector:
         self.coreset_indices_ = picks.cpu()
         score_bank = None
         if self.image_score == "anomalib":
-            batches = (s for _, s in self._features(images, "patchcore score bank", score=True))
-            score_bank = rows_at(batches, self.coreset_indices_)
+            batches = (self._score_features(batch) for batch in self._batches(images, "patchcore score bank"))
+            score_bank = rows_at(batches, self.coreset_indices_)  # one backbone pass: the map's bank is kept
         self._set_bank(bank[picks], score_bank)
         return self
 
@@ -327,7 +329,9 @@ class PatchCoreDetector:
         detections: list[Detection] = []
         start = 0
         scored = self.image_score == "anomalib"
-        for features, score_features in self._features(images, "patchcore predict", score=scored):
+        for images_batch in self._batches(images, "patchcore predict"):
+            features = self._map_features(images_batch)
+            score_features = self._score_features(images_batch) if scored else None
             batch, height, width, dim = features.shape
             queries = np.ascontiguousarray(features.reshape(-1, dim).cpu().numpy(), dtype=np.float32)
             squared, nearest = self._index.search(queries, 1)
