@@ -302,7 +302,7 @@ class PatchCoreDetector:
         score_bank = None
         if self.image_score == "anomalib":
             batches = (self._score_features(batch) for batch in self._batches(images, "patchcore score bank"))
-            score_bank = rows_at(batches, self.coreset_indices_)  # one backbone pass: the map's bank is kept
+            score_bank = rows_at(batches, self.coreset_indices_)  # the map's features come from the first pass
         self._set_bank(bank[picks], score_bank)
         return self
 
