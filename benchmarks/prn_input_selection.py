@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from anomaly_discovery.models.detectors.prn import PRNConfig, PRNDetector
-from ensemble_prn_seeds_selection import run_selection, split_sets
+from ensemble_prn_seeds_selection import FIT_BUDGET_S, MTD_FIT_IMAGES, run_selection, split_sets
 from ensemble_selection import RULED_SET, metrics, set_score
 from results_file import write_results
 
@@ -48,8 +48,6 @@ CANDIDATES = {INCUMBENT: {}, "mobilenet_v2 320": {"image_size": 320},
               "efficientnet_lite0 256": {"encoder": "efficientnet_lite0"}}
 DRAWN_MARGIN = 0.005
 AUPRO_TOLERANCE = 0.005
-MTD_FIT_IMAGES = 761
-FIT_BUDGET_S = 30 * 60
 
 
 def run_split(split: int, normals: list, real: list, held_out_fraction: float, epochs: int | None,
