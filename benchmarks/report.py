@@ -983,8 +983,8 @@ def end_to_end_line() -> list[str]:
                   f"{fmt(frozen['target_seconds'], 0)} s: {'met' if frozen['meets_target'] else 'missed'}); NMI / ARI / "
                   f"F1 {fmt(f_scores['nmi'])} / {fmt(f_scores['ari'])} / {fmt(f_scores['f1'])}, K "
                   f"{frozen['k_estimated']}. Peak memory target {r['memory_target_mb']} MB.", ""]
-    others = "; ".join(f"`{path.name}`: whole {fmt(o['seconds'], 0)} s, frozen {fmt(o['frozen']['seconds'], 0)} s, peak "
-                       f"{o['peak_child_rss_mb']} MB" for path, o in tagged_runs("mtd_discover_time"))
+    others = "; ".join(f"`{path.name}`: whole {fmt(o['seconds'], 0)} s, frozen {fmt(o['frozen']['seconds'], 0)} s, "
+                       f"peak {o['peak_child_rss_mb']} MB" for path, o in tagged_runs("mtd_discover_time"))
     if others:
         lines += [f"Other runs kept beside it (run to run spread on the same machine kind): {others}.", ""]
     return lines
