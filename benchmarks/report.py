@@ -224,8 +224,10 @@ def section_prn_input() -> str:
         title, "",
         f"Splits {' and '.join(r['splits'])} of MTD's normal training images (as in the sections above); on each, "
         "every candidate PRN is fitted on the same images and PRN's 10 real anomalies (training seed = split) and "
-        "scored alone on the held-out sets. Mean over the splits; drawn score = mean of image AUROC and AUPRO on "
-        f"the drawn set. Rule, fixed before the run: {r['rule']}", "",
+        "scored alone on the held-out sets; PatchCore with its defaults, fitted on the same images, is the "
+        "training-free floor (reported, not ruled on; added after the PRN runs by `--floor-only`). Mean over the "
+        "splits; drawn score = mean of image AUROC and AUPRO on the drawn set. Rule, fixed before the run: "
+        f"{r['rule']}", "",
         table(["PRN", *detection_columns(sets), "drawn score", "per split", "MTD fit s (est.)"], rows), "",
         f"Checks: {checks}. Adopted: **{decision['adopted']}**. Fit: {fits}.", "", machine(r)])
 
