@@ -32,6 +32,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 DEFAULT_BACKBONE = "mobilenet_v2"
+CPU_BATCH_PIXELS: int | None = None
 OFFLINE_BACKBONES = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "tiny")
 
 
@@ -40,13 +41,33 @@ class WeightsError(ValueError):
 
 
 class FeatureExtractor(nn.Module):
-    """Base of every backbone: ``forward(x) -> list of feature maps`` described by ``channels``/``strides``."""
+    """Base of every backbone: ``forward(x) -> list of feature maps`` described by ``channels``/``strides``;
+    subclasses write ``extract``.
+
+    In eval mode on the CPU a batch runs a few images at a time, ``cpu_batch_pixels`` input pixels per pass at most
+    (at least one image; None: the whole batch at once): the activations of a small pass stay in the caches, and
+    the outputs are those of the whole batch (batch norms use their running statistics in eval mode).
+    ``CPU_BATCH_PIXELS`` is ``benchmarks/cpu_batch_selection.py``'s choice."""
+
+    cpu_batch_pixels: int | None = CPU_BATCH_PIXELS
 
     def __init__(self, name: str, channels: Sequence[int], strides: Sequence[int]):
         super().__init__()
         self.name = name
         self.channels = tuple(channels)
         self.strides = tuple(strides)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        step = len(x)
+        if self.cpu_batch_pixels is not None and not self.training and x.device.type == "cpu":
+            step = max(1, self.cpu_batch_pixels // (x.shape[-2] * x.shape[-1]))
+        if step >= len(x):
+            return self.extract(x)
+        passes = [self.extract(images) for images in x.split(step)]
+        return [torch.cat(maps) for maps in zip(*passes)]
+
+    def extract(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
 
 
 class StagedFeatureExtractor(FeatureExtractor):
@@ -58,7 +79,7 @@ class StagedFeatureExtractor(FeatureExtractor):
         self.stages = nn.ModuleList(stages)
         self.taps = tuple(taps)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def extract(self, x: torch.Tensor) -> list[torch.Tensor]:
         outputs = []
         last = max(self.taps)
         for index, stage in enumerate(self.stages):
@@ -79,7 +100,7 @@ class NamedNodeFeatureExtractor(FeatureExtractor):
         self.module = module
         self.nodes = tuple(nodes)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def extract(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = self.module(x)
         return [out[node] for node in self.nodes] if self.nodes else list(out)
 
