@@ -102,6 +102,26 @@ def section_mebin() -> str:
         "", machine(r)])
 
 
+def section_cpu_batch() -> str:
+    r = load("cpu_batch_selection")
+    if r is None:
+        return "## Images per backbone pass on the CPU\n\nnot run"
+    budgets = [str(b) for b in r["budgets"]]
+    rows = [[name, p["side"], p["batch"], p["whole_images_per_s"],
+             *(f"{p['budgets'][b]['speedup']:.2f}× ({p['budgets'][b]['images_per_pass']})" for b in budgets)]
+            for name, p in r["passes"].items()]
+    rows.append(["geometric mean (maps equal)", "", "", "",
+                 *(f"{r['summary'][b]['mean_speedup']:.2f}× ({fmt(r['summary'][b]['equal'])})" for b in budgets)])
+    chosen = f"{r['chosen']:,} input pixels per pass" if r["chosen"] else "the whole batch at once"
+    return "\n".join([
+        "## Images per backbone pass on the CPU (`benchmarks/cpu_batch_selection.py`)", "",
+        f"Every frozen backbone pass of the product at its default input side and calling batch, {r['threads']} "
+        f"threads, median of {r['repeats']} calls; speed-up over the whole batch at once (images per pass). Rule, "
+        f"fixed before the run: {r['rule']}.", "",
+        table(["pass", "side px", "batch", "whole batch images/s", *(f"{int(b):,} px" for b in budgets)], rows), "",
+        f"Chosen: **{chosen}** (`backbones.CPU_BATCH_PIXELS`).", "", machine(r)])
+
+
 def section_detection() -> str:
     r = load("mtd_detection")
     if r is None:
@@ -1156,7 +1176,7 @@ def render() -> str:
         "development machine named under each table: 2 cores shared with other jobs (the load averages are "
         "recorded), no GPU. Hyper-parameters were chosen on synthetic data, NEU-DET and MTD's normal training "
         "images, never on the labels of the data being evaluated.",
-        section_generator(), section_metrics(), section_mebin(), section_detector_selection(), section_detection(),
+        section_generator(), section_metrics(), section_mebin(), section_cpu_batch(), section_detector_selection(), section_detection(),
         section_prn_learning_curve(), section_prn_input(), section_ensemble_selection(),
         section_ensemble_blur_selection(),
         section_ensemble_prn_seeds(),

@@ -32,7 +32,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 DEFAULT_BACKBONE = "mobilenet_v2"
-CPU_BATCH_PIXELS: int | None = None
+CPU_BATCH_PIXELS: int | None = 2 ** 18  # benchmarks/cpu_batch_selection.py (AMD EPYC, 2 threads)
 OFFLINE_BACKBONES = ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "tiny")
 
 

@@ -165,3 +165,31 @@ def test_for_inference_keeps_the_outputs(name):
 def test_for_inference_folds_every_batch_norm_of_mobilenet_v2():
     fast = for_inference(build_backbone("mobilenet_v2"))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+
+
+def test_cpu_batch_runs_a_few_images_per_pass_with_the_whole_batchs_outputs(monkeypatch):
+    extractor = for_inference(build_backbone("mobilenet_v2"))
+    batch = torch.randn(7, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    passes = []
+    extract = extractor.extract
+    monkeypatch.setattr(extractor, "extract", lambda x: passes.append(len(x)) or extract(x))
+    with torch.inference_mode():
+        extractor.cpu_batch_pixels = None
+        whole = extractor(batch)
+        extractor.cpu_batch_pixels = 3 * 64 * 64 + 100  # three images per pass
+        split = extractor(batch)
+    assert passes == [7, 3, 3, 1]
+    for a, b in zip(whole, split):
+        assert b.shape == a.shape
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_batch_runs_whole_in_training_mode(monkeypatch):
+    extractor = build_backbone("tiny", layers=(1, 2)).train()  # batch norms use the batch's statistics
+    extractor.cpu_batch_pixels = 32 * 32
+    passes = []
+    extract = extractor.extract
+    monkeypatch.setattr(extractor, "extract", lambda x: passes.append(len(x)) or extract(x))
+    extractor(torch.randn(4, 3, 32, 32))
+    extractor.eval()(torch.randn(4, 3, 32, 32))
+    assert passes == [4, 1, 1, 1, 1]
