@@ -153,7 +153,9 @@ def section_detection() -> str:
     else:
         lines.append(f"anomalib PatchCore: not compared — {anomalib.get('reason', 'not run')}.")
     lines += ["PatchCore's map search probes 8 lists of its inverted file since the run started 2026-12-07T10:29:37 "
-              "(`detector_selection.py`'s fewer-probes rule); the runs before it probed 32.", ""]
+              "(`detector_selection.py`'s fewer-probes rule); the runs before it probed 32. Since the run started "
+              "2026-12-07T19:08:29 our backbones run a CPU batch 2^18 input pixels at a time (`cpu_batch_selection.py`; "
+              "the same maps), the runs before it the whole batch at once; anomalib's code is unchanged.", ""]
     for path, other in tagged_runs("mtd_detection"):
         ours, theirs = other["detectors"].get("patchcore"), other.get("anomalib") or {}
         if ours and theirs.get("ran"):
