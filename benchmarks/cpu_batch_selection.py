@@ -58,8 +58,8 @@ def product_passes() -> dict[str, tuple]:
                                                  patchcore.image_size + 2 * patchcore.border_pad, patchcore.batch_size),
         "PatchCore anomalib embedding (MobileNetV2, 320 px)": (patchcore.extractor, patchcore.extractor,
                                                                patchcore.image_size, patchcore.batch_size),
-        "ensemble PatchCore maps (EfficientNet-Lite0, 384 px)": (lite.extractor, lite.extractor,
-                                                                 lite.image_size + 2 * lite.border_pad, lite.batch_size),
+        "ensemble PatchCore maps (EfficientNet-Lite0, 384 px)": (
+            lite.extractor, lite.extractor, lite.image_size + 2 * lite.border_pad, lite.batch_size),
         "PRN encoder (MobileNetV2, 256 px)": (prn_encoder, prn_encoder, prn.image_size, prn.predict_batch_size),
         "zero-shot (MobileNetV2, 320 px)": (zero_shot.extractor, zero_shot.extractor,
                                             zero_shot.image_size + 2 * zero_shot.border_pad, zero_shot.batch_size),

@@ -154,8 +154,9 @@ def section_detection() -> str:
         lines.append(f"anomalib PatchCore: not compared — {anomalib.get('reason', 'not run')}.")
     lines += ["PatchCore's map search probes 8 lists of its inverted file since the run started 2026-12-07T10:29:37 "
               "(`detector_selection.py`'s fewer-probes rule); the runs before it probed 32. Since the run started "
-              "2026-12-07T19:08:29 our backbones run a CPU batch 2^18 input pixels at a time (`cpu_batch_selection.py`; "
-              "the same maps), the runs before it the whole batch at once; anomalib's code is unchanged.", ""]
+              "2026-12-07T19:08:29 our backbones run a CPU batch 2^18 input pixels at a time "
+              "(`cpu_batch_selection.py`; the same maps), the runs before it the whole batch at once; anomalib's code "
+              "is unchanged.", ""]
     for path, other in tagged_runs("mtd_detection"):
         ours, theirs = other["detectors"].get("patchcore"), other.get("anomalib") or {}
         if ours and theirs.get("ran"):
@@ -1178,7 +1179,8 @@ def render() -> str:
         "development machine named under each table: 2 cores shared with other jobs (the load averages are "
         "recorded), no GPU. Hyper-parameters were chosen on synthetic data, NEU-DET and MTD's normal training "
         "images, never on the labels of the data being evaluated.",
-        section_generator(), section_metrics(), section_mebin(), section_cpu_batch(), section_detector_selection(), section_detection(),
+        section_generator(), section_metrics(), section_mebin(), section_cpu_batch(), section_detector_selection(),
+        section_detection(),
         section_prn_learning_curve(), section_prn_input(), section_ensemble_selection(),
         section_ensemble_blur_selection(),
         section_ensemble_prn_seeds(),
