@@ -68,7 +68,9 @@ def predictor_description(workdir: Path) -> dict:
     config = json.loads((ServicePaths(workdir).model / manifest["discovery"] / "model.json").read_text())["config"]
     return {"kind": manifest["kind"], "model_version": manifest["name"], "serving_folder": "adisc demo's "
             "service/serving_model", "detector": "PatchCore (fitted by adisc demo, library defaults)",
-            "discovery": {k: config.get(k) for k in ("cnn", "image_size", "depth", "embed_dim", "k")},
+            "discovery": {"kind": config["model"]["kind"], "cnn": config["model"]["cnn"],
+                          "view_size": config["model"]["view_size"], "k": config["classes"]["k"],
+                          "k_method": config["classes"]["k_method"]},
             "object_prior": manifest.get("object_prior", {}).get("kind")}
 
 
