@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 N_PATCH_SIZES = 4
 CHECKPOINT_FORMAT = "adisc-prn-2"
+TEST_FLIPS = {1: ((),), 2: ((), (2,)), 4: ((), (2,), (1,), (1, 2))}  # axes of an N×H×W(×C) batch flipped per view
 DEFAULT_LAYERS = {"mobilenet_v2": (3, 6, 13, 17), "efficientnet_lite0": (3, 5, 11, 16),
                   "efficientnet_lite1": (4, 7, 15, 21), "efficientnet_lite2": (4, 7, 15, 21), "tiny": (0, 1, 2, 3)}
 
@@ -201,7 +202,9 @@ class PRNConfig:
     CPU run ends settled; the prototype kind and the number of epochs were chosen by the rule of
     benchmarks/prn_learning_curve.py (MTD's held-out normal images with simulated anomalies, never its test
     labels): "image" prototypes (the paper's; .953 against .954 for "patch" at 16 epochs, within the rule's .005)
-    and 14 epochs (the first evaluation within .005 of the best)."""
+    and 14 epochs (the first evaluation within .005 of the best). ``test_flips``: the views each image is read in
+    to predict, their maps flipped back and averaged (1: the image alone; 2: and its mirror image; 4: and its
+    vertical and double flips), by benchmarks/prn_flip_selection.py's rule."""
 
     encoder: str = "mobilenet_v2"
     weights: str | None = None
@@ -225,6 +228,7 @@ class PRNConfig:
     focal_alpha: float = 0.5
     focal_gamma: float = 4.0
     top_k: int = 100
+    test_flips: int = 1
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -249,6 +253,8 @@ class PRNConfig:
             raise ValueError(f"widths must be ≥ 1, got {self.widths}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be ≥ 2 (half normal, half anomalous), got {self.batch_size}")
+        if self.test_flips not in TEST_FLIPS:
+            raise ValueError(f"test_flips must be one of {sorted(TEST_FLIPS)}, got {self.test_flips}")
         if self.prototypes not in PROTOTYPE_KINDS:
             raise ValueError(f"prototypes must be one of {PROTOTYPE_KINDS}, got {self.prototypes!r}")
         if self.max_real_anomalies < 0 or not 0 < self.prototype_fraction <= 1:
@@ -372,10 +378,18 @@ class PRNDetector:
         nearest = [nearest_prototypes(m, p.cpu()) for m, p in zip(maps[:3], self.prototypes_)]
         return EncodedSet(maps, nearest, cell_targets(masks, self.encoder_.strides[0]))
 
-    @torch.no_grad()
     def _probabilities(self, images: np.ndarray) -> torch.Tensor:
-        """σ(logit) of each image, upsampled to image_size × image_size."""
-        maps = self._encode(images)
+        """σ(logit) of each image at image_size × image_size, averaged over the ``test_flips`` views (each view's
+        map flipped back onto the image)."""
+        views = TEST_FLIPS[self.config.test_flips]
+        total = sum(torch.flip(self._view_probabilities(np.flip(images, axes) if axes else images), axes)
+                    for axes in views)
+        return total / len(views)
+
+    @torch.no_grad()
+    def _view_probabilities(self, images: np.ndarray) -> torch.Tensor:
+        """σ(logit) of each image as it is given, upsampled to image_size × image_size."""
+        maps = self._encode(np.ascontiguousarray(images))
         residuals = [prototype_residuals(f, p) for f, p in zip(maps[:3], self.prototypes_)]
         self.head_.eval()
         with autocast_for(self.device_):

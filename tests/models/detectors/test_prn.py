@@ -1,3 +1,6 @@
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -167,6 +170,17 @@ def test_predict_gives_a_map_at_each_image_own_size(trained):
     assert all(0.0 <= d.score <= 1.0 and d.anomaly_map.dtype == np.float32 for d in detections)
 
 
+@pytest.mark.parametrize("flips, views", [(2, [(), (1,)]), (4, [(), (1,), (0,), (0, 1)])])
+def test_test_flips_average_the_maps_of_the_flipped_images_flipped_back(toy_data, trained, flips, views):
+    image = toy_data[2][0][0]
+    plain = trained.predict([np.flip(image, axes) for axes in views])
+    expected = np.mean([np.flip(d.anomaly_map, axes) for d, axes in zip(plain, views)], axis=0)
+    flipped = copy.copy(trained)
+    flipped.config = dataclasses.replace(trained.config, test_flips=flips)
+    assert not np.allclose(plain[0].anomaly_map, plain[1].anomaly_map[:, ::-1], atol=1e-4)
+    np.testing.assert_allclose(flipped.predict([image])[0].anomaly_map, expected, atol=1e-5)
+
+
 def test_training_loss_decreases_on_a_toy_set(trained):
     history = trained.loss_history_
     assert len(history) == 10
@@ -277,6 +291,7 @@ def test_predict_before_fit_is_refused():
     ({"prototypes": "cluster"}, "prototypes must be one of"),
     ({"anomaly_pool": 0}, "anomaly_pool"),
     ({"widths": (8, 0, 8)}, "widths"),
+    ({"test_flips": 3}, "test_flips must be one of"),
 ])
 def test_bad_config_values_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError, match=message):
