@@ -255,6 +255,33 @@ def section_prn_input() -> str:
         f"Checks: {checks}. Adopted: **{decision['adopted']}**. Fit: {fits}.", "", machine(r)])
 
 
+def section_prn_flips() -> str:
+    title = "## PRN reading flipped views, decided without MTD's test labels (`benchmarks/prn_flip_selection.py`)"
+    r = load("prn_flip_selection")
+    if r is None:
+        return f"{title}\n\nnot run"
+    decision, mean = r["decision"], r["mean_over_splits"]
+    sets = list(next(iter(mean.values())))
+    rows = [[name, *detection_cells(scores, sets), decision["drawn_score"].get(name, "floor"),
+             " / ".join(fmt(x) for x in decision["drawn_score_per_split"].get(name, [])),
+             fmt(decision["images_per_s"][name], 1)] for name, scores in mean.items()]
+    fits = "; ".join(f"split {split}: " + ", ".join(f"{name} {fmt(x, 0)} s" for name, x in s["fit_seconds"].items())
+                     for split, s in r["splits"].items())
+    checks = "; ".join(f"{name}: " + ", ".join(f"{check.replace('_', ' ')} {fmt(ok)}" for check, ok in c.items())
+                       for name, c in decision["checks"].items())
+    return "\n".join([
+        title, "",
+        f"Splits {' and '.join(r['splits'])} of MTD's normal training images (as in the sections above); on each, one "
+        "PRN (defaults, training seed = split) is fitted on the fit images and PRN's 10 real anomalies and predicts "
+        "the held-out sets reading each image alone (`flips 1`), with its mirror image (`flips 2`) or with all four "
+        "flips (`flips 4`), the maps flipped back and averaged; PatchCore with its defaults, fitted on the same "
+        "images, is the training-free floor (reported, not ruled on). Mean over the splits; drawn score = mean of "
+        f"image AUROC and AUPRO on the drawn set; images/s over the three sets. Rule, fixed before the run: {r['rule']}",
+        "",
+        table(["detector", *detection_columns(sets), "drawn score", "per split", "images/s"], rows), "",
+        f"Checks: {checks}. Adopted: **{decision['adopted']}**. Fit: {fits}.", "", machine(r)])
+
+
 def other_split_line(path: Path, other: dict) -> str:
     """One tagged ensemble_selection run (another split of the normal images) in a sentence."""
     ruled = other["decision"]["set"]
@@ -1181,7 +1208,7 @@ def render() -> str:
         "images, never on the labels of the data being evaluated.",
         section_generator(), section_metrics(), section_mebin(), section_cpu_batch(), section_detector_selection(),
         section_detection(),
-        section_prn_learning_curve(), section_prn_input(), section_ensemble_selection(),
+        section_prn_learning_curve(), section_prn_input(), section_prn_flips(), section_ensemble_selection(),
         section_ensemble_blur_selection(),
         section_ensemble_prn_seeds(),
         section_ensemble_backbones(),
