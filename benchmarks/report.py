@@ -229,6 +229,15 @@ def section_prn_learning_curve() -> str:
         f"{fmt(r.get('default_epochs'))}.", "", machine(r)])
 
 
+def split_fits_and_checks(r: dict) -> tuple[str, str]:
+    """A two-split PRN selection file's fit times per split and its rule's checks per candidate, in sentences."""
+    fits = "; ".join(f"split {split}: " + ", ".join(f"{name} {fmt(x, 0)} s" for name, x in s["fit_seconds"].items())
+                     for split, s in r["splits"].items())
+    checks = "; ".join(f"{name}: " + ", ".join(f"{check.replace('_', ' ')} {fmt(ok)}" for check, ok in c.items())
+                       for name, c in r["decision"]["checks"].items())
+    return fits, checks
+
+
 def section_prn_input() -> str:
     title = "## PRN's input size and encoder, decided without MTD's test labels (`benchmarks/prn_input_selection.py`)"
     r = load("prn_input_selection")
@@ -239,10 +248,7 @@ def section_prn_input() -> str:
     rows = [[name, *detection_cells(scores, sets), decision["drawn_score"][name],
              " / ".join(fmt(x) for x in decision["drawn_score_per_split"][name]),
              fmt(decision["estimated_mtd_fit_seconds"][name], 0)] for name, scores in mean.items()]
-    fits = "; ".join(f"split {split}: " + ", ".join(f"{name} {fmt(x, 0)} s" for name, x in s["fit_seconds"].items())
-                     for split, s in r["splits"].items())
-    checks = "; ".join(f"{name}: " + ", ".join(f"{check.replace('_', ' ')} {fmt(ok)}" for check, ok in c.items())
-                       for name, c in decision["checks"].items())
+    fits, checks = split_fits_and_checks(r)
     return "\n".join([
         title, "",
         f"Splits {' and '.join(r['splits'])} of MTD's normal training images (as in the sections above); on each, "
@@ -265,10 +271,7 @@ def section_prn_flips() -> str:
     rows = [[name, *detection_cells(scores, sets), decision["drawn_score"].get(name, "floor"),
              " / ".join(fmt(x) for x in decision["drawn_score_per_split"].get(name, [])),
              fmt(decision["images_per_s"][name], 1)] for name, scores in mean.items()]
-    fits = "; ".join(f"split {split}: " + ", ".join(f"{name} {fmt(x, 0)} s" for name, x in s["fit_seconds"].items())
-                     for split, s in r["splits"].items())
-    checks = "; ".join(f"{name}: " + ", ".join(f"{check.replace('_', ' ')} {fmt(ok)}" for check, ok in c.items())
-                       for name, c in decision["checks"].items())
+    fits, checks = split_fits_and_checks(r)
     return "\n".join([
         title, "",
         f"Splits {' and '.join(r['splits'])} of MTD's normal training images (as in the sections above); on each, one "
