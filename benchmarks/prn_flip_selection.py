@@ -47,6 +47,7 @@ RESULT_KEYS = ("benchmark", "machine", "protocol", "rule", "splits", "mean_over_
 FLIPS = (1, 2, 4)
 INCUMBENT = "flips 1"
 CANDIDATES = tuple(f"flips {n}" for n in FLIPS)
+SETTINGS = {name: {"test_flips": n} for name, n in zip(CANDIDATES, FLIPS)}
 FLOOR = "patchcore (training-free floor)"
 DRAWN_MARGIN = 0.005
 AUPRO_TOLERANCE = 0.005
@@ -64,9 +65,10 @@ def timed_scores(detector, sets: dict) -> tuple[dict, float]:
     return scores, round(images / seconds, 2)
 
 
-def run_split(split: int, normals: list, real: list, held_out_fraction: float, epochs: int | None,
-              limit: int | None) -> dict:
-    """Fit PatchCore (the floor) and one PRN on a split; score the floor and PRN at every flip setting."""
+def fit_and_read(split: int, normals: list, real: list, held_out_fraction: float, epochs: int | None,
+                 limit: int | None, settings: dict[str, dict]) -> dict:
+    """Fit PatchCore (the floor) and one PRN on a split; score the floor, and PRN predicting with each of
+    ``settings`` (name → PRNConfig fields that change only how a fitted PRN predicts)."""
     fit_images, held_images, sets = split_sets(normals, held_out_fraction, split, limit)
     length = {} if epochs is None else {"epochs": epochs}
     result = {"fit_images": len(fit_images), "held_out_normal": len(held_images), "fit_seconds": {}, "scores": {},
@@ -78,37 +80,51 @@ def run_split(split: int, normals: list, real: list, held_out_fraction: float, e
         detector.fit(fit_images, **({"real_anomalies": real} if name == "prn" else {}))
         result["fit_seconds"][name] = round(time.perf_counter() - start, 1)
     readers = {FLOOR: fitted[FLOOR]}
-    for name, flips in zip(CANDIDATES, FLIPS):
+    for name, changes in settings.items():
         readers[name] = copy.copy(fitted["prn"])
-        readers[name].config = dataclasses.replace(fitted["prn"].config, test_flips=flips)
+        readers[name].config = dataclasses.replace(fitted["prn"].config, **changes)
     for name, detector in readers.items():
         result["scores"][name], result["images_per_s"][name] = timed_scores(detector, sets)
         print(f"split {split} {name}: {result['images_per_s'][name]} images/s", result["scores"][name], flush=True)
     return result
 
 
-def decide(mean: dict, splits: dict) -> dict:
-    """The rule (module docstring): (a) drawn score above 1's by the margin on average and on each split, (b) mean
-    AUPRO over the sets not below 1's by more than the tolerance; 4 over 2 only by the margin."""
-    drawn = {name: set_score(mean[name][RULED_SET]) for name in CANDIDATES}
-    drawn_per_split = {name: [set_score(s["scores"][name][RULED_SET]) for s in splits.values()] for name in CANDIDATES}
+def run_split(split: int, normals: list, real: list, held_out_fraction: float, epochs: int | None,
+              limit: int | None) -> dict:
+    """One split: the floor, and one PRN at every flip setting."""
+    return fit_and_read(split, normals, real, held_out_fraction, epochs, limit, SETTINGS)
+
+
+def rule_checks(mean: dict, splits: dict, candidates: tuple[str, ...], incumbent: str) -> dict:
+    """Each candidate's drawn score (on average and per split), AUPRO over the sets, images/s (floor too) and the
+    checks (a) drawn score above the incumbent's by the margin on average and on each split, (b) mean AUPRO over
+    the sets not below the incumbent's by more than the tolerance."""
+    drawn = {name: set_score(mean[name][RULED_SET]) for name in candidates}
+    drawn_per_split = {name: [set_score(s["scores"][name][RULED_SET]) for s in splits.values()] for name in candidates}
     mean_aupro = {name: round(float(np.mean([scores["aupro"] for scores in mean[name].values()])), 4)
-                  for name in CANDIDATES}
-    checks = {name: {"drawn_gain_over_margin": round(drawn[name] - drawn[INCUMBENT], 4) > DRAWN_MARGIN,
+                  for name in candidates}
+    checks = {name: {"drawn_gain_over_margin": round(drawn[name] - drawn[incumbent], 4) > DRAWN_MARGIN,
                      "drawn_above_on_each_split": all(c > i for c, i in zip(drawn_per_split[name],
-                                                                            drawn_per_split[INCUMBENT])),
-                     "aupro_not_below": round(mean_aupro[name] - mean_aupro[INCUMBENT], 4) >= -AUPRO_TOLERANCE}
-              for name in CANDIDATES if name != INCUMBENT}
-    passing = [name for name, passed in checks.items() if all(passed.values())]
+                                                                            drawn_per_split[incumbent])),
+                     "aupro_not_below": round(mean_aupro[name] - mean_aupro[incumbent], 4) >= -AUPRO_TOLERANCE}
+              for name in candidates if name != incumbent}
+    images_per_s = {name: round(float(np.mean([s["images_per_s"][name] for s in splits.values()])), 2)
+                    for name in (*candidates, FLOOR)}
+    return {"drawn_score": drawn, "drawn_score_per_split": drawn_per_split, "mean_aupro_over_sets": mean_aupro,
+            "images_per_s": images_per_s, "checks": checks}
+
+
+def decide(mean: dict, splits: dict) -> dict:
+    """The rule (module docstring): (a) and (b) of :func:`rule_checks`; 4 over 2 only by the margin."""
+    decision = rule_checks(mean, splits, CANDIDATES, INCUMBENT)
+    drawn = decision["drawn_score"]
+    passing = [name for name, passed in decision["checks"].items() if all(passed.values())]
     adopted = INCUMBENT
     if passing:
         adopted = "flips 2" if "flips 2" in passing else "flips 4"
         if adopted == "flips 2" and "flips 4" in passing and drawn["flips 4"] - drawn["flips 2"] > DRAWN_MARGIN:
             adopted = "flips 4"
-    images_per_s = {name: round(float(np.mean([s["images_per_s"][name] for s in splits.values()])), 2)
-                    for name in (*CANDIDATES, FLOOR)}
-    return {"drawn_score": drawn, "drawn_score_per_split": drawn_per_split, "mean_aupro_over_sets": mean_aupro,
-            "images_per_s": images_per_s, "checks": checks, "adopted": adopted}
+    return {**decision, "adopted": adopted}
 
 
 def save(results: dict, out: Path) -> None:
@@ -116,8 +132,7 @@ def save(results: dict, out: Path) -> None:
 
 
 def main() -> None:
-    protocol = {"incumbent": INCUMBENT, "candidates": {name: {"test_flips": n} for name, n in zip(CANDIDATES, FLIPS)},
-                "floor": FLOOR}
+    protocol = {"incumbent": INCUMBENT, "candidates": SETTINGS, "floor": FLOOR}
     run_selection("prn_flip_selection", __doc__, "Rule, written before the first run (7 December, 21:10 UTC): ",
                   protocol, run_split, decide, save)
 
