@@ -261,9 +261,9 @@ def section_prn_input() -> str:
         f"Checks: {checks}. Adopted: **{decision['adopted']}**. Fit: {fits}.", "", machine(r)])
 
 
-def section_prn_flips() -> str:
-    title = "## PRN reading flipped views, decided without MTD's test labels (`benchmarks/prn_flip_selection.py`)"
-    r = load("prn_flip_selection")
+def prn_reading_section(name: str, title: str, reading: str) -> str:
+    """A selection among ways one fitted PRN predicts (``reading``: how the candidates differ), two splits."""
+    r = load(name)
     if r is None:
         return f"{title}\n\nnot run"
     decision, mean = r["decision"], r["mean_over_splits"]
@@ -276,13 +276,26 @@ def section_prn_flips() -> str:
         title, "",
         f"Splits {' and '.join(r['splits'])} of MTD's normal training images (as in the sections above); on each, one "
         "PRN (defaults, training seed = split) is fitted on the fit images and PRN's 10 real anomalies and predicts "
-        "the held-out sets reading each image alone (`flips 1`), with its mirror image (`flips 2`) or with all four "
-        "flips (`flips 4`), the maps flipped back and averaged; PatchCore with its defaults, fitted on the same "
-        "images, is the training-free floor (reported, not ruled on). Mean over the splits; drawn score = mean of "
-        f"image AUROC and AUPRO on the drawn set; images/s over the three sets. Rule, fixed before the run: {r['rule']}",
-        "",
+        f"the held-out sets {reading}; PatchCore with its defaults, fitted on the same images, is the training-free "
+        "floor (reported, not ruled on). Mean over the splits; drawn score = mean of image AUROC and AUPRO on the "
+        f"drawn set; images/s over the three sets. Rule, fixed before the run: {r['rule']}", "",
         table(["detector", *detection_columns(sets), "drawn score", "per split", "images/s"], rows), "",
         f"Checks: {checks}. Adopted: **{decision['adopted']}**. Fit: {fits}.", "", machine(r)])
+
+
+def section_prn_flips() -> str:
+    return prn_reading_section(
+        "prn_flip_selection",
+        "## PRN reading flipped views, decided without MTD's test labels (`benchmarks/prn_flip_selection.py`)",
+        "reading each image alone (`flips 1`), with its mirror image (`flips 2`) or with all four flips (`flips 4`), "
+        "the maps flipped back and averaged")
+
+
+def section_prn_top_k() -> str:
+    return prn_reading_section(
+        "prn_top_k_selection",
+        "## PRN's image score, decided without MTD's test labels (`benchmarks/prn_top_k_selection.py`)",
+        "scoring each image by the mean of the `top k` highest pixels of its 256 × 256 map (the same maps)")
 
 
 def other_split_line(path: Path, other: dict) -> str:
@@ -1211,7 +1224,8 @@ def render() -> str:
         "images, never on the labels of the data being evaluated.",
         section_generator(), section_metrics(), section_mebin(), section_cpu_batch(), section_detector_selection(),
         section_detection(),
-        section_prn_learning_curve(), section_prn_input(), section_prn_flips(), section_ensemble_selection(),
+        section_prn_learning_curve(), section_prn_input(), section_prn_flips(), section_prn_top_k(),
+        section_ensemble_selection(),
         section_ensemble_blur_selection(),
         section_ensemble_prn_seeds(),
         section_ensemble_backbones(),
