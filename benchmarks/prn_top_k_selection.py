@@ -30,9 +30,11 @@ import sys
 from pathlib import Path
 
 from ensemble_prn_seeds_selection import run_selection
-from prn_flip_selection import FLOOR, RESULT_KEYS, fit_and_read, rule_checks
+from prn_flip_selection import FLOOR, fit_and_read, rule_checks
 from results_file import write_results
 
+RESULT_KEYS = ("benchmark", "machine", "protocol", "rule", "splits", "mean_over_splits", "decision",
+               "load_average_at_start", "load_average_at_end")
 TOP_KS = (25, 100, 400, 1600)
 INCUMBENT = "top 100"
 SETTINGS = {f"top {k}": {"top_k": k} for k in TOP_KS}

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from ..discovery.checkpoints import CheckpointError
 from ..features.backbones import autocast_for, build_backbone, for_inference, images_to_tensor, resolve_device
 from .prn_training import (PROTOTYPE_KINDS, AnomalySampler, EncodedSet, PRNTrainHooks, cell_targets, fit_prototypes,
-                           nearest_prototypes, prototype_residuals, resize_image, resize_mask, train_head)
+                           nearest_prototypes, prepare_real_anomalies, prototype_residuals, resize_image, resize_mask,
+                           train_head)
 from .protocol import Detection, resize_map
 
 logger = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ class PRNDetector:
         foregrounds = None if foreground_masks is None else np.stack([resize_mask(m, size) for m in foreground_masks])
         if foregrounds is not None and not foregrounds.any(axis=(1, 2)).all():
             raise ValueError(f"foreground mask {int(np.argmin(foregrounds.any(axis=(1, 2))))} is empty")
-        real_images, real_masks = self._prepare_real(real, size)
+        real_images, real_masks = prepare_real_anomalies(real, size)
         self._build(resolve_device(cfg.device), [])
         normal_maps = self._encode_all(normals, "PRN normal features")
         self.prototypes_ = [fit_prototypes(m, cfg.prototypes, cfg.n_prototypes, cfg.prototype_fraction, cfg.seed)
@@ -351,25 +352,6 @@ class PRNDetector:
             seed=cfg.seed, progress=cfg.progress, hooks=hooks,
             loss_kwargs={"focal_weight": cfg.focal_weight, "alpha": cfg.focal_alpha, "gamma": cfg.focal_gamma})
         return self
-
-    @staticmethod
-    def _prepare_real(real: Sequence[tuple[np.ndarray, np.ndarray]], size: int) -> tuple[np.ndarray, np.ndarray]:
-        images, masks = [], []
-        for index, pair in enumerate(real):
-            if len(pair) != 2:
-                raise ValueError(f"real anomaly {index} must be an (image, mask) pair")
-            image, mask = pair
-            if np.asarray(mask).shape != image.shape[:2]:
-                raise ValueError(f"real anomaly {index}: mask shape {np.asarray(mask).shape} differs from its "
-                                 f"image's {image.shape[:2]}")
-            resized = resize_mask(mask, size)
-            if not resized.any():
-                raise ValueError(f"real anomaly {index} has an empty mask")
-            images.append(resize_image(image, size))
-            masks.append(resized)
-        if not images:
-            return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), bool)
-        return np.stack(images), np.stack(masks)
 
     def _encode_all(self, images: np.ndarray, description: str) -> list[torch.Tensor]:
         """The encoder's four maps of every image, float16 on the CPU (the training cache)."""

@@ -44,6 +44,27 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize((np.asarray(mask) > 0).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
 
 
+def prepare_real_anomalies(real: Sequence[tuple[np.ndarray, np.ndarray]], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real anomalies, (image, mask) pairs → N×size×size×3 images and N×size×size masks, each pair checked
+    (a mask of its image's shape, not empty) and named by its index when refused."""
+    images, masks = [], []
+    for index, pair in enumerate(real):
+        if len(pair) != 2:
+            raise ValueError(f"real anomaly {index} must be an (image, mask) pair")
+        image, mask = pair
+        if np.asarray(mask).shape != image.shape[:2]:
+            raise ValueError(f"real anomaly {index}: mask shape {np.asarray(mask).shape} differs from its "
+                             f"image's {image.shape[:2]}")
+        resized = resize_mask(mask, size)
+        if not resized.any():
+            raise ValueError(f"real anomaly {index} has an empty mask")
+        images.append(resize_image(image, size))
+        masks.append(resized)
+    if not images:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), bool)
+    return np.stack(images), np.stack(masks)
+
+
 def fit_prototypes(features: torch.Tensor, kind: str = "patch", count: int = 1024, fraction: float = 0.1,
                    seed: int = 0, n_iter: int = 20) -> torch.Tensor:
     """Step 2: seeded k-means prototypes of one scale's N×C×H×W normal feature maps.
